@@ -1,0 +1,430 @@
+"""The on-disk format of one site's prepared 2D samples, its reader and its writer.
+
+Layout of a site folder (documented in docs/data-format.md)::
+
+    SITE/
+      manifest.json          format, classes, sizes, preparer settings, counts, one entry per sample
+      images/<id>.png        RGB uint8, image_size x image_size (grey slices copied to 3 channels)
+      masks/<id>.png         uint8 grey, mask_size x mask_size; bit k set <=> pixel is in class k
+
+Bit-packed masks keep overlapping classes (fundus: the disc contains the cup) in one lossless PNG.
+Every sample records the volume (patient / case) it came from so splits and 3D metrics work per patient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fedfms.errors import DataError
+
+FORMAT_NAME = "fedfms-site"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_CLASSES = 8  # one bit per class in a uint8 mask PNG
+DEFAULT_IMAGE_SIZE = 1024
+DEFAULT_MASK_SIZE = 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# resizing shared by the writer (preparation) and the reader (when a model wants another size)
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a (3,H,W) or (B,3,H,W) float image; antialiased when shrinking."""
+    if image.shape[-2:] == (size, size):
+        return image
+    batched = image.dim() == 4
+    x = image if batched else image[None]
+    shrinking = x.shape[-1] > size or x.shape[-2] > size
+    out = torch.nn.functional.interpolate(
+        x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking
+    )
+    return out if batched else out[0]
+
+
+def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of a (C,H,W) binary mask: labels are never blended."""
+    if mask.shape[-2:] == (size, size):
+        return mask
+    out = torch.nn.functional.interpolate(mask[None].float(), size=(size, size), mode="nearest-exact")
+    return out[0]
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """(C,H,W) {0,1} -> (H,W) uint8 with bit k for class k."""
+    packed = np.zeros(mask.shape[1:], dtype=np.uint8)
+    for k in range(mask.shape[0]):
+        packed |= (mask[k] > 0).astype(np.uint8) << k
+    return packed
+
+
+def unpack_mask(packed: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H,W) uint8 -> (C,H,W) float32 {0,1}."""
+    return np.stack([((packed >> k) & 1).astype(np.float32) for k in range(num_classes)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# manifest
+
+
+@dataclass
+class SampleRecord:
+    id: str
+    volume: str
+    image: str
+    mask: str
+    slice: int | None = None
+
+
+@dataclass
+class SiteManifest:
+    site: str
+    dataset: str
+    classes: list[str]
+    image_size: int
+    mask_size: int
+    samples: list[SampleRecord]
+    settings: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def volumes(self) -> list[str]:
+        return [s.volume for s in self.samples]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "site": self.site,
+            "dataset": self.dataset,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "mask_size": self.mask_size,
+            "settings": self.settings,
+            "counts": self.counts,
+            "samples": [
+                {k: v for k, v in vars(s).items() if v is not None} for s in self.samples
+            ],
+        }
+
+
+def _require(obj: dict, key: str, kind, path: Path, what: str):
+    if key not in obj:
+        raise DataError(f"{path}: field '{key}' is missing; expected {what}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(f"{path}: field '{key}' is {value!r}; expected {what}")
+    return value
+
+
+def read_manifest(site_dir: str | os.PathLike) -> SiteManifest:
+    """Read and validate ``SITE/manifest.json``; raises DataError naming the file and field."""
+    site_dir = Path(site_dir)
+    path = site_dir / MANIFEST
+    if not site_dir.is_dir():
+        raise DataError(f"{site_dir}: site folder does not exist; expected a prepared site (see docs/data-format.md)")
+    if not path.is_file():
+        raise DataError(f"{path}: manifest is missing; expected a site prepared by 'fedfms prepare'")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected a fedfms site manifest") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise DataError(f"{path}: field 'format' is {raw.get('format') if isinstance(raw, dict) else raw!r}; expected '{FORMAT_NAME}'")
+    if raw.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: field 'version' is {raw.get('version')!r}; expected {FORMAT_VERSION}")
+    classes = _require(raw, "classes", list, path, "a non-empty list of class names")
+    if not 1 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: field 'classes' is {classes!r}; expected 1 to {MAX_CLASSES} class names")
+    image_size = _require(raw, "image_size", int, path, "a positive integer")
+    mask_size = _require(raw, "mask_size", int, path, "a positive integer")
+    if image_size <= 0 or mask_size <= 0:
+        raise DataError(f"{path}: image_size/mask_size must be positive, got {image_size}/{mask_size}")
+    entries = _require(raw, "samples", list, path, "a list of samples")
+    if not entries:
+        raise DataError(f"{path}: field 'samples' is empty; expected at least one sample (site has no usable cases)")
+    samples = []
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"samples[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: field '{where}' is {entry!r}; expected an object")
+        for key in ("id", "volume", "image", "mask"):
+            if not isinstance(entry.get(key), str) or not entry.get(key):
+                raise DataError(f"{path}: field '{where}.{key}' is {entry.get(key)!r}; expected a non-empty string")
+        if entry["id"] in seen:
+            raise DataError(f"{path}: field '{where}.id' repeats id {entry['id']!r}; expected unique ids")
+        seen.add(entry["id"])
+        samples.append(SampleRecord(entry["id"], entry["volume"], entry["image"], entry["mask"], entry.get("slice")))
+    return SiteManifest(
+        site=str(raw.get("site", site_dir.name)),
+        dataset=str(raw.get("dataset", "unknown")),
+        classes=list(classes),
+        image_size=image_size,
+        mask_size=mask_size,
+        samples=samples,
+        settings=dict(raw.get("settings", {})),
+        counts=dict(raw.get("counts", {})),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# reader
+
+
+def _load_png(path: Path, mode: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing; the manifest lists it")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != mode:
+                raise DataError(f"{path}: PNG mode is {im.mode}; expected {mode}")
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc})") from None
+
+
+class SiteDataset(torch.utils.data.Dataset):
+    """Reads one prepared site. Items are dicts with ``image`` (3,H,W) float in [0,1], ``mask`` (C,h,w)
+    float {0,1}, ``volume`` and ``id``. Images/masks are resized when ``image_size``/``mask_size`` differ
+    from the prepared sizes (bilinear / nearest)."""
+
+    def __init__(
+        self,
+        site_dir: str | os.PathLike,
+        indices: Sequence[int] | None = None,
+        image_size: int | None = None,
+        mask_size: int | None = None,
+        transform=None,
+    ):
+        self.site_dir = Path(site_dir)
+        self.manifest = read_manifest(self.site_dir)
+        self.indices = list(range(len(self.manifest.samples))) if indices is None else list(indices)
+        self.image_size = image_size or self.manifest.image_size
+        self.mask_size = mask_size or self.manifest.mask_size
+        self.transform = transform
+        missing = [
+            self.site_dir / rel
+            for i in self.indices
+            for rel in (self.manifest.samples[i].image, self.manifest.samples[i].mask)
+            if not (self.site_dir / rel).is_file()
+        ]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{missing[0]}: file is missing{more}; the manifest {self.site_dir / MANIFEST} lists it")
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def volumes(self) -> list[str]:
+        return [self.manifest.samples[i].volume for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict:
+        rec = self.manifest.samples[self.indices[item]]
+        image_path, mask_path = self.site_dir / rec.image, self.site_dir / rec.mask
+        image = _load_png(image_path, "RGB")
+        packed = _load_png(mask_path, "L")
+        m = self.manifest
+        if image.shape[:2] != (m.image_size, m.image_size):
+            raise DataError(f"{image_path}: shape is {image.shape[:2]}; expected ({m.image_size}, {m.image_size}) from the manifest's image_size")
+        if packed.shape != (m.mask_size, m.mask_size):
+            raise DataError(f"{mask_path}: shape is {packed.shape}; expected ({m.mask_size}, {m.mask_size}) from the manifest's mask_size")
+        if packed.max(initial=0) >> m.num_classes:
+            raise DataError(
+                f"{mask_path}: label value {int(packed.max())} uses bits beyond the {m.num_classes} class(es) {m.classes}; "
+                f"expected values below {1 << m.num_classes}"
+            )
+        image_t = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+        mask_t = torch.from_numpy(unpack_mask(packed, m.num_classes))
+        sample = {
+            "image": resize_image(image_t, self.image_size),
+            "mask": resize_mask(mask_t, self.mask_size),
+            "volume": rec.volume,
+            "id": rec.id,
+        }
+        return self.transform(sample) if self.transform else sample
+
+
+def patient_split(volumes: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded split of sample indices so that no volume (patient) is in both parts.
+
+    The paper splits each training site 9:1 into train/val; ``val_fraction`` is the share of *volumes*
+    held out (at least one when there are two or more volumes)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction is {val_fraction}; expected a number in [0, 1)")
+    unique = sorted(set(volumes))
+    rng = np.random.default_rng(seed)
+    order = [unique[i] for i in rng.permutation(len(unique))]
+    n_val = int(round(val_fraction * len(unique)))
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    val_volumes = set(order[:n_val])
+    train = [i for i, v in enumerate(volumes) if v not in val_volumes]
+    val = [i for i, v in enumerate(volumes) if v in val_volumes]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------
+# writer
+
+
+def site_is_complete(out_dir: str | os.PathLike) -> bool:
+    try:
+        read_manifest(out_dir)
+        return True
+    except DataError:
+        return False
+
+
+class SiteWriter:
+    """Writes a site folder atomically: samples go to ``<out>.partial`` and the folder is renamed into
+    place only after the manifest is written, so a crash never leaves something that looks complete.
+
+    An existing output is never replaced unless ``overwrite=True``."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        site: str,
+        dataset: str,
+        classes: Sequence[str],
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        mask_size: int = DEFAULT_MASK_SIZE,
+        settings: dict | None = None,
+        overwrite: bool = False,
+    ):
+        if not 1 <= len(classes) <= MAX_CLASSES:
+            raise DataError(f"classes is {list(classes)}; expected 1 to {MAX_CLASSES} names")
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise DataError(f"{self.out_dir}: output already exists; pass --overwrite to replace it")
+        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.site, self.dataset, self.classes = site, dataset, list(classes)
+        self.image_size, self.mask_size = int(image_size), int(mask_size)
+        self.settings = dict(settings or {})
+        self.overwrite = overwrite
+        self.samples: list[SampleRecord] = []
+        self._positive = 0
+        self._open = False
+
+    def __enter__(self) -> "SiteWriter":
+        if self.partial.exists():
+            shutil.rmtree(self.partial)  # left by an interrupted earlier run; never a finished output
+        (self.partial / "images").mkdir(parents=True)
+        (self.partial / "masks").mkdir(parents=True)
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._open = False
+        if exc_type is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        try:
+            self._finish()
+        except BaseException:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
+    def add(self, image, mask, volume: str, slice_index: int | None = None, sample_id: str | None = None) -> str:
+        """Add one 2D sample. ``image``: (H,W), (H,W,3) or (3,H,W) array, float in [0,1] or uint8;
+        ``mask``: (C,H,W) or, for one class, (H,W) array of {0,1}. Resized to the site's sizes."""
+        if not self._open:
+            raise RuntimeError("SiteWriter.add() outside of a 'with' block")
+        image_t = _image_to_chw(np.asarray(image))
+        mask_np = np.asarray(mask)
+        if mask_np.ndim == 2:
+            mask_np = mask_np[None]
+        if mask_np.shape[0] != len(self.classes):
+            raise DataError(f"{volume}: mask has {mask_np.shape[0]} channel(s); expected {len(self.classes)} for classes {self.classes}")
+        if mask_np.shape[1:] != tuple(image_t.shape[1:]):
+            raise DataError(f"{volume}: mask shape {mask_np.shape[1:]} differs from image shape {tuple(image_t.shape[1:])}")
+        if not np.isin(mask_np, (0, 1)).all():
+            raise DataError(f"{volume}: mask values {np.unique(mask_np)[:8].tolist()} are not binary; expected 0/1 per class")
+        image_t = resize_image(image_t, self.image_size).clamp(0, 1)
+        mask_t = resize_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size)
+        sample_id = sample_id or (f"{volume}_{slice_index:04d}" if slice_index is not None else volume)
+        sample_id = sample_id.replace("/", "_").replace(os.sep, "_")
+        rec = SampleRecord(sample_id, str(volume), f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index)
+        if (self.partial / rec.image).exists():
+            raise DataError(f"{volume}: sample id {sample_id!r} is written twice; expected unique ids")
+        Image.fromarray((image_t.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8), "RGB").save(self.partial / rec.image)
+        Image.fromarray(pack_mask(mask_t.numpy()), "L").save(self.partial / rec.mask)
+        self.samples.append(rec)
+        self._positive += int(mask_t.sum() > 0)
+        return sample_id
+
+    def _finish(self) -> None:
+        if not self.samples:
+            raise DataError(f"{self.out_dir}: site '{self.site}' has no usable cases; nothing was written")
+        volumes = {s.volume for s in self.samples}
+        manifest = SiteManifest(
+            site=self.site,
+            dataset=self.dataset,
+            classes=self.classes,
+            image_size=self.image_size,
+            mask_size=self.mask_size,
+            samples=self.samples,
+            settings=self.settings,
+            counts={
+                "volumes": len(volumes),
+                "samples": len(self.samples),
+                "positive_samples": self._positive,
+                "positive_fraction": round(self._positive / len(self.samples), 4),
+            },
+        )
+        (self.partial / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
+        if self.out_dir.exists():
+            trash = self.out_dir.with_name(self.out_dir.name + ".replaced")
+            shutil.rmtree(trash, ignore_errors=True)
+            self.out_dir.rename(trash)
+            self.partial.rename(self.out_dir)
+            shutil.rmtree(trash)
+        else:
+            self.partial.rename(self.out_dir)
+        self.manifest = manifest
+
+
+def _image_to_chw(image: np.ndarray) -> torch.Tensor:
+    if image.ndim == 2:
+        image = np.repeat(image[None], 3, axis=0)
+    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
+        image = np.moveaxis(image[..., :3], -1, 0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DataError(f"image shape {image.shape}; expected (H,W), (H,W,3) or (3,H,W)")
+    if image.shape[0] == 1:
+        image = np.repeat(image, 3, axis=0)
+    if image.dtype == np.uint8:
+        return torch.from_numpy(image.astype(np.float32) / 255.0)
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all():
+        raise DataError("image has NaN/inf values; expected finite intensities in [0,1]")
+    return torch.from_numpy(image)
+
+
+def summarize_sites(site_dirs: Iterable[str | os.PathLike]) -> list[dict]:
+    """One row per site (site, volumes, samples, positive fraction) for the end-of-preparation summary."""
+    rows = []
+    for d in site_dirs:
+        m = read_manifest(d)
+        rows.append({"site": m.site, "dir": str(d), **m.counts})
+    return rows
