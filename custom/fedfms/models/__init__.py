@@ -1,0 +1,20 @@
+"""SAM variants, MSA adapters, prompt-free forward, checkpoint loading and the travel set."""
+
+from fedfms.models.build import ModelConfig, build_model, build_model_on_meta
+from fedfms.models.prompt_free import PromptFreeSAM
+from fedfms.models.registry import VARIANTS, get_variant
+from fedfms.models.travel import (
+    MODES,
+    count_parameters,
+    is_travel_key,
+    set_trainable,
+    travel_bytes,
+    travel_keys,
+    travel_spec,
+    travel_state_dict,
+)
+
+__all__ = [
+    "MODES", "VARIANTS", "ModelConfig", "PromptFreeSAM", "build_model", "build_model_on_meta", "count_parameters",
+    "get_variant", "is_travel_key", "set_trainable", "travel_bytes", "travel_keys", "travel_spec", "travel_state_dict",
+]

@@ -1,0 +1,82 @@
+"""Build a FedSAM or FedMSA model from a :class:`ModelConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from fedfms.errors import ConfigError
+from fedfms.models.adapters import add_adapters
+from fedfms.models.checkpoint import load_sam_weights
+from fedfms.models.prompt_free import PromptFreeSAM
+from fedfms.models.registry import build_image_encoder, build_mask_decoder, build_prompt_encoder, get_variant
+from fedfms.models.travel import check_mode, set_trainable
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "vit_b"
+    mode: str = "fedmsa"  # "fedsam": train everything; "fedmsa": frozen encoder + adapters + decoder
+    num_classes: int = 1
+    image_size: int | None = None  # None: the variant's native size (1024 for SAM)
+    checkpoint: str | None = None  # official SAM .pth; required when pretrained
+    pretrained: bool = True  # False: the paper's -PT ablation (random init)
+    init_seed: int = 0  # every site must build the same random init (frozen encoder of FedMSA -PT)
+    normalize: bool = True  # SAM's pixel mean/std
+    adapter_ratio: float = 0.25
+    adapter_activation: str = "gelu"  # the MSA code uses GELU; the paper's text says ReLU
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def mask_size(self) -> int:
+        return get_variant(self.variant, self.image_size).mask_size
+
+
+def build_model(cfg: ModelConfig) -> PromptFreeSAM:
+    check_mode(cfg.mode)
+    if cfg.num_classes < 1:
+        raise ConfigError(f"num_classes is {cfg.num_classes}; expected >= 1")
+    if cfg.adapter_activation not in ("gelu", "relu"):
+        raise ConfigError(f"adapter_activation is {cfg.adapter_activation!r}; expected 'gelu' or 'relu'")
+    variant = get_variant(cfg.variant, cfg.image_size)
+    if cfg.pretrained and not cfg.checkpoint:
+        hint = f" (e.g. {variant.checkpoint_name})" if variant.checkpoint_name else ""
+        raise ConfigError(
+            f"model config: 'checkpoint' is empty; expected the path of the official SAM {cfg.variant} checkpoint{hint}, "
+            "or pretrained=false for random initialisation"
+        )
+    # A private, seeded RNG stream: identical weights at every site, whatever happened before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = PromptFreeSAM(
+            build_image_encoder(variant),
+            build_prompt_encoder(variant),
+            build_mask_decoder(variant),
+            num_classes=cfg.num_classes,
+            normalize=cfg.normalize,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+        if cfg.mode == "fedmsa":
+            add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation)
+    if cfg.pretrained:
+        load_sam_weights(model, Path(cfg.checkpoint).expanduser(), cfg.variant)
+    return set_trainable(model, cfg.mode)
+
+
+def build_model_on_meta(cfg: ModelConfig) -> PromptFreeSAM:
+    """Structure only (no memory, no checkpoint): for counting parameters and sizing messages."""
+    with torch.device("meta"):
+        return build_model(ModelConfig(**{**cfg.to_dict(), "pretrained": False}))

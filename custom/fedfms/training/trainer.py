@@ -1,0 +1,218 @@
+"""A site's local trainer. It knows nothing of FLARE: weights in, weights + sample count + metrics out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Mapping
+
+import torch
+from monai.losses import DiceLoss
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from fedfms.data.site_dataset import SiteDataset, patient_split
+from fedfms.errors import ConfigError
+from fedfms.models import ModelConfig, build_model, travel_spec, travel_state_dict
+from fedfms.training.metrics import SegmentationMetric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 6
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    loss: str = "bce"  # "bce" (the paper) or "bce_dice"
+    pos_weight: float = 1.0  # the reference code used 2
+    seed: int = 0
+    val_fraction: float = 0.1  # patient-level train/val split of each site (paper 9:1)
+    split_seed: int = 0
+    device: str = "auto"  # "auto": cuda if available
+    amp: str = "auto"  # "auto": bf16 autocast on CUDA, off on CPU; "bf16"; "off"
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None  # smoke runs
+    threads: int | None = None  # torch CPU threads (several sites sharing a CPU)
+    progress: bool | None = None  # None: a progress bar only on a terminal
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "train config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        cfg = cls(**{**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})})
+        if cfg.loss not in ("bce", "bce_dice"):
+            raise ConfigError(f"{where}: field 'loss' is {cfg.loss!r}; expected 'bce' or 'bce_dice'")
+        if cfg.batch_size < 1 or cfg.epochs < 1 or not cfg.lr > 0:
+            raise ConfigError(f"{where}: batch_size, epochs and lr must be positive (got {cfg.batch_size}, {cfg.epochs}, {cfg.lr})")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RoundResult:
+    weights: dict[str, torch.Tensor]  # the travel set after local training
+    num_samples: int  # training samples at this site: the FedAvg weight
+    metrics: dict
+
+
+class WeightsMismatch(ValueError):
+    """Incoming weights do not match this model's travel set."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LocalTrainer:
+    """Fits and evaluates one site's model on its prepared data (see ``fedfms.data.site_dataset``)."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, site_dir: str, model=None):
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        self.device = pick_device(train_cfg.device)
+        self.model = (model or build_model(model_cfg)).to(self.device)
+        self.mode = model_cfg.mode
+        self._spec = travel_spec(self.model, self.mode)
+        image_size = self.model.image_encoder.img_size
+        mask_size = image_size // 4
+        full = SiteDataset(site_dir, image_size=image_size, mask_size=mask_size)
+        if full.num_classes != model_cfg.num_classes:
+            raise ConfigError(
+                f"{site_dir}: the site has {full.num_classes} class(es) {full.manifest.classes}; "
+                f"the model config says num_classes={model_cfg.num_classes}"
+            )
+        self.class_names = full.manifest.classes
+        self.site = full.manifest.site
+        train_idx, val_idx = patient_split(full.volumes, train_cfg.val_fraction, train_cfg.split_seed)
+        self.datasets = {"train": Subset(full, train_idx), "val": Subset(full, val_idx), "all": full}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
+        self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(train_cfg.pos_weight, device=self.device))
+        self.dice_loss = DiceLoss(sigmoid=True) if train_cfg.loss == "bce_dice" else None
+        self.rounds_done = 0
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.datasets["train"])
+
+    def travel_weights(self) -> dict[str, torch.Tensor]:
+        return travel_state_dict(self.model, self.mode)
+
+    def load_travel_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load global weights; they must be exactly this mode's travel set (same keys and shapes)."""
+        missing = sorted(set(self._spec) - set(weights))
+        extra = sorted(set(weights) - set(self._spec))
+        if missing or extra:
+            raise WeightsMismatch(
+                f"global weights do not match the {self.mode} travel set: {len(missing)} missing (e.g. {missing[:1]}), "
+                f"{len(extra)} unexpected (e.g. {extra[:1]})"
+            )
+        for k, v in weights.items():
+            if tuple(v.shape) != self._spec[k][0]:
+                raise WeightsMismatch(f"global weight '{k}' has shape {tuple(v.shape)}; expected {self._spec[k][0]}")
+        tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
+        self.model.load_state_dict(tensors, strict=False)
+
+    # ------------------------------------------------------------------ loops
+    def _autocast(self):
+        amp = self.cfg.amp
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.rounds_done)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        loss = self.bce(logits, target)
+        if self.dice_loss is not None:
+            loss = loss + self.dice_loss(logits, target)
+        return loss
+
+    def fit(self, epochs: int | None = None, should_abort: Callable[[], bool] | None = None) -> dict:
+        """Train ``epochs`` local epochs (default: the config's). Returns mean loss, steps and time."""
+        if self.num_train_samples == 0:
+            raise ConfigError(f"site {self.site}: no training samples after the patient-level split")
+        self.model.train()
+        total, steps, start = 0.0, 0, time.perf_counter()
+        for epoch in range(epochs or self.cfg.epochs):
+            torch.manual_seed(self.cfg.seed + 7919 * self.rounds_done + epoch)
+            loader = self._loader("train", shuffle=True)
+            bar = tqdm(loader, desc=f"{self.site} epoch {epoch + 1}", leave=False, disable=_progress_disabled(self.cfg.progress))
+            for i, batch in enumerate(bar):
+                if should_abort and should_abort():
+                    return {"loss": total / max(steps, 1), "steps": steps, "aborted": True}
+                if self.cfg.max_steps_per_epoch and i >= self.cfg.max_steps_per_epoch:
+                    break
+                images = batch["image"].to(self.device, non_blocking=True)
+                masks = batch["mask"].to(self.device, non_blocking=True)
+                with self._autocast():
+                    logits = self.model(images)
+                loss = self._loss(logits, masks)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"site {self.site}: training loss became {loss.item()} at step {steps}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total += loss.item()
+                steps += 1
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.rounds_done += 1
+        seconds = time.perf_counter() - start
+        log.info("site %s: %d steps, mean loss %.4f, %.1f s", self.site, steps, total / max(steps, 1), seconds)
+        return {"loss": total / max(steps, 1), "steps": steps, "seconds": seconds}
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict:
+        """Dice/IoU on ``split`` ("val", "train" or "all") plus the mean loss; NaN metrics if the split is empty."""
+        metric = SegmentationMetric(self.class_names)
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in self._loader(split, shuffle=False):
+            images = batch["image"].to(self.device)
+            masks = batch["mask"].to(self.device)
+            with self._autocast():
+                logits = self.model(images)
+            total += self._loss(logits, masks).item() * len(images)
+            n += len(images)
+            metric.update(logits.float(), masks, batch["volume"])
+        result = metric.aggregate()
+        result["loss"] = total / n if n else math.nan
+        result["num_samples"] = n
+        return result
+
+    def train_round(self, global_weights: Mapping[str, torch.Tensor] | None = None, should_abort=None) -> RoundResult:
+        """One federated round: load the global travel set, fit, report. The metrics include the
+        validation score of the *received* global model (what model selection should compare)."""
+        if global_weights is not None:
+            self.load_travel_weights(global_weights)
+        metrics = {"val_before": self.evaluate("val")} if len(self.datasets["val"]) else {}
+        metrics["train"] = self.fit(should_abort=should_abort)
+        return RoundResult(self.travel_weights(), self.num_train_samples, metrics)
+
+
+def _progress_disabled(progress: bool | None):
+    return None if progress is None else not progress
