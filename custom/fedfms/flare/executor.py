@@ -1,0 +1,167 @@
+"""The site's FLARE Executor: translates FLARE tasks into calls of the plain :class:`LocalTrainer`."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from fedfms.flare.site_config import resolve_site_settings
+from fedfms.models import ModelConfig
+from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
+
+KEY_METRIC = "val_dice"
+
+
+def dxo_to_tensors(dxo: DXO) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()}
+
+
+def tensors_to_numpy(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in weights.items()}
+
+
+def _finite_or_none(x):
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class FedFMSExecutor(Executor):
+    """Tasks: ``train`` (load global travel set, fit locally, return the new travel set weighted by the
+    number of training samples), ``validate`` (Dice/IoU of a received model on this site's data) and
+    ``submit_model`` (this site's current travel set, for cross-site evaluation).
+
+    Args:
+        model_config: :class:`fedfms.models.ModelConfig` fields.
+        train_config: :class:`fedfms.training.trainer.TrainConfig` fields.
+        data_dir: default location of this site's prepared data; ``{site_name}`` and ``$VARS`` are expanded.
+            The site's ``local/fedfms_site.json`` overrides it (and ``checkpoint``, ``device``, ...).
+        validation_split: which part of the site's data ``validate`` scores ("val" or "all").
+        tb_writer_id: optional ``TBWriter`` component for streaming loss and Dice to the server.
+    """
+
+    def __init__(
+        self,
+        model_config: dict,
+        train_config: dict | None = None,
+        data_dir: str | None = None,
+        validation_split: str = "val",
+        tb_writer_id: str | None = "tb_writer",
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+    ):
+        super().__init__()
+        self.model_config = dict(model_config)
+        self.train_config = dict(train_config or {})
+        self.data_dir = data_dir
+        self.validation_split = validation_split
+        self.tb_writer_id = tb_writer_id
+        self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
+        self.trainer: LocalTrainer | None = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ set-up
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            try:
+                self._setup(fl_ctx)
+            except Exception as exc:  # a site that cannot start must say why, in one line
+                self.system_panic(f"{type(exc).__name__}: {exc}", fl_ctx)
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        local_dir = workspace.get_site_config_dir() if workspace else None
+        defaults = {"data_dir": self.data_dir, "checkpoint": self.model_config.get("checkpoint")}
+        settings = resolve_site_settings(site, defaults, local_dir)
+        model_cfg = ModelConfig.from_dict({**self.model_config, "checkpoint": settings.get("checkpoint")}, f"{site} model_config")
+        overrides = {k: settings[k] for k in ("device", "threads", "num_workers") if k in settings}
+        train_cfg = TrainConfig.from_dict({**self.train_config, **overrides}, f"{site} train_config")
+        self.trainer = LocalTrainer(model_cfg, train_cfg, settings["data_dir"])
+        if self.tb_writer_id:
+            self.writer = fl_ctx.get_engine().get_component(self.tb_writer_id)
+        self.log_info(
+            fl_ctx,
+            f"site {site}: data {settings['data_dir']} ({self.trainer.num_train_samples} train / "
+            f"{len(self.trainer.datasets['val'])} val samples), mode {model_cfg.mode}, variant {model_cfg.variant}, "
+            f"device {self.trainer.device}",
+        )
+
+    # ------------------------------------------------------------------ tasks
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.trainer is None:
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        try:
+            if task_name == self.task_names["train"]:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == self.task_names["validate"]:
+                return self._validate(shareable, fl_ctx)
+            if task_name == self.task_names["submit"]:
+                return DXO(DataKind.WEIGHTS, tensors_to_numpy(self.trainer.travel_weights())).to_shareable()
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except WeightsMismatch as exc:
+            self.log_error(fl_ctx, f"rejected incoming model: {exc}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        except Exception as exc:
+            self.log_exception(fl_ctx, f"task {task_name} failed: {type(exc).__name__}: {exc}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _incoming(self, shareable: Shareable) -> dict[str, torch.Tensor]:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise WeightsMismatch(f"expected DataKind.WEIGHTS, got {dxo.data_kind}")
+        return dxo_to_tensors(dxo)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        result = self.trainer.train_round(self._incoming(shareable), should_abort=lambda: abort_signal.triggered)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        val = result.metrics.get("val_before", {})
+        initial = {KEY_METRIC: _finite_or_none(val.get("dice")), "val_iou": _finite_or_none(val.get("iou"))}
+        self._stream(current_round, result.metrics["train"]["loss"], initial)
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,  # FedAvg weight n_k (see aggregator)
+            MetaKey.INITIAL_METRICS: {k: v for k, v in initial.items() if v is not None},
+        }
+        self.log_info(fl_ctx, f"round {current_round}: loss {result.metrics['train']['loss']:.4f}, "
+                              f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
+        return DXO(DataKind.WEIGHTS, tensors_to_numpy(result.weights), meta=meta).to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        incoming = self._incoming(shareable)
+        model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        own = copy.deepcopy(self.trainer.travel_weights())
+        try:
+            self.trainer.load_travel_weights(incoming)
+            metrics = self.trainer.evaluate(self.validation_split)
+        finally:
+            self.trainer.load_travel_weights(own)
+        report = {
+            "dice": _finite_or_none(metrics.get("dice")),
+            "iou": _finite_or_none(metrics.get("iou")),
+            "volume_dice": _finite_or_none(metrics.get("volume_dice")),
+            "volume_iou": _finite_or_none(metrics.get("volume_iou")),
+            "num_samples": metrics["num_samples"],
+        }
+        for name, d, i in zip(metrics["classes"], metrics.get("dice_per_class", []), metrics.get("iou_per_class", [])):
+            report[f"dice_{name}"], report[f"iou_{name}"] = _finite_or_none(d), _finite_or_none(i)
+        self.log_info(fl_ctx, f"validated model from {model_owner} on {self.validation_split}: {report}")
+        return DXO(DataKind.METRICS, report).to_shareable()
+
+    def _stream(self, step: int, loss: float, initial: dict) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train_loss", float(loss), global_step=int(step))
+        if initial.get(KEY_METRIC) is not None:
+            self.writer.add_scalar(KEY_METRIC, initial[KEY_METRIC], global_step=int(step))
