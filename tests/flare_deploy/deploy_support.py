@@ -1,0 +1,42 @@
+"""Helpers for the deployment tests: site data, CLI calls, log checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flare_runtime as rt
+
+REPO = Path(__file__).resolve().parents[2]
+POC_CLI = REPO / "poc" / "fedfms_poc.py"
+TINY_JOB = REPO / "jobs" / "fedmsa_tiny"
+
+
+def make_site_data(folder: Path, site: str, seed: int) -> Path:
+    from fedfms.data.synthetic import make_disc_site
+
+    return Path(make_disc_site(folder, site=site, num_volumes=4, slices_per_volume=6, image_size=128, mask_size=32,
+                               seed=seed) or folder)
+
+
+def run_cli(*args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a step of the POC CLI in its own interpreter, as a user would."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    res = subprocess.run([sys.executable, str(POC_CLI), *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, stdin=subprocess.DEVNULL, env=full_env)
+    if res.returncode != 0:
+        raise AssertionError(f"fedfms_poc.py {' '.join(map(str, args))} failed ({res.returncode}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def site_job_log(kit_dir: Path, job_id: str) -> str:
+    log = Path(kit_dir) / job_id / "log.txt"
+    return log.read_text(errors="replace") if log.is_file() else ""
+
+
+def logs_digest(logs: dict) -> str:
+    return "\n".join(f"--- {name}\n{rt.tail(path, 25)}" for name, path in logs.items())

@@ -1,0 +1,69 @@
+"""The full POC cycle through the CLI, each step in its own process: prepare, start, submit (BYOC flavour of
+jobs/fedmsa_tiny), wait, download, check, stop. The production flavour is covered by test_provision.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import flare_runtime as rt
+from deploy_support import TINY_JOB, logs_digest, make_site_data, run_cli, site_job_log
+
+
+@pytest.mark.integration
+def test_poc_cycle_byoc(tmp_path):
+    if not (TINY_JOB / "meta.json").is_file():
+        pytest.fail(f"{TINY_JOB} missing: regenerate the jobs folder")
+    ws = tmp_path / "poc"
+    # The two sites keep their data in unrelated places and learn about it differently: site-1 from its
+    # local/fedfms_site.json, site-2 from the job default $FEDFMS_DATA_ROOT/{site_name}.
+    data_1 = make_site_data(tmp_path / "hospital_a" / "disk2" / "prepared", "site-1", seed=0)
+    data_root = tmp_path / "shared_root"
+    data_2 = make_site_data(data_root / "site-2", "site-2", seed=1)
+    out = tmp_path / "results"
+    state_file = ws / "fedfms_poc.json"
+    t0 = time.time()
+    try:
+        run_cli("prepare", "-w", ws, "--sites", 2, "--site-data", f"site-1={data_1}", "--data-root", data_root,
+                "--no-allow-list")
+        state = json.loads(state_file.read_text())
+        prod = Path(state["prod_dir"])
+        assert Path(state["home"]).is_relative_to(ws) and (ws / "home" / ".nvflare" / "config.conf").is_file()
+        server_res = json.loads((prod / "server" / "local" / "resources.json").read_text())
+        assert server_res["components"][1]["args"]["uri_root"].startswith(str(ws.resolve()))
+        assert str(data_1) in (prod / "site-1" / "local" / "fedfms_site.json").read_text()
+        assert not (prod / "site-2" / "local" / "fedfms_site.json").exists()
+
+        run_cli("start", "-w", ws, timeout=400)
+        state = json.loads(state_file.read_text())
+        assert set(state["pids"]) == {"server", "site-1", "site-2"}
+
+        job_id = run_cli("submit", "-w", ws, "--job", TINY_JOB, "--byoc").stdout.strip().splitlines()[-1]
+        res = run_cli("wait", "-w", ws, job_id, "--timeout", 900, timeout=960)
+        assert res.stdout.strip().splitlines()[-1] == "FINISHED:COMPLETED", logs_digest(state["logs"])
+
+        result = Path(run_cli("download", "-w", ws, job_id, "--out", out).stdout.strip().splitlines()[-1])
+        assert result == out.resolve() / job_id
+        server_ws = result / "workspace"
+        assert (server_ws / "app_server" / "FL_global_model.pt").stat().st_size > 0
+        scores = json.loads(next(server_ws.rglob("cross_val_results.json")).read_text())
+        assert set(scores) == {"site-1", "site-2"}
+        assert all(0.0 <= v["dice"] <= 1.0 for site in scores.values() for v in site.values())
+
+        # The code really came with the job, and each site trained on its own data.
+        for site, data in (("site-1", data_1), ("site-2", data_2)):
+            assert (prod / site / job_id / f"app_{site}" / "custom" / "fedfms" / "__init__.py").is_file()
+            assert f"data {data}" in site_job_log(prod / site, job_id), site
+        # Job store of this run, inside the run's folder.
+        assert any((ws / "poc" / "jobs-storage").rglob(job_id))
+
+        run_cli("stop", "-w", ws, timeout=200)
+        assert rt.wait_pids_gone(state["pids"].values(), 30) == []
+        assert rt.processes_under([ws]) == []
+    finally:
+        pids = json.loads(state_file.read_text()).get("pids", {}).values() if state_file.is_file() else []
+        rt.kill_all(pids, paths=[ws])
+        print(f"POC cycle wall time: {time.time() - t0:.1f} s")
