@@ -103,6 +103,8 @@ def server_config(s: dict) -> dict:
                 "shareable_generator_id": "shareable_generator",
                 "train_task_name": "train",
                 "train_timeout": 0,
+                # one failing or refused site must not stop the federation; the others carry on
+                "ignore_result_error": True,
             }),
             _component("cross_site_validate", "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
                        {"model_locator_id": "model_locator", "submit_model_timeout": 600, "validation_timeout": 6000}),

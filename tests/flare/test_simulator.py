@@ -1,0 +1,145 @@
+"""End-to-end runs of the FedMSA/FedSAM jobs in FLARE's simulator (tiny model, synthetic sites).
+
+Each run takes ~30-60 s on 2 cores; they check what the federation promises: sample-weighted FedAvg,
+only the travel set leaves a site, the frozen encoder never moves, bad contributions are rejected."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedfms.data.synthetic import make_disc_site
+from fedfms.flare.jobs import render_job
+from fedfms.flare.simulate import run_simulation, server_job_dir
+from fedfms.flare.update_check import expected_travel_spec
+from fedfms.models import ModelConfig, build_model, travel_bytes
+
+SUPPORT = Path(__file__).with_name("sim_support.py")
+pytestmark = pytest.mark.integration
+
+
+def make_sites(root: Path, sizes: dict[str, int]) -> Path:
+    for i, (site, volumes) in enumerate(sizes.items()):
+        make_disc_site(root / site, site=site, num_volumes=volumes, slices_per_volume=3, seed=i)
+    return root
+
+
+def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1) -> Path:
+    """``apps``: app name -> {"sites": [...], "executor": class path, "args": extra executor args,
+    "filters": extra result filters, "travel_filter": bool}."""
+    sites = [s for app in apps.values() for s in app["sites"]]
+    files = render_job(variant, num_rounds=num_rounds, min_clients=len(sites))
+    meta = files["meta.json"]
+    meta["deploy_map"] = {"app_server": ["server"], **{name: app["sites"] for name, app in apps.items()}}
+    (job_dir).mkdir(parents=True)
+    (job_dir / "meta.json").write_text(json.dumps(meta))
+    server_app = job_dir / "app_server" / "config"
+    server_app.mkdir(parents=True)
+    (server_app / "config_fed_server.json").write_text(json.dumps(files["app/config/config_fed_server.json"]))
+    for name, app in apps.items():
+        client = json.loads(json.dumps(files["app/config/config_fed_client.json"]))
+        executor = client["executors"][0]["executor"]
+        executor["path"] = app.get("executor", executor["path"])
+        executor["args"].update(app.get("args", {}))
+        filters = client["task_result_filters"][0]["filters"]
+        if not app.get("travel_filter", True):
+            filters.clear()
+        filters.extend(app.get("filters", []))
+        if not filters:  # FLARE refuses an empty filter chain
+            client["task_result_filters"] = []
+        (job_dir / name / "config").mkdir(parents=True)
+        (job_dir / name / "config" / "config_fed_client.json").write_text(json.dumps(client))
+        (job_dir / name / "custom").mkdir()
+        shutil.copy(SUPPORT, job_dir / name / "custom" / "sim_support.py")
+    return job_dir
+
+
+def load_global(workspace: Path) -> dict[str, np.ndarray]:
+    saved = torch.load(server_job_dir(workspace) / "app_server" / "FL_global_model.pt", weights_only=False)
+    return {k: np.asarray(v) for k, v in saved["model"].items()}
+
+
+def recorded(out: Path, site: str) -> tuple[dict[str, np.ndarray], dict]:
+    arrays = dict(np.load(out / f"{site}_r0.npz"))
+    return arrays, json.loads((out / f"{site}_r0.json").read_text())
+
+
+@pytest.mark.parametrize("variant", ["fedmsa_tiny", "fedsam_tiny"])
+def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant):
+    data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})  # unequal sample counts
+    out = tmp_path / "recorded"
+    recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
+    job = write_job(tmp_path / "job", variant, {"app_sites": {
+        "sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor",
+        "args": {"out_dir": str(out)}, "filters": [recorder]}})
+
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
+
+    sent = {s: recorded(out, s) for s in ("site-1", "site-2")}
+    n = {s: sent[s][1]["num_samples"] for s in sent}
+    assert n["site-1"] != n["site-2"] and min(n.values()) > 0
+    # independent FedAvg: sum(n_k w_k) / sum(n_k), in float64
+    expected = {k: sum(n[s] * sent[s][0][k].astype(np.float64) for s in sent) / sum(n.values()) for k in sent["site-1"][0]}
+    global_model = load_global(tmp_path / "ws")
+    assert set(global_model) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(global_model[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    # and it is not simply one site's model
+    key = next(k for k in expected if not np.allclose(sent["site-1"][0][k], sent["site-2"][0][k]))
+    assert not np.allclose(global_model[key], sent["site-1"][0][key])
+
+    model_cfg = render_job(variant)["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    spec = expected_travel_spec(model_cfg)
+    for site, (arrays, meta) in sent.items():
+        assert set(arrays) == set(spec), f"{site} sent keys outside/short of the travel set"
+        assert meta["nbytes"] == travel_bytes(spec)
+    if variant == "fedmsa_tiny":
+        assert all(not k.startswith("image_encoder.") or "adapter" in k for k in sent["site-1"][0])
+        assert travel_bytes(spec) < 0.5 * sum(p.numel() * 4 for p in build_model(ModelConfig(**model_cfg)).parameters())
+        # the frozen encoder is identical before and after, and identical at both sites
+        digests = [json.loads((out / f"{s}_frozen.json").read_text())[0] for s in sent]
+        assert all(d["before"] == d["after"] for d in digests)
+        assert digests[0]["before"] == digests[1]["before"]
+
+    cross = json.loads((server_job_dir(tmp_path / "ws") / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(cross) == {"site-1", "site-2"}
+    for site_results in cross.values():
+        assert "SRV_FL_global_model.pt" in site_results
+        assert 0.0 <= site_results["SRV_FL_global_model.pt"]["dice"] <= 1.0
+    assert (server_job_dir(tmp_path / "ws") / "tb_events" / "site-1").is_dir()
+
+
+def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
+    sites = {"site-1": 3, "site-2": 3, "site-3": 3, "site-4": 3}
+    data = make_sites(tmp_path / "data", sites)
+    out = tmp_path / "recorded"
+    recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app_good": {"sites": ["site-1"], "filters": [recorder]},
+        # no travel filter at these two: the server's check is the last line of defence
+        "app_nan": {"sites": ["site-2"], "executor": "sim_support.CorruptingExecutor",
+                    "args": {"corruption": "nan"}, "travel_filter": False},
+        "app_leak": {"sites": ["site-3"], "executor": "sim_support.CorruptingExecutor",
+                     "args": {"corruption": "encoder"}, "travel_filter": False},
+        # with the travel filter, the leaking site's result never leaves it
+        "app_filtered": {"sites": ["site-4"], "executor": "sim_support.CorruptingExecutor",
+                         "args": {"corruption": "encoder"}},
+    })
+
+    assert run_simulation(job, tmp_path / "ws", list(sites), data_root=data) == 0
+
+    good, _ = recorded(out, "site-1")
+    global_model = load_global(tmp_path / "ws")
+    assert set(global_model) == set(good)
+    for key in good:  # only site-1 was accepted, so the average is site-1's model
+        np.testing.assert_allclose(global_model[key], good[key], rtol=1e-6, atol=1e-7)
+        assert np.isfinite(global_model[key]).all()
+    server_log = (tmp_path / "ws" / "server" / "log.txt").read_text()
+    assert "rejected contribution from site-2" in server_log and "NaN" in server_log
+    assert "rejected contribution from site-3" in server_log and "unexpected tensor" in server_log
+    assert "rejected contribution from site-4" not in server_log  # it never arrived
+    site4_log = (tmp_path / "ws" / "site-4" / "log.txt").read_text()
+    assert "refusing to send" in site4_log
