@@ -1,0 +1,172 @@
+"""``fedfms prepare DATASET --raw DIR --out DIR``: raw public downloads -> prepared site folders.
+
+The main CLI calls :func:`add_prepare_parser` and dispatches to ``args.func(args)``, which returns an
+exit code. Data problems raise :class:`fedfms.errors.DataError` for the main CLI to print; misuse of the
+options (an option of another dataset, an unknown site, low >= high percentile) is reported by argparse
+with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+from fedfms.errors import ConfigError
+
+DATASET_HELP = {
+    "prostate": "6-site prostate T2 MRI (BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL)",
+    "fets": "FeTS2022 brain tumour, T1ce -> enhancing tumour (label 4), clients 1,6,18,21",
+    "fundus": "optic disc/cup: REFUGE, ORIGA, G1020, Drishti-GS1",
+    "nuclei": "nuclei: PanNuke Adrenal_gland/Esophagus/Bile-duct/Uterus, MoNuSAC, TNBC, MoNuSeg",
+}
+
+EPILOG = """\
+examples:
+  fedfms prepare prostate --raw data/raw/prostate --out data/prostate
+  fedfms prepare fets --raw data/raw/FeTS2022 --out data/fets --two-and-half-d --empty-slices-keep 0.1
+  fedfms prepare fundus --raw data/raw/fundus --out data/fundus --sites REFUGE ORIGA
+  fedfms prepare nuclei --raw data/raw/nuclei --out data/nuclei --image-size 512 --mask-size 128
+
+Raw folder layouts and public sources: docs/datasets.md. Re-running is safe: sites already prepared
+with the same settings are skipped; different settings need --overwrite.
+"""
+
+# argparse dest -> preparer keyword, for the options that only some datasets take
+DATASET_OPTIONS = {
+    "low_pct": "--low-pct",
+    "high_pct": "--high-pct",
+    "empty_slices_keep": "--empty-slices-keep",
+    "two_and_half_d": "--two-and-half-d",
+    "partition_csv": "--partition-csv",
+    "clients": "--clients",
+    "disc_includes_cup": "--disc-includes-cup",
+    "mask_coding": "--mask-coding",
+    "skip_bad_cases": "--skip-bad-cases",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 100]")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
+
+
+def _empty_keep(text: str) -> str:
+    from fedfms.data.volumes import parse_empty_keep
+
+    try:
+        parse_empty_keep(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+    from fedfms.data.preparers.registry import PREPARERS
+
+    p = subparsers.add_parser(
+        "prepare",
+        help="convert a raw public dataset into prepared site folders",
+        description="Convert a raw public dataset into one prepared site folder per site (OUT/<site>/).\n\n"
+        + "\n".join(f"  {name:9s} {DATASET_HELP.get(name, '')}" for name in PREPARERS),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", choices=list(PREPARERS), help="which dataset to prepare")
+    p.add_argument("--raw", required=True, type=Path, help="folder holding the raw download (layout: docs/datasets.md)")
+    p.add_argument("--out", required=True, type=Path, help="output folder; one sub-folder per site")
+    p.add_argument("--image-size", type=_positive_int, default=1024, help="image side in pixels, bilinear (default 1024)")
+    p.add_argument("--mask-size", type=_positive_int, default=256, help="mask side in pixels, nearest (default 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace site outputs that already exist")
+    p.add_argument("--sites", nargs="+", metavar="SITE", help="only these sites (space or comma separated; default all)")
+    p.add_argument(
+        "--skip-bad-cases", action="store_true", default=None,
+        help="warn about and leave out unreadable/inconsistent cases instead of stopping (listed in the manifest)",
+    )
+
+    g = p.add_argument_group("3D volumes (prostate, fets)")
+    g.add_argument("--low-pct", type=_percent, default=None, help="lower intensity-window percentile per volume (default 1)")
+    g.add_argument("--high-pct", type=_percent, default=None, help="upper intensity-window percentile per volume (default 99)")
+    g.add_argument(
+        "--two-and-half-d", action="store_true", default=None,
+        help="2.5D input: slices k-1, k, k+1 as the three channels (the reference code's FeTS setting)",
+    )
+    g.add_argument(
+        "--empty-slices-keep", type=_empty_keep, default=None, metavar="N|F|all",
+        help="slices without target to keep per volume: 'all' (default), an integer count N, "
+        "or a fraction F in [0,1] written with a decimal point (0.1 = 10%%); picked evenly through the volume",
+    )
+
+    f = p.add_argument_group("fets")
+    f.add_argument("--partition-csv", default=None, help="partitioning CSV (name or path; default partitioning_1.csv)")
+    f.add_argument("--clients", default=None, help="partition ids to prepare (default 1,6,18,21)")
+
+    u = p.add_argument_group("fundus")
+    u.add_argument(
+        "--disc-includes-cup", type=_bool, default=None, metavar="{true,false}",
+        help="disc channel covers the whole optic disc including the cup (default true); false = rim only",
+    )
+    u.add_argument(
+        "--mask-coding", choices=["refuge", "index"], default=None,
+        help="mask values: refuge = 0 cup/128 rim/255 background (default); index = 0 background/1 rim/2 cup",
+    )
+    p.set_defaults(func=partial(run_prepare, parser=p))
+    return p
+
+
+def _split_sites(sites):
+    if not sites:
+        return None
+    return [s for item in sites for s in item.split(",") if s.strip()]
+
+
+def run_prepare(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    from fedfms.data.preparers.registry import dataset_options, prepare
+
+    def fail(msg: str):
+        if parser is None:
+            raise ConfigError(msg)
+        parser.error(msg)  # exits with code 2
+
+    accepted = dataset_options(args.dataset)
+    options = {}
+    for dest, flag in DATASET_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest not in accepted:
+            fail(f"{flag} does not apply to dataset {args.dataset}")
+        options[dest] = value
+    try:
+        prepare(
+            args.dataset, args.raw, args.out,
+            image_size=args.image_size, mask_size=args.mask_size, overwrite=args.overwrite,
+            sites=_split_sites(args.sites), **options,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    return 0

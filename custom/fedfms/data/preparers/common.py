@@ -1,0 +1,417 @@
+"""Machinery shared by the dataset preparers: site discovery, the skip-or-raise policy for bad cases,
+idempotent re-runs, 2D file reading, and the end-of-run summary.
+
+Every preparer turns a raw download into ``OUT/<site>/`` folders in the format of
+:mod:`fedfms.data.site_dataset`. The rules that make re-runs safe live here:
+
+* a site whose output is complete and was made with the same settings is skipped ("already prepared");
+* an existing output made with other settings, or a foreign folder in the way, is an error unless the
+  caller asked to overwrite;
+* a site is written to ``<site>.partial`` and renamed only once complete (SiteWriter), so an error or
+  Ctrl-C never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from fedfms.data import volumes as vol
+from fedfms.data.site_dataset import SiteWriter, read_manifest, summarize_sites
+from fedfms.errors import ConfigError, DataError
+
+# Bumped when a preparer's output changes for the same settings, so old outputs are not taken as current.
+PREPARER_VERSION = 1
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".npy")
+# Mask files sometimes carry a suffix after the image's name (e.g. ``img01_mask.png``).
+MASK_SUFFIXES = ("", "_mask", "_masks", "_seg", "_gt", "_label", "-mask")
+PATIENTS_CSV = "patients.csv"
+
+# Settings that describe where the data came from rather than how it was processed; a re-run from a
+# moved raw folder is still the same preparation.
+PROVENANCE_KEY = "source"
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def norm_name(name: str) -> str:
+    """Folder-name key that ignores case and punctuation: 'ISBI_1.5' == 'isbi1.5' == 'ISBI 1.5'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def visible(path: Path) -> bool:
+    # macOS archives add '._x' / '.DS_Store' next to every file; they are never data.
+    return not path.name.startswith(".")
+
+
+def progress(items: Sequence, desc: str, unit: str = "case"):
+    """tqdm progress on stderr; silent when stderr is not a terminal (logs, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=len(items), disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# site selection
+
+
+def select_sites(requested: Iterable[str] | None, known: Sequence[str], dataset: str) -> list[str]:
+    """Canonical site names for ``requested`` (default: all ``known``), matched by :func:`norm_name`."""
+    if not requested:
+        return list(known)
+    by_key = {norm_name(s): s for s in known}
+    chosen = []
+    for name in requested:
+        site = by_key.get(norm_name(name))
+        if site is None:
+            raise ConfigError(f"unknown site {name!r} for dataset {dataset}; expected some of {', '.join(known)}")
+        if site not in chosen:
+            chosen.append(site)
+    return chosen
+
+
+def find_site_dir(raw: Path, site: str, aliases: Sequence[str], dataset: str) -> Path:
+    """The raw folder of ``site``: a direct child of ``raw`` whose name matches one of ``aliases``."""
+    keys = {norm_name(a) for a in (site, *aliases)}
+    matches = sorted(p for p in raw.iterdir() if p.is_dir() and visible(p) and norm_name(p.name) in keys)
+    if len(matches) > 1:
+        raise DataError(f"{raw}: folders {', '.join(p.name for p in matches)} all look like site {site}; expected exactly one")
+    if not matches:
+        found = sorted(p.name for p in raw.iterdir() if p.is_dir() and visible(p))
+        raise DataError(
+            f"{raw}: no folder for site {site} (accepted names: {', '.join(dict.fromkeys((site, *aliases)))}); "
+            f"found {found or 'no folders'}; expected the {dataset} layout in docs/datasets.md (or restrict --sites)"
+        )
+    return matches[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# cases and the bad-case policy
+
+
+@dataclass
+class Sample:
+    image: np.ndarray
+    mask: np.ndarray
+    volume: str
+    slice_index: int | None = None
+    sample_id: str | None = None
+
+
+@dataclass
+class Case:
+    """One unit of raw data (a volume, an image, a PanNuke patch). ``load`` reads and validates the
+    whole case before anything is written, so a bad case never contributes half its slices."""
+
+    id: str
+    path: Path
+    load: Callable[[], list[Sample]]
+
+
+@dataclass
+class Problem:
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class SiteSource:
+    """What a preparer found for one site: its cases, and problems spotted while pairing files."""
+
+    site: str
+    root: Path
+    cases: list[Case]
+    problems: list[Problem] = field(default_factory=list)
+
+
+def write_site(
+    source: SiteSource,
+    *,
+    out: Path,
+    dataset: str,
+    classes: Sequence[str],
+    image_size: int,
+    mask_size: int,
+    settings: dict,
+    overwrite: bool,
+    skip_bad_cases: bool,
+) -> Path:
+    """Write one site (or skip it when already prepared identically). Returns ``out/<site>``.
+
+    Strict by default: the first bad case raises DataError naming its file and nothing is written.
+    With ``skip_bad_cases`` each bad case is reported as a warning, left out, and listed in the
+    manifest's ``settings.source.skipped``."""
+    site_dir = Path(out) / source.site
+    settings = {"preparer": dataset, "preparer_version": PREPARER_VERSION, **settings}
+    if _already_prepared(site_dir, dataset, list(classes), image_size, mask_size, settings, overwrite):
+        return site_dir
+    if source.problems and not skip_bad_cases:
+        raise DataError(f"{source.problems[0]} (use --skip-bad-cases to leave such cases out)")
+    skipped = [{"file": str(p.path), "problem": p.message} for p in source.problems]
+    for p in source.problems:
+        warn(f"{p}; case skipped")
+    if not source.cases:
+        raise DataError(f"{source.root}: site '{source.site}' has no usable cases; expected the {dataset} layout in docs/datasets.md")
+
+    site_dir.parent.mkdir(parents=True, exist_ok=True)
+    provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems), "skip_bad_cases": skip_bad_cases}
+    with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance}, overwrite) as writer:
+        used = 0
+        for case in progress(source.cases, desc=f"{dataset}/{source.site}"):
+            try:
+                samples = case.load()
+            except DataError as exc:
+                if not skip_bad_cases:
+                    raise DataError(f"{exc} (use --skip-bad-cases to leave such cases out)") from None
+                warn(f"{exc}; case skipped")
+                skipped.append({"file": str(case.path), "problem": str(exc)})
+                continue
+            for s in samples:
+                writer.add(s.image, s.mask, s.volume, s.slice_index, s.sample_id)
+            used += bool(samples)
+        if not writer.samples:
+            detail = f" ({len(skipped)} bad case(s) skipped, first: {skipped[0]['problem']})" if skipped else " (no samples were selected)"
+            raise DataError(f"{source.root}: site '{source.site}' has no usable cases{detail}; nothing was written")
+        provenance.update(cases_used=used, skipped=skipped)
+    info(f"{dataset}/{source.site}: wrote {len(writer.samples)} samples from {used} case(s) to {site_dir}")
+    return site_dir
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, settings: dict, overwrite: bool) -> bool:
+    if not site_dir.exists() or overwrite:
+        return False  # nothing there, or SiteWriter replaces it atomically
+    try:
+        m = read_manifest(site_dir)
+    except DataError as exc:
+        raise DataError(f"{site_dir}: output exists but is not a complete prepared site ({exc}); pass --overwrite to replace it") from None
+    old = {"dataset": m.dataset, "classes": m.classes, "image_size": m.image_size, "mask_size": m.mask_size}
+    new = {"dataset": dataset, "classes": classes, "image_size": image_size, "mask_size": mask_size}
+    old_settings = {k: v for k, v in m.settings.items() if k != PROVENANCE_KEY}
+    new_settings = {k: v for k, v in _normalise(settings).items() if k != PROVENANCE_KEY}
+    diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
+    diffs += [
+        f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
+        for k in sorted(set(old_settings) | set(new_settings))
+        if old_settings.get(k) != new_settings.get(k)
+    ]
+    if diffs:
+        raise DataError(f"{site_dir}: already prepared with different settings ({'; '.join(diffs)}); pass --overwrite to replace it")
+    info(f"{dataset}/{m.site}: already prepared in {site_dir}; skipped")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# volumes -> samples
+
+
+def volume_samples(
+    image: np.ndarray,
+    target: np.ndarray,
+    volume_id: str,
+    *,
+    low_pct: float,
+    high_pct: float,
+    empty_keep,
+    two_and_half_d: bool,
+) -> list[Sample]:
+    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume."""
+    windowed = vol.window_percentiles(image, low_pct, high_pct)
+    keep = vol.select_slices(target.any(axis=(0, 1)), empty_keep)
+    samples = []
+    for k in keep:
+        img = vol.neighbour_stack(windowed, k) if two_and_half_d else windowed[:, :, k]
+        samples.append(Sample(img, target[:, :, k].astype(np.uint8), volume_id, k))
+    return samples
+
+
+def check_labels(seg: np.ndarray, allowed: Iterable[int], path: Path, meaning: str) -> None:
+    values = np.unique(seg)
+    unexpected = sorted(set(values.tolist()) - set(allowed))
+    if unexpected:
+        raise DataError(f"{path}: unexpected label values {unexpected[:8]}; expected only {sorted(allowed)} ({meaning})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2D files
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()  # decode now: a truncated file fails here, not half-way through resizing
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc}); expected a valid {path.suffix.lstrip('.').upper() or 'image'} file") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Any 8-bit grey/RGB/RGBA/palette image -> (H, W, 3) uint8."""
+    im = _open_image(path)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise DataError(f"{path}: image mode {im.mode} (16-bit or float); expected an 8-bit grey or RGB image")
+    return np.asarray(im.convert("RGB"))
+
+
+def read_label_image(path: Path, palette: str = "index", colour: str = "error") -> np.ndarray:
+    """Read a mask file as a 2D integer array.
+
+    ``palette``: how palette ('P') PNG/BMP/GIF masks are read — ``"index"`` keeps the stored indices
+    (instance/class ids), ``"grey"`` takes the grey level of each palette colour (REFUGE-style masks).
+    ``colour``: an RGB mask whose channels differ is an error (``"error"``), or reduced to the channel
+    maximum (``"max"``, enough to binarise colour-coded instance masks). ``.npy`` masks: (H, W) or
+    (H, W, C), reduced over C by maximum."""
+    if path.suffix.lower() == ".npy":
+        arr = load_npy(path)
+        if arr.ndim == 3:
+            arr = arr.max(axis=-1)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: mask array has shape {arr.shape}; expected (H, W) or (H, W, C)")
+        return _integral(arr, path)
+    im = _open_image(path)
+    if im.mode == "P":
+        arr = np.asarray(im.convert("L")) if palette == "grey" else np.asarray(im)
+    elif im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+        rgb = np.asarray(im.convert("RGB"))
+        same = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        if not same and colour == "error":
+            raise DataError(f"{path}: colour mask (RGB channels differ); expected a grey-level label image")
+        arr = rgb[..., 0] if same else rgb.max(axis=-1)
+    else:
+        arr = np.asarray(im)
+    return _integral(np.asarray(arr), path)
+
+
+def _integral(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == bool:
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or (arr != np.floor(arr)).any():
+            raise DataError(f"{path}: mask has non-integer values; expected integer labels")
+    return arr.astype(np.int64)
+
+
+def load_npy(path: Path, mmap: bool = False, allow_pickle: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=allow_pickle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file is missing; expected a NumPy .npy array") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable or truncated .npy file ({exc}); expected a complete NumPy array") from None
+
+
+def rasterise_xml(path: Path, height: int, width: int) -> np.ndarray:
+    """MoNuSeg/Aperio-style XML (``Region/Vertices/Vertex X= Y=``) -> (H, W) mask of filled polygons."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise DataError(f"{path}: unreadable XML annotation ({exc}); expected Aperio-style Region/Vertex polygons") from None
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    regions = 0
+    for region in root.iter("Region"):
+        try:
+            pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: a Vertex lacks numeric X/Y; expected <Vertex X=\"..\" Y=\"..\"/>") from None
+        if len(pts) >= 3:  # fewer cannot enclose a nucleus
+            draw.polygon(pts, fill=1, outline=1)
+            regions += 1
+    if regions == 0:
+        warn(f"{path}: no polygon regions; the mask is empty")
+    return np.asarray(canvas).astype(np.int64)
+
+
+def list_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
+    """stem -> file for the files in ``folder`` with one of ``exts``; two files with one stem is an error."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and visible(p) and p.suffix.lower() in exts:
+            if p.stem in out:
+                raise DataError(f"{folder}: files {out[p.stem].name} and {p.name} share the id {p.stem!r}; expected one file per id")
+            out[p.stem] = p
+    return out
+
+
+def pair_by_stem(images: dict[str, Path], masks: dict[str, Path]) -> tuple[list[tuple[str, Path, Path]], list[Problem]]:
+    """Match each image to ``masks[<stem><suffix>]`` for the accepted :data:`MASK_SUFFIXES`."""
+    pairs, problems, used = [], [], set()
+    for stem, image in images.items():
+        mask_key = next((stem + s for s in MASK_SUFFIXES if stem + s in masks), None)
+        if mask_key is None:
+            problems.append(Problem(image, "image has no mask file with the same name; expected one in the masks folder"))
+            continue
+        used.add(mask_key)
+        pairs.append((stem, image, masks[mask_key]))
+    for key in sorted(set(masks) - used):
+        problems.append(Problem(masks[key], "mask has no image with the same name; expected one in the images folder"))
+    return pairs, problems
+
+
+def load_patient_map(site_dir: Path) -> dict[str, str]:
+    """Optional ``<site>/patients.csv`` (columns ``image,patient``) grouping images by patient, for 2D
+    datasets whose file names do not say which images come from the same person."""
+    path = site_dir / PATIENTS_CSV
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in reader.fieldnames or []]
+            if "image" not in fields or "patient" not in fields:
+                raise DataError(f"{path}: columns are {fields}; expected 'image,patient'")
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable CSV ({exc}); expected columns image,patient") from None
+    mapping = {}
+    for i, row in enumerate(rows, start=2):
+        if not row.get("image") or not row.get("patient"):
+            raise DataError(f"{path}: line {i} has an empty image or patient; expected both")
+        mapping[Path(row["image"]).stem] = row["patient"]
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary
+
+
+def print_summary(dataset: str, site_dirs: Sequence[Path], file=None) -> list[dict]:
+    rows = summarize_sites(site_dirs)
+    file = file or sys.stdout
+    header = ("site", "volumes", "samples", "positive", "positive_frac")
+    table = [header] + [
+        (r["site"], str(r.get("volumes", "?")), str(r.get("samples", "?")), str(r.get("positive_samples", "?")), f"{r.get('positive_fraction', 0):.3f}")
+        for r in rows
+    ]
+    if rows:
+        tot_s = sum(r.get("samples", 0) for r in rows)
+        tot_p = sum(r.get("positive_samples", 0) for r in rows)
+        table.append(("total", str(sum(r.get("volumes", 0) for r in rows)), str(tot_s), str(tot_p), f"{tot_p / max(tot_s, 1):.3f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print(f"{dataset}: {len(rows)} site(s) ready", file=file)
+    for j, row in enumerate(table):
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))), file=file)
+    return rows

@@ -1,0 +1,246 @@
+"""Nuclei segmentation in H&E histology: four PanNuke tissues plus MoNuSAC, TNBC and MoNuSeg.
+
+Raw layout (docs/datasets.md)::
+
+    RAW/PanNuke/Fold 1/images/fold1/images.npy   (N, H, W, 3) RGB 0..255
+    RAW/PanNuke/Fold 1/images/fold1/types.npy    (N,) tissue names
+    RAW/PanNuke/Fold 1/masks/fold1/masks.npy     (N, H, W, 6) instance ids in channels 0-4, 5 = background
+    (Fold 2, Fold 3 likewise; any folder depth below 'Fold k' works)
+
+    RAW/<MoNuSAC|TNBC|MoNuSeg>/images/<id>.{png,tif,jpg,bmp}
+    RAW/<MoNuSAC|TNBC|MoNuSeg>/masks/<id>.{png,tif,npy,xml}   instance ids, binary, or Aperio XML
+
+The native TNBC (``Slide_XX/`` + ``GT_XX/``) and MoNuSeg (``Tissue Images/*.tif`` + ``Annotations/*.xml``)
+releases are read as they are. Every mask becomes one binary ``nuclei`` channel (instance id > 0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from fedfms.data.preparers import common
+from fedfms.errors import DataError
+
+DATASET = "nuclei"
+CLASSES = ["nuclei"]
+PANNUKE_TISSUES = ("Adrenal_gland", "Esophagus", "Bile-duct", "Uterus")
+OTHER_SITES = {"MoNuSAC": ("MoNuSAC",), "TNBC": ("TNBC",), "MoNuSeg": ("MoNuSeg",)}
+SITES = (*PANNUKE_TISSUES, *OTHER_SITES)
+PANNUKE_NUCLEUS_CHANNELS = 5  # neoplastic, inflammatory, connective, dead, epithelial; channel 5 is background
+_TCGA = re.compile(r"(TCGA-[A-Za-z0-9]{2}-[A-Za-z0-9]{4})")
+_TNBC = re.compile(r"(\d+)_\d+")
+
+
+def patient_from_name(stem: str) -> str:
+    """Patient id implied by a file name: the TCGA participant barcode (MoNuSeg, MoNuSAC) or the slide
+    number of TNBC's ``NN_M`` files; otherwise the image itself is its own group."""
+    m = _TCGA.match(stem)
+    if m:
+        return m.group(1)
+    m = _TNBC.fullmatch(stem)
+    return m.group(1) if m else stem
+
+
+# ----------------------------------------------------------------------------------------------------
+# PanNuke
+
+
+@dataclass
+class PanNukeFold:
+    number: int
+    images_path: Path
+    masks_path: Path
+    types_path: Path
+    types: np.ndarray
+    _images: np.ndarray | None = None
+    _masks: np.ndarray | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        # Memory-mapped: a fold's masks.npy is several GB of float64 and only a few tissues are used.
+        if self._images is None:
+            images = common.load_npy(self.images_path, mmap=True)
+            masks = common.load_npy(self.masks_path, mmap=True)
+            n = len(self.types)
+            if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
+                raise DataError(f"{self.images_path}: array shape {images.shape}; expected ({n}, H, W, 3) to match {self.types_path.name}")
+            if masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[-1] != PANNUKE_NUCLEUS_CHANNELS + 1:
+                raise DataError(f"{self.masks_path}: array shape {masks.shape}; expected {images.shape[:3] + (PANNUKE_NUCLEUS_CHANNELS + 1,)} (instance ids in channels 0-4, background in 5)")
+            self._images, self._masks = images, masks
+        return self._images, self._masks
+
+
+def _one(folder: Path, name: str) -> Path:
+    hits = sorted(p for p in folder.rglob(name) if common.visible(p))
+    if len(hits) != 1:
+        raise DataError(f"{folder}: found {len(hits)} {name} files; expected exactly one (PanNuke layout 'Fold k/images/foldk/{name}')")
+    return hits[0]
+
+
+def find_pannuke_folds(raw: Path) -> tuple[Path, list[PanNukeFold]]:
+    root = common.find_site_dir(raw, "PanNuke", ("PanNuke",), DATASET)
+    fold_dirs = []
+    for p in sorted(root.iterdir()):
+        m = re.fullmatch(r"fold(\d+)", common.norm_name(p.name))
+        if p.is_dir() and m:
+            fold_dirs.append((int(m.group(1)), p))
+    if not fold_dirs:
+        found = sorted(p.name for p in root.iterdir() if common.visible(p))
+        raise DataError(f"{root}: no 'Fold 1', 'Fold 2', ... folders (found {found or 'nothing'}); expected the PanNuke layout in docs/datasets.md")
+    folds = []
+    for number, d in fold_dirs:
+        types_path = _one(d, "types.npy")
+        # types.npy holds strings; older NumPy wrote them as object arrays, which need pickle to load.
+        try:
+            types = np.load(types_path, allow_pickle=False)
+        except ValueError:
+            types = common.load_npy(types_path, allow_pickle=True)
+        except OSError as exc:
+            raise DataError(f"{types_path}: unreadable .npy file ({exc}); expected an array of tissue names") from None
+        types = np.asarray(types).astype(str)
+        if types.ndim != 1:
+            raise DataError(f"{types_path}: array shape {types.shape}; expected (N,) tissue names")
+        folds.append(PanNukeFold(number, _one(d, "images.npy"), _one(d, "masks.npy"), types_path, types))
+    return root, folds
+
+
+def _load_pannuke(fold: PanNukeFold, i: int, sample_id: str) -> list[common.Sample]:
+    images, masks = fold.arrays()
+    image = np.asarray(images[i], dtype=np.float64)
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
+        raise DataError(f"{fold.images_path}: image {i} has values outside [0, 255]; expected RGB intensities")
+    inst = np.asarray(masks[i][..., :PANNUKE_NUCLEUS_CHANNELS])
+    if (inst < 0).any() or not np.isfinite(inst).all() or (inst != np.floor(inst)).any():
+        raise DataError(f"{fold.masks_path}: mask {i} has negative or non-integer values; expected instance ids >= 0")
+    nuclei = (inst > 0).any(axis=-1).astype(np.uint8)
+    # PanNuke gives no patient ids; each patch is its own group (see docs/datasets.md).
+    return [common.Sample(np.rint(image).astype(np.uint8), nuclei, sample_id, None, sample_id)]
+
+
+def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path) -> common.SiteSource:
+    cases = []
+    for fold in folds:
+        for i in np.flatnonzero(fold.types == tissue):
+            sid = f"fold{fold.number}_{int(i):05d}"
+            cases.append(common.Case(sid, fold.images_path, partial(_load_pannuke, fold, int(i), sid)))
+    if not cases:
+        found = sorted({t for f in folds for t in f.types.tolist()})
+        raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}; found tissues {found}")
+    return common.SiteSource(tissue, root, cases)
+
+
+# ----------------------------------------------------------------------------------------------------
+# image + mask sites
+
+
+def _load_pair(image_path: Path, mask_path: Path, stem: str, patient: str) -> list[common.Sample]:
+    image = common.read_rgb(image_path)
+    if mask_path.suffix.lower() == ".xml":
+        labels = common.rasterise_xml(mask_path, *image.shape[:2])
+    else:
+        labels = common.read_label_image(mask_path, palette="index", colour="max")
+    if labels.shape != image.shape[:2]:
+        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; expected the same height and width")
+    if (labels < 0).any():
+        raise DataError(f"{mask_path}: unexpected label values {sorted(np.unique(labels[labels < 0]).tolist())[:8]}; expected instance ids >= 0 (0 = background)")
+    return [common.Sample(image, (labels > 0).astype(np.uint8), patient, None, stem)]
+
+
+def _pairs_normalised(site_dir: Path, subdirs: dict[str, Path]):
+    if "masks" not in subdirs:
+        raise DataError(f"{site_dir}: has images/ but no masks/ folder; expected images/ and masks/ with matching file names")
+    images = common.list_files(subdirs["images"], common.IMAGE_EXTS)
+    masks = common.list_files(subdirs["masks"], (*common.MASK_EXTS, ".xml"))
+    pairs, problems = common.pair_by_stem(images, masks)
+    return [(stem, img, mask, patient_from_name(stem)) for stem, img, mask in pairs], problems
+
+
+def _pairs_tnbc(site_dir: Path, subdirs: dict[str, Path]):
+    pairs, problems = [], []
+    for key, slide in sorted(subdirs.items()):
+        if not key.startswith("slide"):
+            continue
+        number = key[len("slide"):]
+        gt = subdirs.get("gt" + number)
+        if gt is None:
+            problems.append(common.Problem(slide, f"no matching GT_{number} folder; expected TNBC's Slide_XX/GT_XX pairs"))
+            continue
+        p, q = common.pair_by_stem(common.list_files(slide, common.IMAGE_EXTS), common.list_files(gt, common.MASK_EXTS))
+        pairs += [(stem, img, mask, number) for stem, img, mask in p]
+        problems += q
+    return pairs, problems
+
+
+def _pairs_xml(site_dir: Path):
+    pairs, problems = [], []
+    for image in sorted(site_dir.rglob("*")):
+        if not (image.is_file() and common.visible(image) and image.suffix.lower() in common.IMAGE_EXTS):
+            continue
+        candidates = [image.with_suffix(".xml"), image.parent.parent / "Annotations" / f"{image.stem}.xml"]
+        xml = next((c for c in candidates if c.is_file()), None)
+        if xml is None:
+            problems.append(common.Problem(image, "no XML annotation; expected <id>.xml beside it or in a sibling Annotations/ folder"))
+        else:
+            pairs.append((image.stem, image, xml, patient_from_name(image.stem)))
+    return pairs, problems
+
+
+def find_image_cases(site: str, site_dir: Path) -> common.SiteSource:
+    subdirs = {common.norm_name(p.name): p for p in site_dir.iterdir() if p.is_dir() and common.visible(p)}
+    if "images" in subdirs:
+        pairs, problems = _pairs_normalised(site_dir, subdirs)
+    elif any(k.startswith("slide") for k in subdirs):
+        pairs, problems = _pairs_tnbc(site_dir, subdirs)
+    elif any(p.suffix.lower() == ".xml" for p in site_dir.rglob("*.xml")):
+        pairs, problems = _pairs_xml(site_dir)
+    else:
+        raise DataError(
+            f"{site_dir}: subfolders are {sorted(p.name for p in subdirs.values()) or 'none'}; expected images/ + masks/ "
+            f"(or TNBC Slide_XX/ + GT_XX/, or MoNuSeg Tissue Images/ + Annotations/), see docs/datasets.md"
+        )
+    stems = {}
+    for stem, img, _, _ in pairs:
+        if stem in stems:
+            raise DataError(f"{img}: image id {stem!r} also used by {stems[stem]}; expected unique file names within a site")
+        stems[stem] = img
+    patients = common.load_patient_map(site_dir)
+    cases = [common.Case(stem, img, partial(_load_pair, img, mask, stem, patients.get(stem, patient))) for stem, img, mask, patient in pairs]
+    return common.SiteSource(site, site_dir, cases, problems)
+
+
+def prepare_nuclei(
+    raw: Path,
+    out: Path,
+    *,
+    image_size: int = 1024,
+    mask_size: int = 256,
+    overwrite: bool = False,
+    sites=None,
+    skip_bad_cases: bool = False,
+) -> list[Path]:
+    """Prepare the nuclei sites (four PanNuke tissues, MoNuSAC, TNBC, MoNuSeg); one binary class."""
+    raw, out = Path(raw), Path(out)
+    chosen = common.select_sites(sites, list(SITES), DATASET)
+    # Resolve every folder before writing anything, so a layout mistake fails fast.
+    pannuke_root, folds = find_pannuke_folds(raw) if any(s in PANNUKE_TISSUES for s in chosen) else (None, [])
+    site_dirs = {s: common.find_site_dir(raw, s, OTHER_SITES[s], DATASET) for s in chosen if s in OTHER_SITES}
+    settings = {"intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
+    written = []
+    for site in chosen:
+        if site in PANNUKE_TISSUES:
+            source = pannuke_source(site, folds, pannuke_root)
+            site_settings = {**settings, "pannuke_tissue": site}
+        else:
+            source = find_image_cases(site, site_dirs[site])
+            site_settings = settings
+        written.append(
+            common.write_site(
+                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+                settings=site_settings, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+            )
+        )
+    return written

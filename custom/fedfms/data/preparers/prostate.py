@@ -1,0 +1,113 @@
+"""Multi-site prostate T2 MRI (the six-site collection used by MS-Net/SAML, HarmoFL, FedFMS).
+
+Raw layout (docs/datasets.md)::
+
+    RAW/<SITE>/Case00.nii.gz
+    RAW/<SITE>/Case00_segmentation.nii.gz     (or Case00_Segmentation.nii.gz; .nii also accepted)
+
+Sites BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL. The SAML release names some folders by institution
+(RUNMC = ISBI, BMC = ISBI1.5, HCRUDB = I2CVB); those names are accepted too.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+
+from fedfms.data import volumes as vol
+from fedfms.data.preparers import common
+from fedfms.errors import DataError
+
+DATASET = "prostate"
+CLASSES = ["prostate"]
+SITES = {
+    "BIDMC": ("BIDMC",),
+    "HK": ("HK",),
+    "I2CVB": ("I2CVB", "HCRUDB"),
+    "ISBI": ("ISBI", "RUNMC"),
+    "ISBI1.5": ("ISBI1.5", "ISBI_1.5", "ISBI-1.5", "BMC"),
+    "UCL": ("UCL",),
+}
+# The ISBI sites delineate two zones (1 = central gland, 2 = peripheral zone); both are prostate.
+ALLOWED_LABELS = (0, 1, 2)
+_SEG = re.compile(r"(.+)_segmentation", re.IGNORECASE)
+
+
+def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
+    images: dict[str, Path] = {}
+    segs: dict[str, Path] = {}
+    problems: list[common.Problem] = []
+    for p in sorted(site_dir.iterdir()):
+        stem = vol.nifti_stem(p)
+        if not p.is_file() or not common.visible(p) or stem is None:
+            continue
+        m = _SEG.fullmatch(stem)
+        table, key = (segs, m.group(1)) if m else (images, stem)
+        if key in table:
+            raise DataError(f"{site_dir}: {table[key].name} and {p.name} are the same case; expected one file per case")
+        table[key] = p
+    cases = []
+    for key, image in images.items():
+        if key not in segs:
+            problems.append(common.Problem(image, f"no segmentation; expected {key}_segmentation.nii.gz next to it"))
+            continue
+        # Every site numbers its cases from Case00, so the site is part of the volume id: pooled
+        # (centralised) training must not treat BIDMC/Case00 and HK/Case00 as one patient.
+        cases.append(common.Case(key, image, partial(load, image, segs[key], f"{site}_{key}")))
+    for key in sorted(set(segs) - set(images)):
+        problems.append(common.Problem(segs[key], f"segmentation without image; expected {key}.nii.gz next to it"))
+    return common.SiteSource(site, site_dir, cases, problems)
+
+
+def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_pct, empty_keep, two_and_half_d) -> list[common.Sample]:
+    image, seg = vol.load_nifti_pair(image_path, seg_path)
+    common.check_labels(seg, ALLOWED_LABELS, seg_path, "0 background, 1 and 2 prostate (zones)")
+    target = seg > 0
+    if not target.any():
+        common.warn(f"{seg_path}: segmentation is empty (no prostate voxels)")
+    return common.volume_samples(
+        image, target, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d
+    )
+
+
+def prepare_prostate(
+    raw: Path,
+    out: Path,
+    *,
+    image_size: int = 1024,
+    mask_size: int = 256,
+    overwrite: bool = False,
+    sites=None,
+    low_pct: float = 1.0,
+    high_pct: float = 99.0,
+    empty_slices_keep="all",
+    two_and_half_d: bool = False,
+    skip_bad_cases: bool = False,
+) -> list[Path]:
+    """Prepare the prostate sites; returns ``out/<site>`` for each. Every depth slice is kept by default
+    (``empty_slices_keep='all'``), as in the paper."""
+    raw, out = Path(raw), Path(out)
+    vol.check_percentiles(low_pct, high_pct)
+    empty_keep = vol.parse_empty_keep(empty_slices_keep)
+    chosen = common.select_sites(sites, list(SITES), DATASET)
+    # Resolve every folder before writing anything, so a layout mistake fails fast.
+    site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
+    settings = {
+        "low_pct": float(low_pct),
+        "high_pct": float(high_pct),
+        "empty_slices_keep": "all" if empty_keep is None else empty_keep,
+        "two_and_half_d": bool(two_and_half_d),
+        "label_map": "seg in {1,2} -> prostate",
+    }
+    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d)
+    written = []
+    for site in chosen:
+        source = find_cases(site, site_dirs[site], load)
+        written.append(
+            common.write_site(
+                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+                settings=settings, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+            )
+        )
+    return written

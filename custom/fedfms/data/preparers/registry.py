@@ -1,0 +1,79 @@
+"""Dataset name -> preparer, and :func:`prepare`, the entry point behind ``fedfms prepare``.
+
+A preparer is ``fn(raw, out, *, image_size, mask_size, overwrite, sites, **dataset_options) -> list[Path]``
+returning the site folders ``out/<site>`` it wrote or found already prepared.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from fedfms.data.preparers import common
+from fedfms.data.preparers.fets import prepare_fets
+from fedfms.data.preparers.fundus import prepare_fundus
+from fedfms.data.preparers.nuclei import prepare_nuclei
+from fedfms.data.preparers.prostate import prepare_prostate
+from fedfms.errors import ConfigError, DataError
+
+PREPARERS: dict[str, Callable[..., list[Path]]] = {
+    "prostate": prepare_prostate,
+    "fets": prepare_fets,
+    "fundus": prepare_fundus,
+    "nuclei": prepare_nuclei,
+}
+
+COMMON_PARAMS = ("raw", "out", "image_size", "mask_size", "overwrite", "sites")
+
+
+def dataset_options(dataset: str) -> dict[str, object]:
+    """The dataset-specific keyword options of a preparer and their defaults."""
+    fn = _lookup(dataset)
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if name not in COMMON_PARAMS and p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _lookup(dataset: str):
+    try:
+        return PREPARERS[dataset]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {dataset!r}; expected one of {', '.join(PREPARERS)}") from None
+
+
+def prepare(
+    dataset: str,
+    raw: Path,
+    out: Path,
+    *,
+    image_size: int = 1024,
+    mask_size: int = 256,
+    overwrite: bool = False,
+    sites=None,
+    summary: bool = True,
+    **options,
+) -> list[Path]:
+    """Prepare ``dataset`` from the download in ``raw`` into ``out/<site>/`` folders; returns them.
+
+    Sites already prepared with the same settings are skipped; other existing outputs are an error
+    unless ``overwrite``. A summary table (sites, volumes, samples, positive fraction) is printed."""
+    fn = _lookup(dataset)
+    unknown = sorted(set(options) - set(dataset_options(dataset)))
+    if unknown:
+        raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to dataset {dataset}; expected some of {', '.join(dataset_options(dataset)) or 'none'}")
+    for name, value in (("image_size", image_size), ("mask_size", mask_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} is {value!r}; expected a positive integer (paper: image 1024, mask 256)")
+    raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
+    if out.resolve() == raw.resolve():
+        # site folders would land among the raw site folders and be read back as raw data next time
+        raise ConfigError(f"{out}: output folder is the raw folder; expected a separate output folder")
+    written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
+    if summary:
+        common.print_summary(dataset, written)
+    return written
