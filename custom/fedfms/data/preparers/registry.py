@@ -13,6 +13,7 @@ from typing import Callable
 from fedfms.data.preparers import common
 from fedfms.data.preparers.fets import prepare_fets
 from fedfms.data.preparers.fundus import prepare_fundus
+from fedfms.data.preparers.mni_demo import prepare_demo
 from fedfms.data.preparers.nuclei import prepare_nuclei
 from fedfms.data.preparers.prostate import prepare_prostate
 from fedfms.errors import ConfigError, DataError
@@ -22,6 +23,7 @@ PREPARERS: dict[str, Callable[..., list[Path]]] = {
     "fets": prepare_fets,
     "fundus": prepare_fundus,
     "nuclei": prepare_nuclei,
+    "mni-demo": prepare_demo,  # the offline demo: builds its raw volumes from nilearn's MNI152 template
 }
 
 COMMON_PARAMS = ("raw", "out", "image_size", "mask_size", "overwrite", "sites")
