@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: setup demo test test-fast jobs bench
+
+setup:
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -e custom
+
+demo: setup
+	$(PYTHON) -m fedfms.cli demo --out demo_out
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+# ML core, data and unit tests only (no FLARE processes): about a minute
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not integration"
+
+jobs:
+	$(PYTHON) -m fedfms.cli job generate --jobs-dir jobs
+
+bench: setup
+	$(PYTHON) bench/bench_models.py

@@ -1,0 +1,84 @@
+"""The checked-in jobs are exactly what the single source of truth renders, and every piece resolves."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fedfms.cli import main
+from fedfms.errors import ConfigError
+from fedfms.flare.jobs import VARIANTS, class_allow_list, component_paths, export_byoc, render_job, write_job
+from fedfms.models import ModelConfig
+from fedfms.training.trainer import TrainConfig
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_checked_in_job_matches_generator(name):
+    for rel, content in render_job(name).items():
+        path = JOBS / name / rel
+        assert path.is_file(), f"{path} missing: run `make jobs`"
+        assert json.loads(path.read_text()) == content, f"{path} is stale: run `make jobs`"
+    assert not (JOBS / name / "app" / "custom").exists(), "checked-in jobs are the production flavour (no custom code)"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_component_resolves_and_configs_parse(name):
+    job = render_job(name)
+    for path in component_paths(job):
+        module, cls = path.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), cls), path
+    args = job["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]
+    ModelConfig.from_dict(args["model_config"])
+    TrainConfig.from_dict(args["train_config"])
+    allow = class_allow_list()
+    assert all(p in allow or p.startswith("fedfms.") for p in component_paths(job))
+
+
+def test_variants_differ_only_in_configuration():
+    shapes = set()
+    for name in VARIANTS:
+        job = render_job(name)
+        shapes.add(json.dumps(sorted(component_paths(job))))
+    assert len(shapes) == 1
+    msa, sam = render_job("fedmsa"), render_job("fedsam_l")
+    msa_model = msa["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    sam_model = sam["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    assert (msa_model["variant"], msa_model["mode"]) == ("vit_b", "fedmsa")
+    assert (sam_model["variant"], sam_model["mode"]) == ("vit_l", "fedsam")
+    # the paper's local training settings
+    train = msa["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["train_config"]
+    assert (train["lr"], train["batch_size"], train["betas"], train["epochs"]) == (1e-4, 6, [0.9, 0.999], 1)
+    assert msa["app/config/config_fed_server.json"]["num_rounds"] == 100
+
+
+def test_overrides_and_refusals(tmp_path):
+    job = write_job("fedmsa", tmp_path / "j", num_rounds=3, num_classes=2, train={"lr": 5e-5})
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    client = json.loads((job / "app/config/config_fed_client.json").read_text())
+    assert server["num_rounds"] == 3
+    assert client["executors"][0]["executor"]["args"]["model_config"]["num_classes"] == 2
+    assert client["executors"][0]["executor"]["args"]["train_config"]["lr"] == 5e-5
+    assert client["executors"][0]["executor"]["args"]["train_config"]["batch_size"] == 6
+    with pytest.raises(ConfigError, match="already exists"):
+        write_job("fedmsa", tmp_path / "j")
+    with pytest.raises(ConfigError, match="expected one of"):
+        render_job("fedavg")
+
+
+def test_byoc_export_carries_the_package(tmp_path):
+    out = export_byoc(JOBS / "fedmsa_tiny", tmp_path / "byoc")
+    assert (out / "app" / "custom" / "fedfms" / "flare" / "executor.py").is_file()
+    assert not list((out / "app" / "custom").rglob("__pycache__"))
+    assert json.loads((out / "meta.json").read_text()) == render_job("fedmsa_tiny")["meta.json"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["job", "new", "fedmsa", str(tmp_path / "j")]) == 0
+    assert main(["job", "new", "fedmsa", str(tmp_path / "j")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "already exists" in err[0]
+    assert main(["job", "allow-list"]) == 0
+    assert "fedfms." in json.loads(capsys.readouterr().out)["class_allow_list"]
