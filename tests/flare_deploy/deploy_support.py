@@ -40,3 +40,33 @@ def site_job_log(kit_dir: Path, job_id: str) -> str:
 
 def logs_digest(logs: dict) -> str:
     return "\n".join(f"--- {name}\n{rt.tail(path, 25)}" for name, path in logs.items())
+
+
+def localize_project(project: dict, fed_port: int, admin_port: int, server: str = "localhost") -> dict:
+    """The production project.yml, moved onto loopback: server renamed to ``server`` (its certificate
+    name and the address every kit connects to) and the ports replaced by free ones."""
+    import copy
+
+    project = copy.deepcopy(project)
+    for p in project["participants"]:
+        if p["type"] == "server":
+            p["name"] = server
+            p["fed_learn_port"], p["admin_port"] = fed_port, admin_port
+    return project
+
+
+def provision(project: dict, workspace: Path, home: Path, timeout: float = 300) -> Path:
+    """``nvflare provision`` with a private HOME; returns the prod_00 folder holding the startup kits."""
+    import yaml
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    project_file = workspace.parent / f"{workspace.name}_project.yml"
+    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "nvflare.cli", "provision", "-p", str(project_file),
+                          "-w", str(workspace), "--force"], capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL, env=rt.site_env(home))
+    prod = workspace / project["name"] / "prod_00"
+    if res.returncode != 0 or not prod.is_dir():
+        raise AssertionError(f"nvflare provision failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return prod
