@@ -184,7 +184,7 @@ class LocalTrainer:
                     raise FloatingPointError(f"site {self.site}: training loss became {loss} at step {steps}")
                 total += loss
                 steps += 1
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
         self.rounds_done += 1
         seconds = time.perf_counter() - start
         log.info("site %s: %d steps, mean loss %.4f, %.1f s", self.site, steps, total / max(steps, 1), seconds)
