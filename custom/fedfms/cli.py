@@ -103,10 +103,18 @@ def _cmd_predict(args) -> int:
     from fedfms.models import ModelConfig
     from fedfms.training.predict import predict_cases
 
-    cfg = ModelConfig.from_dict(json.loads(Path(args.model_config).read_text()) if args.model_config else {}, "model config")
+    if args.job:
+        from fedfms.flare.jobs import job_model_config
+
+        raw = job_model_config(args.job)
+    elif args.model_config:
+        raw = json.loads(Path(args.model_config).read_text())
+    else:
+        raise FedFMSError("predict needs --job (the job folder that trained the model) or --model-config")
+    cfg = ModelConfig.from_dict(raw, "model config")
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
-    written = predict_cases(cfg, args.weights, args.inputs, args.out)
+    written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes)
     for path in written:
         print(path)
     return 0
@@ -166,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new images (PNG/JPG) or volumes (NIfTI) with a trained global model")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run)")
-    p.add_argument("--model-config", help="JSON file with the job's model_config")
+    p.add_argument("--job", help="the job folder that trained the model (its model_config is used)")
+    p.add_argument("--model-config", help="or: a JSON file with the model_config")
     p.add_argument("--checkpoint", help="SAM checkpoint for the frozen parts (pretrained models)")
+    p.add_argument("--classes", nargs="+", help="class names for the output files (default class0, class1, ...)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_predict)
     return parser

@@ -181,6 +181,18 @@ def export_byoc(job_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     return out_dir
 
 
+def job_model_config(job_dir: str | Path) -> dict:
+    """The model_config a job's sites train with (to rebuild its model for prediction)."""
+    path = Path(job_dir)
+    configs = sorted(path.glob("app*/config/config_fed_client.json")) if path.is_dir() else []
+    if not configs:
+        raise ConfigError(f"{path}: no app*/config/config_fed_client.json; expected a FLARE job folder")
+    try:
+        return json.loads(configs[0].read_text())["executors"][0]["executor"]["args"]["model_config"]
+    except (KeyError, IndexError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{configs[0]}: no executors[0].executor.args.model_config ({exc})") from None
+
+
 def component_paths(job: dict[str, dict]) -> set[str]:
     """Every class path a rendered job instantiates."""
     found: set[str] = set()
