@@ -93,8 +93,12 @@ def _own_lineage() -> set[int]:
     return pids
 
 
+# Only FLARE's own processes are matched by path: a user's `less` or `tail -f` on a log must survive.
+FLARE_MARKERS = ("nvflare", "sub_start.sh")
+
+
 def processes_under(paths: Iterable[str | os.PathLike]) -> list[psutil.Process]:
-    """Processes whose command line names one of ``paths`` (kit or workspace folders of this run)."""
+    """FLARE processes whose command line names one of ``paths`` (kit or workspace folders of this run)."""
     needles = [str(Path(p).resolve()) for p in paths]
     mine = _own_lineage()
     found = []
@@ -102,7 +106,7 @@ def processes_under(paths: Iterable[str | os.PathLike]) -> list[psutil.Process]:
         if proc.pid in mine:
             continue
         cmd = " ".join(proc.info.get("cmdline") or [])
-        if any(n in cmd for n in needles):
+        if any(n in cmd for n in needles) and any(m in cmd for m in FLARE_MARKERS):
             found.append(proc)
     return found
 

@@ -1,7 +1,8 @@
 """A provisioned (mutual-TLS) federation on loopback, built from provisioning/project.yml: server and two of
 the three hospitals start from their startup kits, the project admin submits the production flavour of
-jobs/fedmsa_tiny (no custom code: the package is pre-installed and the sites' class_allow_list names it),
-and an admin kit from a different provisioning is refused."""
+jobs/fedmsa_tiny (no custom code: the package is pre-installed and the sites' class_allow_list names it).
+The sites grant nobody the BYOC right, so the code-carrying copy of the same job is turned away, and an
+admin kit from a different provisioning is refused."""
 
 from __future__ import annotations
 
@@ -116,6 +117,13 @@ def test_provisioned_federation_runs_production_job_and_refuses_foreign_admin(tm
             assert f"data {data[site]}" in site_job_log(prod / site, job_id), site
             assert not (prod / site / job_id / f"app_{site}" / "custom").exists()
         assert any((tmp_path / "server_storage" / "jobs-storage").rglob(job_id))
+
+        # These sites granted nobody the BYOC right, so the same job carrying its code is turned away.
+        byoc_job = rt.export_byoc_copy(TINY_JOB, tmp_path / "byoc" / TINY_JOB.name)
+        byoc_id = admin_api.submit(sess, byoc_job)
+        byoc_meta = admin_api.monitor(sess, byoc_id, timeout=300, interval=2)
+        assert byoc_meta["status"] == "FINISHED:FAILED_TO_RUN", byoc_meta["status"]
+        assert "BYOC not permitted" in Path(logs["server"]).read_text(errors="replace")
 
         # An admin whose certificate comes from another provisioning must not get in.
         rogue = provision(_rogue_project(fed_port, admin_port), tmp_path / "rogue", home) / ADMIN
