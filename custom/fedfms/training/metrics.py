@@ -53,7 +53,11 @@ class SegmentationMetric:
 
     def aggregate(self) -> dict:
         """Means over scored slices/volumes; per-class lists; ``nan`` where nothing was scored."""
-        result: dict = {"num_slices": 0, "num_volumes": len(self._volume_counts)}
+        nan, per_class = float("nan"), [float("nan")] * len(self.class_names)
+        # Every key is present even when nothing was seen (an empty split), so callers can index it.
+        result: dict = {"num_slices": 0, "num_volumes": len(self._volume_counts), "dice": nan, "iou": nan,
+                        "dice_per_class": per_class, "iou_per_class": list(per_class), "volume_dice": nan,
+                        "volume_iou": nan, "volume_dice_per_class": list(per_class), "volume_iou_per_class": list(per_class)}
         if self._dice:
             dice = torch.cat(self._dice)
             iou = torch.cat(self._iou)

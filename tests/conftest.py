@@ -1,0 +1,23 @@
+"""Shared fixtures. Kept small: other test folders rely on it too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfms.data.synthetic import make_disc_site
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    # More threads than cores makes the small matrix products of the tiny model slower, not faster.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(2, previous))
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def disc_site(tmp_path):
+    """A learnable one-class site: 5 volumes x 8 slices of bright discs, images 128, masks 32 (tiny's sizes)."""
+    return make_disc_site(tmp_path / "site", num_volumes=5, slices_per_volume=8, seed=0)
