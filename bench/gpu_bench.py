@@ -2,7 +2,8 @@
 
 Times ``LocalTrainer.step`` (forward, BCE loss, backward, Adam) at the paper's size (1024x1024 input,
 batch 6 unless --batch) with random weights (speed and memory do not depend on the values), for vit_b and
-vit_l, fp32 vs bf16 autocast, with and without per-block activation checkpointing. Also times inference.
+vit_l, fp32 vs bf16 autocast, segment-anything's attention vs the fused one, with and without per-block
+activation checkpointing. Also times inference.
 
     python bench/gpu_bench.py                 # everything (a few minutes on an H100)
     python bench/gpu_bench.py --variants vit_b --batch 2
@@ -42,10 +43,12 @@ def time_steps(trainer: LocalTrainer, batch: int, size: int, warmup: int, steps:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_config(site: Path, variant: str, mode: str, amp: str, ckpt: bool, batch: int, warmup: int, steps: int) -> dict:
-    row = {"variant": variant, "mode": mode, "precision": "bf16" if amp == "bf16" else "fp32", "checkpointing": ckpt, "batch": batch}
+def run_config(site: Path, variant: str, mode: str, amp: str, ckpt: bool, fused: bool, batch: int, warmup: int, steps: int) -> dict:
+    row = {"variant": variant, "mode": mode, "precision": "bf16" if amp == "bf16" else "fp32", "checkpointing": ckpt,
+           "attention": "fused" if fused else "stock", "batch": batch}
+    trainer = None
     try:
-        model_cfg = ModelConfig(variant=variant, mode=mode, pretrained=False, activation_checkpointing=ckpt)
+        model_cfg = ModelConfig(variant=variant, mode=mode, pretrained=False, activation_checkpointing=ckpt, fused_attention=fused)
         trainer = LocalTrainer(model_cfg, TrainConfig(batch_size=batch, amp=amp, device="cuda", progress=False), str(site))
         row["trainable"] = count_parameters(trainer.model, trainable_only=True)
         step_s, peak = time_steps(trainer, batch, 1024, warmup, steps)
@@ -59,8 +62,8 @@ def run_config(site: Path, variant: str, mode: str, amp: str, ckpt: bool, batch:
 
 
 @torch.no_grad()
-def inference_time(variant: str, amp: str, repeats: int = 10) -> float:
-    model = build_model(ModelConfig(variant=variant, mode="fedmsa", pretrained=False)).cuda().eval()
+def inference_time(variant: str, amp: str, fused: bool, repeats: int = 10) -> float:
+    model = build_model(ModelConfig(variant=variant, mode="fedmsa", pretrained=False, fused_attention=fused)).cuda().eval()
     x = torch.rand(1, 3, 1024, 1024, device="cuda")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16" else torch.autocast("cuda", enabled=False)
     times = []
@@ -91,24 +94,26 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         for mode in ("fedsam", "fedmsa"):
-            configs = [("off", False), ("bf16", False), ("off", True), ("bf16", True)]
+            # (precision, activation checkpointing, fused attention); stock attention = segment-anything's
+            configs = [("off", False, False), ("bf16", False, False), ("off", False, True), ("bf16", False, True),
+                       ("bf16", True, True)]
             if variant != "vit_b":
-                configs = [("bf16", False), ("bf16", True)]
-            for amp, ckpt in configs:
-                row = run_config(site, variant, mode, amp, ckpt, args.batch, args.warmup, args.steps)
+                configs = [("bf16", False, False), ("bf16", False, True), ("bf16", True, True)]
+            for amp, ckpt, fused in configs:
+                row = run_config(site, variant, mode, amp, ckpt, fused, args.batch, args.warmup, args.steps)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for variant in args.variants:
-        for amp in ("off", "bf16"):
-            row = {"variant": variant, "inference_s_per_image": round(inference_time(variant, amp), 4),
-                   "precision": "bf16" if amp == "bf16" else "fp32"}
+        for amp, fused in (("off", False), ("bf16", False), ("bf16", True)):
+            row = {"variant": variant, "inference_s_per_image": round(inference_time(variant, amp, fused), 4),
+                   "precision": "bf16" if amp == "bf16" else "fp32", "attention": "fused" if fused else "stock"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| variant | mode | precision | checkpointing | s/step (B=%d) | images/s | peak GiB |" % args.batch)
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | mode | precision | attention | checkpointing | s/step (B=%d) | images/s | peak GiB |" % args.batch)
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "mode" in r:
-            print(f"| {r['variant']} | {r['mode']} | {r['precision']} | {r['checkpointing']} | "
+            print(f"| {r['variant']} | {r['mode']} | {r['precision']} | {r['attention']} | {r['checkpointing']} | "
                   f"{r.get('step_s', r.get('error'))} | {r.get('images_per_s', '-')} | {r.get('peak_gib', '-')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

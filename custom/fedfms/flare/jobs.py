@@ -26,10 +26,9 @@ CPU_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-3, "betas": [0.9, 0.999], "l
 
 
 def _sam(variant: str, mode: str) -> dict:
-    # Measured on an H100 at batch 6 (bench/results/gpu_bench_h100.txt): vit_l does not fit 80 GB without
-    # per-block activation checkpointing; vit_b fits (~50 GB) and runs ~35% faster without it.
-    return {"variant": variant, "mode": mode, "num_classes": 1, "pretrained": True, "checkpoint": DEFAULT_CHECKPOINT,
-            "activation_checkpointing": variant != "vit_b"}
+    # Batch 6 at 1024 px with bf16 and the fused attention needs 9-14 GB (vit_b) and 24-35 GB (vit_l) on the
+    # GPU (bench/results/gpu_bench_h200_fused.txt); sites with smaller GPUs set activation_checkpointing.
+    return {"variant": variant, "mode": mode, "num_classes": 1, "pretrained": True, "checkpoint": DEFAULT_CHECKPOINT}
 
 
 def _tiny(mode: str) -> dict:

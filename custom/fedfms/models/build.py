@@ -9,6 +9,7 @@ import torch
 
 from fedfms.errors import ConfigError
 from fedfms.models.adapters import add_adapters
+from fedfms.models.attention import use_fused_attention
 from fedfms.models.checkpoint import load_sam_weights
 from fedfms.models.prompt_free import PromptFreeSAM
 from fedfms.models.registry import build_image_encoder, build_mask_decoder, build_prompt_encoder, get_variant
@@ -28,6 +29,7 @@ class ModelConfig:
     adapter_ratio: float = 0.25
     adapter_activation: str = "gelu"  # the MSA code uses GELU; the paper's text says ReLU
     activation_checkpointing: bool = False
+    fused_attention: bool = True  # same numbers as SAM's attention, far less memory (models/attention.py)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
@@ -71,6 +73,8 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM:
         )
         if cfg.mode == "fedmsa":
             add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation)
+        if cfg.fused_attention:
+            use_fused_attention(model.image_encoder)
     if cfg.pretrained:
         load_sam_weights(model, Path(cfg.checkpoint).expanduser(), cfg.variant)
     return set_trainable(model, cfg.mode)
