@@ -25,27 +25,32 @@ def test_poc_cycle_byoc(tmp_path):
     data_2 = make_site_data(data_root / "site-2", "site-2", seed=1)
     out = tmp_path / "results"
     state_file = ws / "fedfms_poc.json"
+    # The user's HOME as the CLI sees it: FLARE config must go to the run's own HOME, never here.
+    user_home = tmp_path / "user_home"
+    user_home.mkdir()
+    env = {"HOME": str(user_home)}
     t0 = time.time()
     try:
         run_cli("prepare", "-w", ws, "--sites", 2, "--site-data", f"site-1={data_1}", "--data-root", data_root,
-                "--no-allow-list")
+                "--no-allow-list", env=env)
         state = json.loads(state_file.read_text())
         prod = Path(state["prod_dir"])
         assert Path(state["home"]).is_relative_to(ws) and (ws / "home" / ".nvflare" / "config.conf").is_file()
         server_res = json.loads((prod / "server" / "local" / "resources.json").read_text())
-        assert server_res["components"][1]["args"]["uri_root"].startswith(str(ws.resolve()))
+        job_store = next(c for c in server_res["components"] if c["id"] == "job_manager")["args"]["uri_root"]
+        assert job_store.startswith(str(ws.resolve()))
         assert str(data_1) in (prod / "site-1" / "local" / "fedfms_site.json").read_text()
         assert not (prod / "site-2" / "local" / "fedfms_site.json").exists()
 
-        run_cli("start", "-w", ws, timeout=400)
+        run_cli("start", "-w", ws, timeout=400, env=env)
         state = json.loads(state_file.read_text())
         assert set(state["pids"]) == {"server", "site-1", "site-2"}
 
-        job_id = run_cli("submit", "-w", ws, "--job", TINY_JOB, "--byoc").stdout.strip().splitlines()[-1]
-        res = run_cli("wait", "-w", ws, job_id, "--timeout", 900, timeout=960)
+        job_id = run_cli("submit", "-w", ws, "--job", TINY_JOB, "--byoc", env=env).stdout.strip().splitlines()[-1]
+        res = run_cli("wait", "-w", ws, job_id, "--timeout", 900, timeout=960, env=env)
         assert res.stdout.strip().splitlines()[-1] == "FINISHED:COMPLETED", logs_digest(state["logs"])
 
-        result = Path(run_cli("download", "-w", ws, job_id, "--out", out).stdout.strip().splitlines()[-1])
+        result = Path(run_cli("download", "-w", ws, job_id, "--out", out, env=env).stdout.strip().splitlines()[-1])
         assert result == out.resolve() / job_id
         server_ws = result / "workspace"
         assert (server_ws / "app_server" / "FL_global_model.pt").stat().st_size > 0
@@ -60,9 +65,10 @@ def test_poc_cycle_byoc(tmp_path):
         # Job store of this run, inside the run's folder.
         assert any((ws / "poc" / "jobs-storage").rglob(job_id))
 
-        run_cli("stop", "-w", ws, timeout=200)
+        run_cli("stop", "-w", ws, timeout=200, env=env)
         assert rt.wait_pids_gone(state["pids"].values(), 30) == []
         assert rt.processes_under([ws]) == []
+        assert not (user_home / ".nvflare").exists()
     finally:
         pids = json.loads(state_file.read_text()).get("pids", {}).values() if state_file.is_file() else []
         rt.kill_all(pids, paths=[ws])
