@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +147,8 @@ def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = 
 def start(workspace: str, timeout: float = 180.0) -> dict:
     """Start server and sites in the background and wait until every site is connected."""
     state = load_state(workspace)
+    if rt.wait_pids_gone(state.get("pids", {}).values(), 0):
+        raise RuntimeError(f"already running (PIDs {state['pids']}); run 'stop' first")
     ws, prod = Path(state["workspace"]), Path(state["prod_dir"])
     env = _env(state)
     logs = {n: str(ws / "logs" / f"{n}.log") for n in [state["server"], *state["sites"]]}
@@ -382,4 +383,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

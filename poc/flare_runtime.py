@@ -7,9 +7,7 @@ cleanup would hit other users' federations on the same machine.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,9 +23,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "provisioning"))
 from site_setup import add_class_allow_list, set_server_storage, write_site_config  # noqa: E402,F401
 
-# Job processes (SJ/CJ) are spawned by FLARE with setsid, so killing the parent's process group misses
-# them; they are found through the parent's children or through their command line, which always names
-# the kit folder.
 GRACE_S = 15.0
 
 
@@ -93,7 +88,9 @@ def _own_lineage() -> set[int]:
     return pids
 
 
-# Only FLARE's own processes are matched by path: a user's `less` or `tail -f` on a log must survive.
+# Job processes (SJ/CJ) are spawned by FLARE with setsid, so killing the parent's process group misses
+# them; they are found through the parent's children or through their command line, which always names
+# the kit folder. Only FLARE's own processes are matched by path: a user's `less` on a log must survive.
 FLARE_MARKERS = ("nvflare", "sub_start.sh")
 
 
@@ -247,26 +244,8 @@ def shutdown_federation(admin_kit: str | os.PathLike, username: str, timeout: fl
 
 
 def export_byoc_copy(job_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A bring-your-own-code copy of a production job: the fedfms package source goes to
-    ``app/custom/fedfms``. Uses the project's exporter when it exists."""
-    if Path(out_dir).exists():
-        shutil.rmtree(out_dir)
-    try:
-        from fedfms.flare.jobs import export_byoc  # type: ignore
+    """The bring-your-own-code copy of a production job (the fedfms source in ``app/custom/fedfms``),
+    replacing an older copy."""
+    from fedfms.flare.jobs import export_byoc
 
-        result = export_byoc(job_dir, out_dir)
-        return Path(result) if result else Path(out_dir)
-    except ImportError:
-        pass
-    import fedfms
-
-    job_dir, out_dir = Path(job_dir), Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    shutil.copytree(job_dir, out_dir)
-    pkg = Path(fedfms.__file__).resolve().parent
-    apps = [p for p in out_dir.iterdir() if p.is_dir() and (p / "config").is_dir()]
-    for app in apps:
-        shutil.copytree(pkg, app / "custom" / "fedfms",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    return out_dir
+    return Path(export_byoc(job_dir, out_dir, overwrite=True))
