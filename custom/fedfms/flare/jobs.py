@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict] = {
     "fedmsa": {"model": _sam("vit_b", "fedmsa"), "train": PAPER_TRAIN, "num_rounds": 100},
     "fedsam_l": {"model": _sam("vit_l", "fedsam"), "train": PAPER_TRAIN, "num_rounds": 100},
     "fedmsa_l": {"model": _sam("vit_l", "fedmsa"), "train": PAPER_TRAIN, "num_rounds": 100},
+    # The paper's FedU-Net baseline: MONAI's BasicUNet from scratch, same data, training and aggregation.
+    "fedunet": {"model": {"variant": "unet", "mode": "fedsam", "num_classes": 1, "pretrained": False},
+                "train": PAPER_TRAIN, "num_rounds": 100},
     # Random-init tiny SAM: CI, POC checks and the offline CPU demo.
     "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2},
     "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2},

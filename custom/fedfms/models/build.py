@@ -14,11 +14,15 @@ from fedfms.models.checkpoint import load_sam_weights
 from fedfms.models.prompt_free import PromptFreeSAM
 from fedfms.models.registry import build_image_encoder, build_mask_decoder, build_prompt_encoder, get_variant
 from fedfms.models.travel import check_mode, set_trainable
+from fedfms.models.unet import UNetSegmenter
+
+
+UNET = "unet"  # the FedU-Net baseline (MONAI BasicUNet), trained from scratch
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "vit_b"
+    variant: str = "vit_b"  # vit_b, vit_l, vit_h, tiny (SAM) or unet (baseline)
     mode: str = "fedmsa"  # "fedsam": train everything; "fedmsa": frozen encoder + adapters + decoder
     num_classes: int = 1
     image_size: int | None = None  # None: the variant's native size (1024 for SAM)
@@ -44,13 +48,28 @@ class ModelConfig:
 
     @property
     def mask_size(self) -> int:
+        if self.variant == UNET:
+            return (self.image_size or 1024) // 4
         return get_variant(self.variant, self.image_size).mask_size
 
 
-def build_model(cfg: ModelConfig) -> PromptFreeSAM:
+def build_unet(cfg: ModelConfig) -> UNetSegmenter:
+    if cfg.mode != "fedsam":
+        raise ConfigError(f"model config: the unet baseline has no adapters; mode must be 'fedsam' (train everything), got {cfg.mode!r}")
+    if cfg.pretrained:
+        raise ConfigError("model config: the unet baseline has no pretrained checkpoint; set pretrained: false")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = UNetSegmenter(cfg.num_classes, cfg.image_size or 1024)
+    return set_trainable(model, cfg.mode)
+
+
+def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
     check_mode(cfg.mode)
     if cfg.num_classes < 1:
         raise ConfigError(f"num_classes is {cfg.num_classes}; expected >= 1")
+    if cfg.variant == UNET:
+        return build_unet(cfg)
     if cfg.adapter_activation not in ("gelu", "relu"):
         raise ConfigError(f"adapter_activation is {cfg.adapter_activation!r}; expected 'gelu' or 'relu'")
     variant = get_variant(cfg.variant, cfg.image_size)

@@ -42,6 +42,15 @@ class PromptFreeSAM(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_channels
 
+    @property
+    def image_size(self) -> int:
+        return self.image_encoder.img_size
+
+    @property
+    def mask_size(self) -> int:
+        """The decoder's low-resolution masks: 4x the image embedding (256 for a 1024 input)."""
+        return self.image_encoder.img_size // self.image_encoder.patch_embed.proj.stride[0] * 4
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             images = (images - self.pixel_mean) / self.pixel_std

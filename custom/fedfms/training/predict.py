@@ -109,7 +109,7 @@ def read_image(path: Path) -> np.ndarray:
 def predict_slices(model: torch.nn.Module, slices: np.ndarray, threshold: float = 0.5, batch_size: int = 4) -> np.ndarray:
     """(N, H, W, 3) float images in [0, 1] -> (N, C, H, W) uint8 {0, 1} masks at the input size."""
     device = next(model.parameters()).device
-    size = model.image_encoder.img_size
+    size = model.image_size
     out = []
     for start in range(0, len(slices), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size])).permute(0, 3, 1, 2)

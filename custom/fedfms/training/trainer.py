@@ -86,9 +86,7 @@ class LocalTrainer:
         self.model = (model or build_model(model_cfg)).to(self.device)
         self.mode = model_cfg.mode
         self._spec = travel_spec(self.model, self.mode)
-        image_size = self.model.image_encoder.img_size
-        mask_size = image_size // 4
-        full = SiteDataset(site_dir, image_size=image_size, mask_size=mask_size)
+        full = SiteDataset(site_dir, image_size=self.model.image_size, mask_size=self.model.mask_size)
         if full.num_classes != model_cfg.num_classes:
             raise ConfigError(
                 f"{site_dir}: the site has {full.num_classes} class(es) {full.manifest.classes}; "
