@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from monai.losses import DiceLoss
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from fedfms.data.site_dataset import SiteDataset, patient_split
@@ -78,7 +79,9 @@ def pick_device(name: str) -> torch.device:
 class LocalTrainer:
     """Fits and evaluates one site's model on its prepared data (see ``fedfms.data.site_dataset``)."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, site_dir: str, model=None):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, site_dir: str | Sequence[str], model=None):
+        """``site_dir``: one site's folder, or several to pool them (the paper's centralised baseline); each
+        site is split into train/val by patient on its own, then the parts are concatenated."""
         self.model_cfg, self.cfg = model_cfg, train_cfg
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
@@ -86,16 +89,24 @@ class LocalTrainer:
         self.model = (model or build_model(model_cfg)).to(self.device)
         self.mode = model_cfg.mode
         self._spec = travel_spec(self.model, self.mode)
-        full = SiteDataset(site_dir, image_size=self.model.image_size, mask_size=self.model.mask_size)
-        if full.num_classes != model_cfg.num_classes:
-            raise ConfigError(
-                f"{site_dir}: the site has {full.num_classes} class(es) {full.manifest.classes}; "
-                f"the model config says num_classes={model_cfg.num_classes}"
-            )
-        self.class_names = full.manifest.classes
-        self.site = full.manifest.site
-        train_idx, val_idx = patient_split(full.volumes, train_cfg.val_fraction, train_cfg.split_seed)
-        self.datasets = {"train": Subset(full, train_idx), "val": Subset(full, val_idx), "all": full}
+        site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
+        parts = {"train": [], "val": [], "all": []}
+        for d in site_dirs:
+            full = SiteDataset(d, image_size=self.model.image_size, mask_size=self.model.mask_size)
+            if full.num_classes != model_cfg.num_classes:
+                raise ConfigError(
+                    f"{d}: the site has {full.num_classes} class(es) {full.manifest.classes}; "
+                    f"the model config says num_classes={model_cfg.num_classes}"
+                )
+            if parts["all"] and full.manifest.classes != parts["all"][0].manifest.classes:
+                raise ConfigError(f"{d}: classes {full.manifest.classes} differ from {parts['all'][0].manifest.classes}; cannot pool")
+            train_idx, val_idx = patient_split(full.volumes, train_cfg.val_fraction, train_cfg.split_seed)
+            parts["train"].append(Subset(full, train_idx))
+            parts["val"].append(Subset(full, val_idx))
+            parts["all"].append(full)
+        self.class_names = parts["all"][0].manifest.classes
+        self.site = "+".join(f.manifest.site for f in parts["all"])
+        self.datasets = {k: v[0] if len(v) == 1 else ConcatDataset(v) for k, v in parts.items()}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
         self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(train_cfg.pos_weight, device=self.device))
