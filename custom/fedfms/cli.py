@@ -29,7 +29,7 @@ def _cmd_job_new(args) -> int:
     train = json.loads(args.train) if args.train else None
     model = json.loads(args.model) if args.model else None
     path = write_job(args.variant, args.out, overwrite=args.overwrite, num_rounds=args.rounds, min_clients=args.min_clients,
-                     num_classes=args.num_classes, data_dir=args.data_dir, train=train, model=model)
+                     num_classes=args.num_classes, data_dir=args.data_dir, train=train, model=model, transfer=args.transfer)
     print(f"wrote {path}")
     return 0
 
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="default data location at each site ({site_name} and $VARS expanded)")
     p.add_argument("--train", help='JSON of train settings, e.g. \'{"lr": 1e-4, "batch_size": 4}\'')
     p.add_argument("--model", help='JSON of model settings, e.g. \'{"activation_checkpointing": true}\'')
+    p.add_argument("--transfer", choices=["float32", "float16"], help="precision of the models on the wire (float16: half the bytes)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_job_new)
     p = job.add_parser("export-byoc", help="copy a job and add this package as app/custom (bring your own code)")

@@ -82,3 +82,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "already exists" in err[0]
     assert main(["job", "allow-list"]) == 0
     assert "fedfms." in json.loads(capsys.readouterr().out)["class_allow_list"]
+
+
+def test_float16_transfer_quantizes_both_directions_after_the_travel_check():
+    job = render_job("fedmsa", transfer="float16")
+    client, server = job["app/config/config_fed_client.json"], job["app/config/config_fed_server.json"]
+    out_filters = [f["path"].rsplit(".", 1)[1] for f in client["task_result_filters"][0]["filters"]]
+    assert out_filters == ["TravelSetFilter", "ModelQuantizer"]
+    assert client["task_data_filters"][0]["filters"][0]["path"].endswith("ModelDequantizer")
+    assert server["task_data_filters"][0]["filters"][0]["path"].endswith("ModelQuantizer")
+    assert server["task_result_filters"][0]["filters"][0]["path"].endswith("ModelDequantizer")
+    assert set(server["task_data_filters"][0]["tasks"]) == {"train", "validate"}
+    allow = class_allow_list()
+    assert all(p in allow or p.startswith("fedfms.") for p in component_paths(job))
+    with pytest.raises(ConfigError, match="transfer"):
+        render_job("fedmsa", transfer="int8")

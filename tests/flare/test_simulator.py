@@ -27,11 +27,11 @@ def make_sites(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
-def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1) -> Path:
+def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1, transfer: str = "float32") -> Path:
     """``apps``: app name -> {"sites": [...], "executor": class path, "args": extra executor args,
     "filters": extra result filters, "travel_filter": bool}."""
     sites = [s for app in apps.values() for s in app["sites"]]
-    files = render_job(variant, num_rounds=num_rounds, min_clients=len(sites))
+    files = render_job(variant, num_rounds=num_rounds, min_clients=len(sites), transfer=transfer)
     meta = files["meta.json"]
     meta["deploy_map"] = {"app_server": ["server"], **{name: app["sites"] for name, app in apps.items()}}
     (job_dir).mkdir(parents=True)
@@ -67,14 +67,14 @@ def recorded(out: Path, site: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, json.loads((out / f"{site}_r0.json").read_text())
 
 
-@pytest.mark.parametrize("variant", ["fedmsa_tiny", "fedsam_tiny"])
-def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant):
+@pytest.mark.parametrize("variant,transfer", [("fedmsa_tiny", "float32"), ("fedsam_tiny", "float16")])
+def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant, transfer):
     data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})  # unequal sample counts
     out = tmp_path / "recorded"
     recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
     job = write_job(tmp_path / "job", variant, {"app_sites": {
         "sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor",
-        "args": {"out_dir": str(out)}, "filters": [recorder]}})
+        "args": {"out_dir": str(out)}, "filters": [recorder]}}, transfer=transfer)
 
     assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
 
@@ -85,8 +85,9 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
     expected = {k: sum(n[s] * sent[s][0][k].astype(np.float64) for s in sent) / sum(n.values()) for k in sent["site-1"][0]}
     global_model = load_global(tmp_path / "ws")
     assert set(global_model) == set(expected)
-    for key, value in expected.items():
+    for key, value in expected.items():  # (float16 transfer: the server averages the restored float16 values)
         np.testing.assert_allclose(global_model[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+        assert global_model[key].dtype == np.float32
     # and it is not simply one site's model
     key = next(k for k in expected if not np.allclose(sent["site-1"][0][k], sent["site-2"][0][k]))
     assert not np.allclose(global_model[key], sent["site-1"][0][key])
@@ -95,7 +96,7 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
     spec = expected_travel_spec(model_cfg)
     for site, (arrays, meta) in sent.items():
         assert set(arrays) == set(spec), f"{site} sent keys outside/short of the travel set"
-        assert meta["nbytes"] == travel_bytes(spec)
+        assert meta["nbytes"] == travel_bytes(spec, bytes_per_value=2 if transfer == "float16" else 4)
     if variant == "fedmsa_tiny":
         assert all(not k.startswith("image_encoder.") or "adapter" in k for k in sent["site-1"][0])
         assert travel_bytes(spec) < 0.5 * sum(p.numel() * 4 for p in build_model(ModelConfig(**model_cfg)).parameters())

@@ -56,6 +56,7 @@ def variant_settings(name: str, **overrides) -> dict:
     s = copy.deepcopy(VARIANTS[name])
     s.setdefault("min_clients", 2)
     s.setdefault("data_dir", DEFAULT_DATA_DIR)
+    s.setdefault("transfer", "float32")
     for key, value in overrides.items():
         if value is None:
             continue
@@ -65,9 +66,37 @@ def variant_settings(name: str, **overrides) -> dict:
             s[key].update(value)
         elif key in ("num_rounds", "min_clients", "data_dir"):
             s[key] = value
+        elif key == "transfer":
+            if value not in TRANSFER_TYPES:
+                raise ConfigError(f"transfer is {value!r}; expected one of {TRANSFER_TYPES}")
+            s[key] = value
         else:
-            raise ConfigError(f"unknown job setting {key!r}; expected num_rounds, min_clients, num_classes, data_dir, model, train")
+            raise ConfigError(f"unknown job setting {key!r}; expected num_rounds, min_clients, num_classes, data_dir, "
+                              "transfer, model, train")
     return s
+
+
+# Models travel as float32, or as float16 through FLARE's own quantisation filters (half the bytes; the
+# receiving side restores float32 before anything is checked, averaged or trained).
+TRANSFER_TYPES = ("float32", "float16")
+QUANTIZER = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
+DEQUANTIZER = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
+MODEL_TASKS_OUT = ["train", "validate"]  # tasks whose data carries a model to the sites
+MODEL_TASKS_BACK = ["train", "submit_model"]  # tasks whose results carry a model back
+
+
+def _quantize(s: dict) -> list[dict]:
+    if s["transfer"] == "float32":
+        return []
+    return [{"path": QUANTIZER, "args": {"quantization_type": s["transfer"]}}]
+
+
+def _dequantize(s: dict) -> list[dict]:
+    return [] if s["transfer"] == "float32" else [{"path": DEQUANTIZER, "args": {}}]
+
+
+def _filter_chain(tasks: list[str], filters: list[dict]) -> list[dict]:
+    return [{"tasks": tasks, "filters": filters}] if filters else []
 
 
 def _component(cid: str, path: str, args: dict | None = None) -> dict:
@@ -80,8 +109,8 @@ def server_config(s: dict) -> dict:
         "format_version": 2,
         "num_rounds": s["num_rounds"],
         "min_clients": s["min_clients"],
-        "task_data_filters": [],
-        "task_result_filters": [],
+        "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _quantize(s)),
+        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, _dequantize(s)),
         "components": [
             _component("persistor", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
                        {"model": {"path": "fedfms.flare.global_model.TravelSetModel", "args": model}}),
@@ -127,12 +156,12 @@ def client_config(s: dict) -> dict:
                 "model_config": model, "train_config": s["train"], "data_dir": s["data_dir"],
             }),
         }],
-        "task_result_filters": [{
-            "tasks": ["train", "submit_model"],
-            "filters": [{"path": "fedfms.flare.filters.TravelSetFilter",
-                         "args": {"mode": model["mode"], "model_config": model}}],
-        }],
-        "task_data_filters": [],
+        # the travel-set check runs first, on the float32 weights the site computed
+        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, [
+            {"path": "fedfms.flare.filters.TravelSetFilter", "args": {"mode": model["mode"], "model_config": model}},
+            *_quantize(s),
+        ]),
+        "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _dequantize(s)),
         "components": [
             _component("tb_writer", "nvflare.app_opt.tracking.tb.tb_writer.TBWriter"),
             _component("event_to_fed", "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
@@ -218,5 +247,6 @@ def class_allow_list() -> list[str]:
     classes the jobs name exactly, and this package by prefix (a prefix entry ends with a dot)."""
     stock = set()
     for name in VARIANTS:
-        stock |= {p for p in component_paths(render_job(name)) if not p.startswith("fedfms.")}
+        for transfer in TRANSFER_TYPES:
+            stock |= {p for p in component_paths(render_job(name, transfer=transfer)) if not p.startswith("fedfms.")}
     return sorted(stock) + ["fedfms."]
