@@ -17,14 +17,15 @@ BEST_MODEL = "SRV_best_FL_global_model.pt"
 
 
 def find_run_dir(path: str | Path) -> Path:
-    """Accept a simulator workspace, a downloaded job result or the server's job folder."""
+    """The folder holding ``cross_site_val/``: given itself, a simulator workspace, or a downloaded job
+    result (the shallowest match wins)."""
     path = Path(path)
-    candidates = [path, path / "server" / "simulate_job", path / "workspace"]
-    candidates += sorted(path.glob("*/cross_site_val/..")) if path.is_dir() else []
-    for c in candidates:
-        if (c / "cross_site_val" / "cross_val_results.json").is_file():
-            return c
-    raise DataError(f"{path}: no cross_site_val/cross_val_results.json found; expected a finished FLARE run folder")
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder; expected a finished FLARE run (simulator workspace or downloaded result)")
+    found = sorted(path.rglob("cross_site_val/cross_val_results.json"), key=lambda p: (len(p.parts), str(p)))
+    if not found:
+        raise DataError(f"{path}: no cross_site_val/cross_val_results.json found; expected a finished FLARE run folder")
+    return found[0].parent.parent
 
 
 def read_cross_site(run_dir: Path) -> dict:

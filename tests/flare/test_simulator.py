@@ -16,6 +16,7 @@ from fedfms.flare.jobs import render_job
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec
 from fedfms.models import ModelConfig, build_model, travel_bytes
+from fedfms.report import plot_report, site_table
 
 SUPPORT = Path(__file__).with_name("sim_support.py")
 pytestmark = pytest.mark.integration
@@ -111,6 +112,14 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
         assert "SRV_FL_global_model.pt" in site_results
         assert 0.0 <= site_results["SRV_FL_global_model.pt"]["dice"] <= 1.0
     assert (server_job_dir(tmp_path / "ws") / "tb_events" / "site-1").is_dir()
+
+    # the per-site report reads FLARE's own outputs: cross-site results and the streamed learning curves
+    rows = site_table(tmp_path / "ws")
+    assert [r["site"] for r in rows] == ["site-1", "site-2", "average"]
+    assert rows[0]["dice"] == pytest.approx(cross["site-1"]["SRV_FL_global_model.pt"]["dice"])
+    assert rows[0]["dice_round0"] is not None  # round-0 validation Dice streamed through TensorBoard
+    png = plot_report(tmp_path / "ws", tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
