@@ -52,7 +52,7 @@ def _cmd_simulate(args) -> int:
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     clients = [c for c in args.clients.split(",") if c]
-    rc = run_simulation(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads)
+    rc = run_simulation(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads, quiet=args.quiet)
     if rc != 0:
         print(f"error: simulation failed (exit {rc}); see {Path(args.workspace) / 'server' / 'log.txt'}", file=sys.stderr)
         return 1
@@ -86,7 +86,7 @@ def _cmd_demo(args) -> int:
     run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")  # every run keeps its own folder
     job = write_job(args.variant, run / "job", num_rounds=args.rounds, min_clients=len(sites))
     print(f"running {args.variant} for {args.rounds} rounds on {len(sites)} simulated sites (log: {run / 'workspace'})", flush=True)
-    rc = run_simulation(job, run / "workspace", list(DEMO_SITES), data_root=out / "sites")
+    rc = run_simulation(job, run / "workspace", list(DEMO_SITES), data_root=out / "sites", quiet=not args.verbose)
     if rc != 0:
         print(f"error: simulation failed (exit {rc}); see {run / 'workspace' / 'server' / 'log.txt'}", file=sys.stderr)
         return 1
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fedfms.cli_prepare import add_prepare_parser
 
     add_prepare_parser(sub)
+    from fedfms.cli_evaluate import add_evaluate_parsers
+    add_evaluate_parsers(sub)
 
     job = sub.add_parser("job", help="FLARE job folders").add_subparsers(dest="job_command", required=True)
     p = job.add_parser("generate", help="rewrite every job variant under jobs/ from fedfms.flare.jobs")
@@ -158,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="site-1,site-2", help="comma-separated site names")
     p.add_argument("--data-root", help="folder holding one prepared site folder per client name")
     p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true", help="console: warnings and per-round progress only (full logs in the workspace)")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("demo", help="offline demo: MNI152 white matter, 3 simulated sites, FedMSA on CPU")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--variant", default="fedmsa_tiny", choices=["fedmsa_tiny", "fedsam_tiny"])
+    p.add_argument("--verbose", action="store_true", help="show FLARE's full console log")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("report", help="per-site Dice/IoU table (and figure) of a finished run")

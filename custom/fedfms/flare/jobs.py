@@ -44,8 +44,9 @@ VARIANTS: dict[str, dict] = {
     "fedunet": {"model": {"variant": "unet", "mode": "fedsam", "num_classes": 1, "pretrained": False},
                 "train": PAPER_TRAIN, "num_rounds": 100},
     # Random-init tiny SAM: CI, POC checks and the offline CPU demo.
-    "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2},
-    "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2},
+    # Their rounds last a fraction of a second, so sites ask for the next task sooner than FLARE's default 2 s.
+    "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
+    "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
 }
 
 
@@ -57,6 +58,7 @@ def variant_settings(name: str, **overrides) -> dict:
     s.setdefault("min_clients", 2)
     s.setdefault("data_dir", DEFAULT_DATA_DIR)
     s.setdefault("transfer", "float32")
+    s.setdefault("task_request_interval", 2.0)  # FLARE's default wait of a site between two tasks
     for key, value in overrides.items():
         if value is None:
             continue
@@ -64,7 +66,7 @@ def variant_settings(name: str, **overrides) -> dict:
             s["model"]["num_classes"] = int(value)
         elif key in ("model", "train"):
             s[key].update(value)
-        elif key in ("num_rounds", "min_clients", "data_dir"):
+        elif key in ("num_rounds", "min_clients", "data_dir", "task_request_interval"):
             s[key] = value
         elif key == "transfer":
             if value not in TRANSFER_TYPES:
@@ -72,7 +74,7 @@ def variant_settings(name: str, **overrides) -> dict:
             s[key] = value
         else:
             raise ConfigError(f"unknown job setting {key!r}; expected num_rounds, min_clients, num_classes, data_dir, "
-                              "transfer, model, train")
+                              "transfer, task_request_interval, model, train")
     return s
 
 
@@ -109,6 +111,7 @@ def server_config(s: dict) -> dict:
         "format_version": 2,
         "num_rounds": s["num_rounds"],
         "min_clients": s["min_clients"],
+        "server": {"task_request_interval": s["task_request_interval"]},
         "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _quantize(s)),
         "task_result_filters": _filter_chain(MODEL_TASKS_BACK, _dequantize(s)),
         "components": [

@@ -13,6 +13,7 @@ from typing import Callable
 from fedfms.data.preparers import common
 from fedfms.data.preparers.fets import prepare_fets
 from fedfms.data.preparers.fundus import prepare_fundus
+from fedfms.data.preparers.mni_demo import build_raw as build_demo_raw
 from fedfms.data.preparers.mni_demo import prepare_demo
 from fedfms.data.preparers.nuclei import prepare_nuclei
 from fedfms.data.preparers.prostate import prepare_prostate
@@ -25,6 +26,9 @@ PREPARERS: dict[str, Callable[..., list[Path]]] = {
     "nuclei": prepare_nuclei,
     "mni-demo": prepare_demo,  # the offline demo: builds its raw volumes from nilearn's MNI152 template
 }
+
+# Datasets whose raw files this package makes itself (offline demo): built into --raw on first use.
+BUILDS_OWN_RAW = {"mni-demo": build_demo_raw}
 
 COMMON_PARAMS = ("raw", "out", "image_size", "mask_size", "overwrite", "sites")
 
@@ -70,6 +74,8 @@ def prepare(
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} is {value!r}; expected a positive integer (paper: image 1024, mask 256)")
     raw, out = Path(raw), Path(out)
+    if dataset in BUILDS_OWN_RAW:
+        BUILDS_OWN_RAW[dataset](raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
     if out.resolve() == raw.resolve():
