@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
 from fedfms.models.adapters import add_adapters
 from fedfms.models.attention import use_fused_attention
@@ -37,11 +38,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d, where)
 
     def to_dict(self) -> dict:
         return asdict(self)

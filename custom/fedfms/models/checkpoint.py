@@ -21,21 +21,25 @@ from fedfms.errors import CheckpointError
 SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, what: str = "checkpoint", expected: str = "a SAM checkpoint such as sam_vit_b_01ec64.pth"
+) -> dict[str, torch.Tensor]:
+    """A saved state dict, plain or wrapped as ``{"model": ...}`` (FLARE's PT persistor), loaded without
+    unpickling arbitrary objects. Errors name the file and say what was expected."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: SAM checkpoint not found; expected a file such as sam_vit_b_01ec64.pth")
+        raise CheckpointError(f"{path}: {what} not found; expected {expected}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         size = path.stat().st_size
         raise CheckpointError(
-            f"{path}: unreadable checkpoint ({size} bytes; truncated or not a PyTorch file: {str(exc).splitlines()[0][:120]})"
+            f"{path}: unreadable {what} ({size} bytes; truncated or not a PyTorch file: {str(exc).splitlines()[0][:120]})"
         ) from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors; expected a SAM checkpoint")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors; expected {expected}")
     return obj
 
 

@@ -14,8 +14,6 @@ the input's affine) for a volume.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +26,7 @@ from fedfms.data import volumes as vol
 from fedfms.data.site_dataset import resize_image
 from fedfms.errors import CheckpointError, ConfigError, DataError
 from fedfms.models import ModelConfig, build_model, travel_keys
+from fedfms.models.checkpoint import read_state_dict
 from fedfms.training.trainer import pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,19 +34,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A saved state dict: plain, or wrapped as ``{"model": state_dict, ...}`` (FLARE's PT persistor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found; expected a saved travel set (e.g. FL_global_model.pt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable weights file ({str(exc).splitlines()[0][:120]})") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors; expected a saved travel set")
-    return dict(obj)
+    """A saved travel set: plain, or wrapped as ``{"model": state_dict, ...}`` (FLARE's PT persistor)."""
+    return read_state_dict(path, "weights file", "a saved travel set (e.g. FL_global_model.pt)")
 
 
 def load_model(model_cfg: ModelConfig | Mapping, weights_path: str | os.PathLike) -> torch.nn.Module:

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from fedfms.data.site_dataset import SiteDataset, patient_split
+from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
 from fedfms.models import ModelConfig, build_model, travel_spec, travel_state_dict
 from fedfms.training.metrics import SegmentationMetric
@@ -44,11 +45,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "train config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-        cfg = cls(**{**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})})
+        cfg = from_mapping(cls, {**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})}, where)
         if cfg.loss not in ("bce", "bce_dice"):
             raise ConfigError(f"{where}: field 'loss' is {cfg.loss!r}; expected 'bce' or 'bce_dice'")
         if cfg.batch_size < 1 or cfg.epochs < 1 or not cfg.lr > 0:
