@@ -123,7 +123,9 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
 
 
 def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
-    sites = {"site-1": 3, "site-2": 3, "site-3": 3, "site-4": 3}
+    sites = {"site-1": 3, "site-2": 3, "site-3": 3, "site-4": 3, "site-5": 3}
+    other_encoder = {**render_job("fedmsa_tiny")["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"],
+                     "init_seed": 1}
     data = make_sites(tmp_path / "data", sites)
     out = tmp_path / "recorded"
     recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
@@ -137,6 +139,8 @@ def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
         # with the travel filter, the leaking site's result never leaves it
         "app_filtered": {"sites": ["site-4"], "executor": "sim_support.CorruptingExecutor",
                          "args": {"corruption": "encoder"}},
+        # a well-behaved site whose frozen encoder is not the federation's (another checkpoint or seed)
+        "app_other_encoder": {"sites": ["site-5"], "args": {"model_config": other_encoder}},
     })
 
     assert run_simulation(job, tmp_path / "ws", list(sites), data_root=data) == 0
@@ -151,5 +155,6 @@ def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
     assert "rejected contribution from site-2" in server_log and "NaN" in server_log
     assert "rejected contribution from site-3" in server_log and "unexpected tensor" in server_log
     assert "rejected contribution from site-4" not in server_log  # it never arrived
+    assert "rejected contribution from site-5" in server_log and "frozen weights differ" in server_log
     site4_log = (tmp_path / "ws" / "site-4" / "log.txt").read_text()
     assert "refusing to send" in site4_log

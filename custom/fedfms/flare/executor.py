@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -10,14 +9,15 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.flare.site_config import resolve_site_settings
-from fedfms.models import ModelConfig
+from fedfms.flare.update_check import FROZEN_FINGERPRINT
+from fedfms.models import ModelConfig, frozen_fingerprint
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
 
 KEY_METRIC = "val_dice"
@@ -68,6 +68,7 @@ class FedFMSExecutor(Executor):
         self.tb_writer_id = tb_writer_id
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
+        self.fingerprint: str | None = None
         self.writer = None
 
     # ------------------------------------------------------------------ set-up
@@ -88,6 +89,7 @@ class FedFMSExecutor(Executor):
         overrides = {k: settings[k] for k in ("device", "threads", "num_workers") if k in settings}
         train_cfg = TrainConfig.from_dict({**self.train_config, **overrides}, f"{site} train_config")
         self.trainer = LocalTrainer(model_cfg, train_cfg, settings["data_dir"])
+        self.fingerprint = frozen_fingerprint(self.trainer.model, model_cfg.mode)
         if self.tb_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tb_writer_id)
         self.log_info(
@@ -133,6 +135,7 @@ class FedFMSExecutor(Executor):
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,  # FedAvg weight n_k (see aggregator)
             MetaKey.INITIAL_METRICS: {k: v for k, v in initial.items() if v is not None},
+            FROZEN_FINGERPRINT: self.fingerprint,
         }
         self.log_info(fl_ctx, f"round {current_round}: loss {result.metrics['train']['loss']:.4f}, "
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
@@ -141,7 +144,7 @@ class FedFMSExecutor(Executor):
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = self._incoming(shareable)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
-        own = copy.deepcopy(self.trainer.travel_weights())
+        own = self.trainer.travel_weights()  # detached copies
         try:
             self.trainer.load_travel_weights(incoming)
             metrics = self.trainer.evaluate(self.validation_split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedfms.flare.site_config import expand
-from fedfms.models import ModelConfig, build_model, travel_state_dict
+from fedfms.models import ModelConfig, build_model, frozen_fingerprint, travel_state_dict
 
 
 class TravelSetModel(nn.Module):
@@ -19,6 +19,8 @@ class TravelSetModel(nn.Module):
             model_config["checkpoint"] = expand(model_config["checkpoint"], "server")
         self.config = ModelConfig.from_dict(model_config, "persistor model config")
         self.sam = build_model(self.config)
+        # what every site's frozen weights must hash to (checked by CheckedFedAvgAggregator)
+        self.fingerprint = frozen_fingerprint(self.sam, self.config.mode)
 
     def state_dict(self, *args, **kwargs):
         return travel_state_dict(self.sam, self.config.mode)

@@ -8,6 +8,9 @@ import numpy as np
 
 from fedfms.models import ModelConfig, build_model_on_meta, travel_spec
 
+# DXO meta key: the site's fedfms.models.frozen_fingerprint, checked by the server across sites
+FROZEN_FINGERPRINT = "fedfms_frozen_fingerprint"
+
 
 @lru_cache(maxsize=8)
 def _spec_for(frozen: tuple) -> dict:

@@ -6,6 +6,7 @@ from fedfms.models.registry import VARIANTS, get_variant
 from fedfms.models.travel import (
     MODES,
     count_parameters,
+    frozen_fingerprint,
     is_travel_key,
     set_trainable,
     travel_bytes,
@@ -15,6 +16,6 @@ from fedfms.models.travel import (
 )
 
 __all__ = [
-    "MODES", "VARIANTS", "ModelConfig", "PromptFreeSAM", "build_model", "build_model_on_meta", "count_parameters",
+    "MODES", "VARIANTS", "ModelConfig", "PromptFreeSAM", "build_model", "build_model_on_meta", "count_parameters", "frozen_fingerprint",
     "get_variant", "is_travel_key", "set_trainable", "travel_bytes", "travel_keys", "travel_spec", "travel_state_dict",
 ]

@@ -7,6 +7,7 @@ The FLARE result filter, the server-side validator, the persistor and the benchm
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import torch
@@ -64,3 +65,16 @@ def travel_bytes(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], bytes_
             n *= d
         total += n * (bytes_per_value or torch.empty((), dtype=dtype).element_size())
     return total
+
+
+def frozen_fingerprint(model: nn.Module, mode: str) -> str:
+    """SHA-256 over every tensor that does *not* travel (FedMSA: the frozen encoder and prompt encoder).
+
+    Averaged adapters are only meaningful on identical frozen weights, so sites report this and the server
+    refuses a site whose frozen weights differ (another checkpoint file, another init seed)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if not is_travel_key(key, mode):
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
