@@ -1,0 +1,118 @@
+"""The centralised baseline: the same model trained on the pooled data of the training sites.
+
+This is the paper's 'SAM'/'MSA' row next to FedSAM/FedMSA. Pooling goes through ``LocalTrainer``, which
+splits every site by patient with the same ``val_fraction``/``split_seed`` as the federation does, so the
+centralised model trains on exactly the union of the samples the federated sites train on, and selects
+its epoch on the union of their validation samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from fedfms.errors import ConfigError
+from fedfms.evaluation.scoring import resolve_model_config
+from fedfms.models import ModelConfig
+from fedfms.training.trainer import LocalTrainer, TrainConfig
+
+SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
+
+
+def last_weights_path(out_weights: str | os.PathLike) -> Path:
+    """Where :func:`train_centralized` keeps the last epoch's weights next to the selected ones."""
+    out = Path(out_weights)
+    return out.with_name(f"{out.stem}_last{out.suffix or '.pt'}")
+
+
+def history_path(out_weights: str | os.PathLike) -> Path:
+    return Path(out_weights).with_suffix(".json")
+
+
+def _save(weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    # FLARE's persistor layout ({"model": travel set}), so load_model / `fedfms predict` read it unchanged.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": dict(weights)}, tmp)
+    os.replace(tmp, path)
+
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def train_centralized(
+    model_cfg: ModelConfig | Mapping,
+    train_cfg: TrainConfig | Mapping,
+    site_dirs: Sequence[str | os.PathLike],
+    epochs: int,
+    out_weights: str | os.PathLike,
+    overwrite: bool = False,
+    checkpoint: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Train on the pooled ``site_dirs`` for ``epochs`` epochs; save the travel set of the selected epoch
+    (:data:`SELECTION`) to ``out_weights``, the last epoch's to :func:`last_weights_path` and the per-epoch
+    loss / validation Dice with the selected epoch to :func:`history_path`. Returns ``out_weights``.
+
+    Without any validation sample (or when no validation slice can be scored) the last epoch is kept,
+    and the history says so."""
+    if epochs < 1:
+        raise ConfigError(f"epochs is {epochs}; expected >= 1")
+    if not site_dirs:
+        raise ConfigError("no training site folders given")
+    out = Path(out_weights)
+    targets = (out, last_weights_path(out), history_path(out))
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    cfg = resolve_model_config(model_cfg, checkpoint)
+    tcfg = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(dict(train_cfg))
+    trainer = LocalTrainer(cfg, tcfg, [str(d) for d in site_dirs])
+    has_val = len(trainer.datasets["val"]) > 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    history, best_epoch, best_score, best_weights = [], None, -math.inf, None
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        fit = trainer.fit(epochs=1)
+        val = trainer.evaluate("val") if has_val else {}
+        score = _finite(val.get("dice"))
+        history.append({"epoch": epoch, "loss": fit["loss"], "steps": fit["steps"], "val_dice": score,
+                        "val_iou": _finite(val.get("iou")), "val_volume_dice": _finite(val.get("volume_dice"))})
+        if score is not None and score > best_score:
+            best_epoch, best_score = epoch, score
+            # a copy on the CPU: the trainer's tensors keep changing in the next epochs
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.travel_weights().items()}
+        if log:
+            shown = "-" if score is None else f"{score:.3f}"
+            log(f"  centralized epoch {epoch}/{epochs}: loss {fit['loss']:.4f}, pooled val Dice {shown}")
+
+    last = {k: v.detach().cpu() for k, v in trainer.travel_weights().items()}
+    if best_weights is None:
+        best_epoch, best_weights = epochs, last
+        selection = "last epoch (no scorable validation sample)"
+    else:
+        selection = SELECTION
+    _save(best_weights, out)
+    _save(last, last_weights_path(out))
+    summary = {
+        "sites": [str(d) for d in site_dirs],
+        "pooled": trainer.site,
+        "train_samples": trainer.num_train_samples,
+        "val_samples": len(trainer.datasets["val"]),
+        "epochs": epochs,
+        "selected_epoch": best_epoch,
+        "selection": selection,
+        "seconds": time.perf_counter() - start,
+        "model_config": cfg.to_dict(),
+        "train_config": tcfg.to_dict(),
+        "history": history,
+    }
+    history_path(out).write_text(json.dumps(summary, indent=2) + "\n")
+    return out

@@ -1,0 +1,130 @@
+"""Score a saved model on whole held-out sites: every sample of a site is test data.
+
+The numbers are the ones the sites compute during federation (``LocalTrainer.evaluate``): the same
+reader, the same :class:`SegmentationMetric` (one threshold, empty-empty slices left out, 3D Dice from
+voxel counts summed per volume) and the same autocast rule, so a held-out score and an in-federation
+validation score differ only in the data they see.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedfms.data.site_dataset import SiteDataset
+from fedfms.errors import ConfigError
+from fedfms.models import ModelConfig
+from fedfms.training.metrics import SegmentationMetric
+from fedfms.training.predict import load_model
+from fedfms.training.trainer import pick_device
+
+SUMMARY_KEYS = ("dice", "iou", "volume_dice", "volume_iou")
+
+
+def resolve_model_config(model_cfg: ModelConfig | Mapping, checkpoint: str | None = None) -> ModelConfig:
+    """A usable config outside a FLARE site: ``checkpoint`` replaces the config's, otherwise its
+    ``$VARS`` (the jobs say ``$FEDFMS_SAM_CHECKPOINT``) are expanded from this process's environment."""
+    raw = model_cfg.to_dict() if isinstance(model_cfg, ModelConfig) else dict(model_cfg)
+    if checkpoint:
+        raw["checkpoint"] = str(checkpoint)
+    elif raw.get("pretrained", True) and raw.get("checkpoint"):
+        value = os.path.expanduser(os.path.expandvars(str(raw["checkpoint"])))
+        unset = re.search(r"\$\{?(\w+)", value)
+        if unset:
+            raise ConfigError(
+                f"model config: checkpoint {raw['checkpoint']!r} needs environment variable {unset.group(1)}, which is not set; "
+                "set it or pass --checkpoint"
+            )
+        raw["checkpoint"] = value
+    return ModelConfig.from_dict(raw, "model config")
+
+
+def _autocast(device: torch.device, amp: str):
+    # Same rule as LocalTrainer: bf16 on CUDA unless switched off, never on CPU by default.
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def score_site(model: torch.nn.Module, site_dir: str | os.PathLike, batch_size: int = 6, amp: str = "auto") -> dict:
+    """Dice/IoU of ``model`` over every sample of one prepared site."""
+    device = next(model.parameters()).device
+    dataset = SiteDataset(site_dir, image_size=model.image_size, mask_size=model.mask_size)
+    if dataset.num_classes != model.num_classes:
+        raise ConfigError(
+            f"{site_dir}: the site has {dataset.num_classes} class(es) {dataset.manifest.classes}; "
+            f"the model predicts {model.num_classes}"
+        )
+    metric = SegmentationMetric(dataset.manifest.classes)
+    model.eval()
+    n = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        with _autocast(device, amp):
+            logits = model(batch["image"].to(device))
+        metric.update(logits.float(), batch["mask"].to(device), batch["volume"])
+        n += len(batch["image"])
+    return {"site": dataset.manifest.site, "site_dir": str(Path(site_dir)), **metric.aggregate(), "num_samples": n}
+
+
+def evaluate_sites(
+    model_cfg: ModelConfig | Mapping,
+    weights_path: str | os.PathLike,
+    site_dirs: Sequence[str | os.PathLike],
+    batch_size: int = 6,
+    device: str = "auto",
+    amp: str = "auto",
+    checkpoint: str | None = None,
+) -> list[dict]:
+    """One row per site, each scored on all of its samples: slice Dice/IoU, 3D (per-volume) Dice/IoU,
+    the per-class lists, ``num_samples``, ``num_slices`` (slices actually scored) and ``num_volumes``."""
+    if not site_dirs:
+        raise ConfigError("no site folders to evaluate")
+    cfg = resolve_model_config(model_cfg, checkpoint)
+    model = load_model(cfg, weights_path).to(pick_device(device))
+    return [score_site(model, d, batch_size, amp) for d in site_dirs]
+
+
+def mean_row(rows: Sequence[Mapping], label: str = "average") -> dict:
+    """Unweighted mean over sites of each summary metric (the paper's 'Avg'); NaN entries are skipped."""
+    out: dict = {"site": label}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    out["num_samples"] = sum(int(r.get("num_samples") or 0) for r in rows)
+    return out
+
+
+def format_site_rows(rows: Sequence[Mapping]) -> str:
+    """A plain table: site, Dice, IoU, 3D Dice, 3D IoU, per-class Dice (several classes), n; plus the average."""
+    classes = list(rows[0].get("classes") or []) if rows else []
+    per_class = len(classes) > 1 and all(r.get("classes") == classes for r in rows)
+    header = ["site", "Dice", "IoU", "3D Dice", "3D IoU"] + ([f"Dice {c}" for c in classes] if per_class else []) + ["n"]
+    body = []
+    for r in list(rows) + ([mean_row(rows)] if len(rows) > 1 else []):
+        cells = [str(r["site"])] + [_cell(r.get(k)) for k in SUMMARY_KEYS]
+        if per_class:
+            cells += [_cell(v) for v in r.get("dice_per_class") or [None] * len(classes)]
+        body.append(cells + [str(r.get("num_samples", "-"))])
+    return render_table(header, body)
+
+
+def _cell(value) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return f"{value:.3f}"
+
+
+def render_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    table = [list(header)] + [list(r) for r in body]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
