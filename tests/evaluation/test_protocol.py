@@ -211,3 +211,26 @@ def test_cli_evaluate_and_centralized(sites, central, tmp_path, capsys):
     assert "trained 1 epoch(s) on 64 pooled samples" in out and "last epoch (model_last.pt)" in out
     assert {p.name for p in (tmp_path / "c").iterdir()} == {"model.pt", "model_last.pt", "model.json", "evaluation.json"}
     assert math.isfinite(json.loads((tmp_path / "c" / "evaluation.json").read_text())["selected epoch"][0]["num_samples"])
+
+
+def test_a_failed_simulation_marks_the_fold_and_overwrite_reruns_it(sites, tmp_path, monkeypatch):
+    from fedfms.evaluation import protocol
+
+    def broken(job, workspace, clients, data_root, log_path):
+        assert clients == ["b", "c"] and json.loads((job / "meta.json").read_text())["min_clients"] == 2
+        log_path.write_text("starting\nRuntimeError: site b could not start\n")
+        return 1
+
+    monkeypatch.setattr(protocol, "simulate", broken)
+    with pytest.raises(protocol.EvaluationError, match=r"fold a: the simulation failed \(exit code 1\).*could not start"):
+        leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"])
+    assert json.loads((tmp_path / "a" / FOLD_FILE).read_text())["status"] == "failed"
+    with pytest.raises(ConfigError, match="already exists"):
+        leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"])
+
+    monkeypatch.setattr(protocol, "simulate", lambda *args: 0)  # "succeeds" but leaves no model behind
+    (tmp_path / "a" / "stale.txt").write_text("from the failed run")
+    with pytest.raises(protocol.EvaluationError, match="no FL_global_model.pt was written"):
+        leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"], overwrite=True)
+    assert not (tmp_path / "a" / "stale.txt").exists()
+    assert "no FL_global_model.pt" in json.loads((tmp_path / "a" / FOLD_FILE).read_text())["error"]

@@ -370,17 +370,34 @@ def run_fold(source: JobSource, data_root: Path, sites: list[str], holdout: str,
     _write_json(fold / FOLD_FILE, record)
     start = time.perf_counter()
     say(f"fold {counter}: hold out {holdout}; train on {', '.join(train_sites)}; {rounds} round(s)")
+    try:
+        _fold_body(source, data_root, holdout, train_sites, fold, rounds, centralized, record, batch_size, device, say)
+    except BaseException as exc:
+        # the fold stays on disk, marked, so the results leave it out and a rerun needs --overwrite
+        record.update(status="failed", error=record.get("error") or f"{type(exc).__name__}: {exc}"[:300],
+                      seconds=time.perf_counter() - start)
+        _write_json(fold / FOLD_FILE, record)
+        raise
+    record.update(status="done", seconds=time.perf_counter() - start)
+    _write_json(fold / FOLD_FILE, record)
+    say(f"fold {counter} ({holdout}) done in {record['seconds']:.0f} s")
+    return record
 
+
+def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: list[str], fold: Path, rounds: int,
+               centralized: bool, record: dict, batch_size: int, device: str, say) -> None:
+    start = time.perf_counter()
     job = source.write(fold / "job", rounds, len(train_sites))
     settings = job_settings(job)
     test_dir = data_root / holdout
     log_path = fold / "simulator.log"
     rc = simulate(job, fold / "simulator", train_sites, data_root, log_path)
     app = server_job_dir(fold / "simulator") / "app_server"
-    problem = f"exit code {rc}" if rc != 0 else None if (app / GLOBAL_MODEL).is_file() else f"no {GLOBAL_MODEL} was written"
+    problem = f"exit code {rc}" if rc != 0 else None
+    if problem is None and not (app / GLOBAL_MODEL).is_file():
+        problem = f"no {GLOBAL_MODEL} was written"
     if problem:
-        record.update(status="failed", error=problem, seconds=time.perf_counter() - start)
-        _write_json(fold / FOLD_FILE, record)
+        record["error"] = f"simulation failed ({problem})"
         tail = _tail(log_path)
         raise EvaluationError(f"fold {holdout}: the simulation failed ({problem}); see {log_path}"
                               + (f" (last lines: {tail})" if tail else "") + "; rerun this fold with --overwrite")
@@ -413,11 +430,6 @@ def run_fold(source: JobSource, data_root: Path, sites: list[str], holdout: str,
         c = record["results"]["centralized"]
         say(f"  centralized: {record['centralized']['seconds']:.0f} s, {epochs} epoch(s), kept epoch {history['selected_epoch']}; "
             f"{holdout} Dice {_fmt(c['dice'])}, IoU {_fmt(c['iou'])}")
-
-    record.update(status="done", seconds=time.perf_counter() - start)
-    _write_json(fold / FOLD_FILE, record)
-    say(f"fold {counter} ({holdout}) done in {record['seconds']:.0f} s")
-    return record
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,4 +546,4 @@ def format_loso_table(rows: Sequence[Mapping], held_out: Sequence[str] | None = 
             d, i = src.get("dice"), src.get("iou")
             cells.append("  " + f"{_fmt(d):>{width // 2}}{_fmt(i):>{width - width // 2}}")
         lines.append(r["label"].ljust(label_w) + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
