@@ -18,7 +18,7 @@ from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
 from fedfms.evaluation import collect, evaluate_sites, format_loso_table, leave_one_site_out, train_centralized
 from fedfms.evaluation.centralized import history_path, last_weights_path
-from fedfms.evaluation.protocol import FOLD_FILE, RESULTS_CSV, RESULTS_JSON, job_source
+from fedfms.evaluation.protocol import FOLD_FILE, RESULTS_CSV, RESULTS_JSON, job_source, write_csv
 from fedfms.flare.jobs import write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig, build_model, travel_state_dict
@@ -98,7 +98,8 @@ def test_centralized_training_learns_and_saves_the_selected_epoch(sites, central
 
 def _fold(workspace, holdout, signature, status="done", dice=0.5):
     (workspace / holdout).mkdir(parents=True)
-    scores = {"dice": dice, "iou": dice / 2, "volume_dice": dice, "volume_iou": None, "num_samples": 10}
+    scores = {"dice": dice, "iou": dice / 2, "volume_dice": dice, "volume_iou": None, "num_samples": 10,
+              "classes": ["disc", "cup"], "dice_per_class": [dice + 0.1, dice - 0.1], "iou_per_class": [dice, None]}
     record = {"signature": signature, "holdout": holdout, "status": status,
               "results": {"federated": scores, "centralized": {**scores, "dice": dice + 0.1}}}
     (workspace / holdout / FOLD_FILE).write_text(json.dumps(record))
@@ -116,6 +117,11 @@ def test_results_gather_finished_folds_of_the_same_experiment(tmp_path):
     assert federated["dice"] == pytest.approx(0.5) and federated["iou"] == pytest.approx(0.25)
     assert federated["volume_iou"] is None and federated["num_folds"] == 2
     assert any("other settings" in n for n in report["notes"]) and any("did not finish" in n for n in report["notes"])
+    assert federated["dice_per_class"] == pytest.approx([0.6, 0.4]) and federated["iou_per_class"] == [pytest.approx(0.5), None]
+    lines = write_csv(rows, tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0] == "method,held_out_site,dice,iou,volume_dice,volume_iou,dice_disc,iou_disc,dice_cup,iou_cup,num_samples"
+    assert lines[1] == "federated,a,0.400000,0.200000,0.400000,,0.500000,0.400000,0.300000,,10"
+    assert lines[3] == "federated,average,0.500000,0.250000,0.500000,,0.600000,0.500000,0.400000,,20"
     table = format_loso_table(rows, report["held_out"]).splitlines()
     assert table[1].split() == ["method", "Dice", "IoU", "Dice", "IoU", "Dice", "IoU"]
     assert table[3].split()[-6:] == ["0.400", "0.200", "0.600", "0.300", "0.500", "0.250"]
