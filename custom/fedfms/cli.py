@@ -26,8 +26,9 @@ def _cmd_job_generate(args) -> int:
 def _cmd_job_new(args) -> int:
     from fedfms.flare.jobs import write_job
 
-    train = json.loads(args.train) if args.train else None
-    model = json.loads(args.model) if args.model else None
+    from fedfms.config import parse_json_object
+
+    train, model = parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model")
     path = write_job(args.variant, args.out, overwrite=args.overwrite, num_rounds=args.rounds, min_clients=args.min_clients,
                      num_classes=args.num_classes, data_dir=args.data_dir, train=train, model=model, transfer=args.transfer)
     print(f"wrote {path}")

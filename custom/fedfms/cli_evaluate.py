@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedfms.config import parse_json_object
 from fedfms.errors import ConfigError
 
 LOSO_EPILOG = """\
@@ -20,18 +21,6 @@ examples:
 Each fold lives in WORKSPACE/<held-out site>/ and is never replaced without --overwrite; run folds in
 separate calls with --holdout and the results files gather every finished fold (docs/evaluation.md).
 """
-
-
-def _json_object(text: str | None, option: str) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{option}: not valid JSON ({exc}); expected an object like '{{\"lr\": 1e-4}}'") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{option}: {text!r} is not a JSON object; expected an object like '{{\"lr\": 1e-4}}'")
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -82,8 +71,8 @@ def _cmd_loso(args) -> int:
     sites = [s for s in (args.sites or "").split(",") if s] or None
     leave_one_site_out(
         args.job, args.data_root, sites, args.workspace, rounds=args.rounds, holdouts=args.holdout,
-        centralized=args.centralized, train_overrides=_json_object(args.train, "--train"),
-        model_overrides=_json_object(args.model, "--model"), overwrite=args.overwrite, checkpoint=args.checkpoint,
+        centralized=args.centralized, train_overrides=parse_json_object(args.train, "--train"),
+        model_overrides=parse_json_object(args.model, "--model"), overwrite=args.overwrite, checkpoint=args.checkpoint,
         batch_size=args.batch_size, device=args.device, log=lambda msg: print(msg, flush=True),
     )
     return 0
@@ -95,7 +84,7 @@ def _cmd_centralized(args) -> int:
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows
     from fedfms.training.trainer import TrainConfig
 
-    settings = training_settings(args.job, _json_object(args.train, "--train"), _json_object(args.model, "--model"))
+    settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"))
     train = dict(settings["train"])
     epochs = args.epochs or settings["num_rounds"] * TrainConfig.from_dict(dict(train)).epochs
     out = Path(args.out)

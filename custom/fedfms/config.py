@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from typing import Mapping, TypeVar
 
@@ -16,3 +17,16 @@ def from_mapping(cls: type[T], data: Mapping, where: str) -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
     return cls(**data)
+
+
+def parse_json_object(text: str | None, option: str) -> dict | None:
+    """A command-line JSON object such as ``--train '{"lr": 1e-4}'``; one-line ConfigError otherwise."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option}: not valid JSON ({exc}); expected an object like '{{\"lr\": 1e-4}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: {text!r} is not a JSON object; expected an object like '{{\"lr\": 1e-4}}'")
+    return value

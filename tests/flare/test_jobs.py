@@ -66,6 +66,10 @@ def test_overrides_and_refusals(tmp_path):
         write_job("fedmsa", tmp_path / "j")
     with pytest.raises(ConfigError, match="expected one of"):
         render_job("fedavg")
+    with pytest.raises(ConfigError, match=r"train: unknown field\(s\) \['lrr'\]"):
+        render_job("fedmsa", train={"lrr": 1e-4})
+    with pytest.raises(ConfigError, match="model: unknown field"):
+        render_job("fedmsa", model={"varaint": "vit_l"})
 
 
 def test_byoc_export_carries_the_package(tmp_path):
@@ -80,6 +84,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["job", "new", "fedmsa", str(tmp_path / "j")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "already exists" in err[0]
+    assert main(["job", "new", "fedmsa", str(tmp_path / "k"), "--train", "{lr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train: not valid JSON" in err[0]
     assert main(["job", "allow-list"]) == 0
     assert "fedfms." in json.loads(capsys.readouterr().out)["class_allow_list"]
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from fedfms.errors import ConfigError
 from fedfms.flare.executor import KEY_METRIC
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
+from fedfms.models import ModelConfig
+from fedfms.training.trainer import TrainConfig
 
 PAPER_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-4, "betas": [0.9, 0.999], "loss": "bce", "val_fraction": 0.1}
 CPU_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-3, "betas": [0.9, 0.999], "loss": "bce_dice", "val_fraction": 0.2,
@@ -75,6 +77,9 @@ def variant_settings(name: str, **overrides) -> dict:
         else:
             raise ConfigError(f"unknown job setting {key!r}; expected num_rounds, min_clients, num_classes, data_dir, "
                               "transfer, task_request_interval, model, train")
+    # a typo must fail here, not at every site when the job starts
+    ModelConfig.from_dict(s["model"], f"job {name}: model")
+    TrainConfig.from_dict(s["train"], f"job {name}: train")
     return s
 
 
