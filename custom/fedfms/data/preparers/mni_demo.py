@@ -85,7 +85,7 @@ def prepare_demo(raw: Path, out: Path, *, image_size: int = 128, mask_size: int 
     settings = {"low_pct": 1.0, "high_pct": 99.0, "empty_keep": None, "two_and_half_d": False}
     written = []
     load = partial(prostate._load_case, **settings)
-    for site in SITES:
+    for site in common.select_sites(sites, list(SITES), DATASET):
         source = prostate.find_cases(site, Path(raw) / site, load)
         written.append(common.write_site(
             source, out=Path(out), dataset=DATASET, classes=["white_matter"], image_size=image_size,
