@@ -53,7 +53,8 @@ VARIANTS: dict[str, dict] = {
 
 
 def variant_settings(name: str, **overrides) -> dict:
-    """A variant's settings with overrides: num_rounds, min_clients, num_classes, train (dict), model (dict)."""
+    """A variant's settings with overrides: num_rounds, min_clients, num_classes, data_dir, transfer,
+    task_request_interval, train (dict, merged), model (dict, merged)."""
     if name not in VARIANTS:
         raise ConfigError(f"job variant is {name!r}; expected one of {sorted(VARIANTS)}")
     s = copy.deepcopy(VARIANTS[name])
