@@ -121,6 +121,13 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_check_site(args) -> int:
+    from fedfms.site_check import check_site, format_report
+
+    print(format_report(check_site(args.job, args.data_dir, args.checkpoint, args.site)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the figure here")
     p.add_argument("--json", help="write the table here")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("check-site", help="pre-flight: can this site run this job? (data, checkpoint, device, fingerprint)")
+    p.add_argument("--job", required=True, help="the job folder the federation will run, e.g. jobs/fedmsa")
+    p.add_argument("--data-dir", required=True, help="this site's prepared data folder")
+    p.add_argument("--checkpoint", help="this site's SAM checkpoint (default: the job's, $VARS expanded)")
+    p.add_argument("--site", default="site", help="this site's FLARE client name (for {site_name} in paths)")
+    p.set_defaults(func=_cmd_check_site)
 
     p = sub.add_parser("predict", help="segment new images (PNG/JPG) or volumes (NIfTI) with a trained global model")
     p.add_argument("inputs", nargs="+")

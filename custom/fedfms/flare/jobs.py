@@ -221,16 +221,27 @@ def export_byoc(job_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     return out_dir
 
 
-def job_model_config(job_dir: str | Path) -> dict:
-    """The model_config a job's sites train with (to rebuild its model for prediction)."""
+def _executor_args(job_dir: str | Path) -> tuple[Path, dict]:
     path = Path(job_dir)
     configs = sorted(path.glob("app*/config/config_fed_client.json")) if path.is_dir() else []
     if not configs:
         raise ConfigError(f"{path}: no app*/config/config_fed_client.json; expected a FLARE job folder")
     try:
-        return json.loads(configs[0].read_text())["executors"][0]["executor"]["args"]["model_config"]
+        return configs[0], json.loads(configs[0].read_text())["executors"][0]["executor"]["args"]
     except (KeyError, IndexError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{configs[0]}: no executors[0].executor.args.model_config ({exc})") from None
+        raise ConfigError(f"{configs[0]}: no executors[0].executor.args ({exc})") from None
+
+
+def job_model_config(job_dir: str | Path) -> dict:
+    """The model_config a job's sites train with (to rebuild its model for prediction or checks)."""
+    where, args = _executor_args(job_dir)
+    if "model_config" not in args:
+        raise ConfigError(f"{where}: executor args have no model_config")
+    return args["model_config"]
+
+
+def job_train_config(job_dir: str | Path) -> dict:
+    return _executor_args(job_dir)[1].get("train_config", {})
 
 
 def component_paths(job: dict[str, dict]) -> set[str]:
