@@ -197,6 +197,12 @@ def write_site(
     return site_dir
 
 
+def write_sites(sites: Iterable[tuple[SiteSource, dict]], **write_kwargs) -> list[Path]:
+    """:func:`write_site` for each ``(source, settings)`` pair; a lazy iterable finds and writes one site at a
+    time, so a layout problem in a later site never delays writing the earlier ones."""
+    return [write_site(source, settings=settings, **write_kwargs) for source, settings in sites]
+
+
 def _normalise(obj):
     return json.loads(json.dumps(obj))
 

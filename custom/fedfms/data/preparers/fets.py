@@ -180,14 +180,9 @@ def prepare_fets(
         "label_map": "seg == 4 -> enhancing_tumour; 0/1/2 -> background",
     }
     load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d)
-    written = []
-    for site in chosen:
-        client = names[site]
-        source = find_cases(site, data_dir, partitions[client], csv_path, load)
-        written.append(
-            common.write_site(
-                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-                settings={**settings, "partition_id": client}, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
-            )
-        )
-    return written
+    return common.write_sites(
+        ((find_cases(site, data_dir, partitions[names[site]], csv_path, load), {**settings, "partition_id": names[site]})
+         for site in chosen),
+        out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+    )

@@ -96,13 +96,8 @@ def prepare_fundus(
         "intensity": "RGB / 255",
     }
     load = partial(_load_case, coding=mask_coding, disc_includes_cup=bool(disc_includes_cup))
-    written = []
-    for site in chosen:
-        source = find_cases(site, site_dirs[site], load)
-        written.append(
-            common.write_site(
-                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-                settings=settings, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
-            )
-        )
-    return written
+    return common.write_sites(
+        ((find_cases(site, site_dirs[site], load), settings) for site in chosen),
+        out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+    )

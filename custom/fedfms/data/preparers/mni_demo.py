@@ -83,12 +83,10 @@ def prepare_demo(raw: Path, out: Path, *, image_size: int = 128, mask_size: int 
     """Build the raw demo volumes in ``raw`` if needed, then prepare each site through the prostate NIfTI path."""
     build_raw(raw, overwrite=overwrite)
     settings = {"low_pct": 1.0, "high_pct": 99.0, "empty_keep": None, "two_and_half_d": False}
-    written = []
     load = partial(prostate._load_case, **settings)
-    for site in common.select_sites(sites, list(SITES), DATASET):
-        source = prostate.find_cases(site, Path(raw) / site, load)
-        written.append(common.write_site(
-            source, out=Path(out), dataset=DATASET, classes=["white_matter"], image_size=image_size,
-            mask_size=mask_size, settings=settings, overwrite=overwrite, skip_bad_cases=False,
-        ))
-    return written
+    return common.write_sites(
+        ((prostate.find_cases(site, Path(raw) / site, load), settings)
+         for site in common.select_sites(sites, list(SITES), DATASET)),
+        out=Path(out), dataset=DATASET, classes=["white_matter"], image_size=image_size, mask_size=mask_size,
+        overwrite=overwrite, skip_bad_cases=False,
+    )

@@ -229,18 +229,15 @@ def prepare_nuclei(
     pannuke_root, folds = find_pannuke_folds(raw) if any(s in PANNUKE_TISSUES for s in chosen) else (None, [])
     site_dirs = {s: common.find_site_dir(raw, s, OTHER_SITES[s], DATASET) for s in chosen if s in OTHER_SITES}
     settings = {"intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
-    written = []
-    for site in chosen:
-        if site in PANNUKE_TISSUES:
-            source = pannuke_source(site, folds, pannuke_root)
-            site_settings = {**settings, "pannuke_tissue": site}
-        else:
-            source = find_image_cases(site, site_dirs[site])
-            site_settings = settings
-        written.append(
-            common.write_site(
-                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-                settings=site_settings, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
-            )
-        )
-    return written
+    def sources():
+        for site in chosen:
+            if site in PANNUKE_TISSUES:
+                yield pannuke_source(site, folds, pannuke_root), {**settings, "pannuke_tissue": site}
+            else:
+                yield find_image_cases(site, site_dirs[site]), settings
+
+    return common.write_sites(
+        sources(),
+        out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+    )

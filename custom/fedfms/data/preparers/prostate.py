@@ -101,13 +101,8 @@ def prepare_prostate(
         "label_map": "seg in {1,2} -> prostate",
     }
     load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d)
-    written = []
-    for site in chosen:
-        source = find_cases(site, site_dirs[site], load)
-        written.append(
-            common.write_site(
-                source, out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-                settings=settings, overwrite=overwrite, skip_bad_cases=skip_bad_cases,
-            )
-        )
-    return written
+    return common.write_sites(
+        ((find_cases(site, site_dirs[site], load), settings) for site in chosen),
+        out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+    )
