@@ -23,15 +23,59 @@ def _cmd_job_generate(args) -> int:
     return 0
 
 
+def _site_list(text: str | None, option: str) -> list[str] | None:
+    if text is None:
+        return None
+    sites = [s.strip() for s in text.split(",") if s.strip()]
+    if not sites:
+        raise FedFMSError(f"{option}: {text!r} names no site; expected A,B,C")
+    return sites
+
+
+def _site_counts(text: str | None, option: str) -> dict | None:
+    """``A=120,B=340`` (or a JSON object) -> {"A": 120, "B": 340}."""
+    if text is None:
+        return None
+    from fedfms.config import parse_json_object
+
+    if text.lstrip().startswith("{"):
+        return parse_json_object(text, option)
+    counts = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        site, _, value = part.partition("=")
+        if not site or not value.strip().isdigit():
+            raise FedFMSError(f"{option}: {part!r} is not SITE=COUNT; expected e.g. A=120,B=340")
+        counts[site.strip()] = int(value)
+    return counts
+
+
+def _federation_settings(args) -> dict:
+    from fedfms.config import parse_json_object
+
+    return dict(
+        num_rounds=args.rounds, min_sites=args.min_sites, num_classes=args.num_classes, data_dir=args.data_dir,
+        train=parse_json_object(args.train, "--train"), model=parse_json_object(args.model, "--model"),
+        transfer=args.transfer, sites=_site_list(args.sites, "--sites"), on_missing_site=args.on_missing_site,
+        max_samples=args.max_samples, site_samples=_site_counts(args.site_samples, "--site-samples"),
+        round_timeout=args.round_timeout, aggregation=args.aggregation, trim_fraction=args.trim_fraction,
+        norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action,
+    )
+
+
 def _cmd_job_new(args) -> int:
     from fedfms.flare.jobs import write_job
 
-    from fedfms.config import parse_json_object
-
-    train, model = parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model")
-    path = write_job(args.variant, args.out, overwrite=args.overwrite, num_rounds=args.rounds, min_clients=args.min_clients,
-                     num_classes=args.num_classes, data_dir=args.data_dir, train=train, model=model, transfer=args.transfer)
+    path = write_job(args.variant, args.out, overwrite=args.overwrite, **_federation_settings(args))
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_job_resume(args) -> int:
+    from fedfms.flare.jobs import resume_settings, rewrite_job
+
+    resume = resume_settings(args.run)
+    path = rewrite_job(args.job, args.out, overwrite=args.overwrite, **resume)
+    print(f"wrote {path}: continues from round {resume['start_round']} with {resume['resume']['global_model']}")
     return 0
 
 
@@ -49,16 +93,28 @@ def _cmd_allow_list(args) -> int:
     return 0
 
 
+def _report_outcome(workspace: Path, outcome) -> int:
+    """One truthful verdict after a simulation: plain success only when every round averaged every site."""
+    from fedfms.flare.simulate import EXIT_GAPS, EXIT_OK, server_job_dir
+
+    if outcome.exit_code == EXIT_OK:
+        print(f"finished: every round averaged every site; results in {server_job_dir(workspace)}")
+    else:
+        verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
+        lines = (outcome.summary or "").splitlines() or [""]
+        print(f"error: simulation {verdict}: {lines[0].removeprefix('federation: ')}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+        print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
+    return outcome.exit_code
+
+
 def _cmd_simulate(args) -> int:
-    from fedfms.flare.simulate import run_simulation, server_job_dir
+    from fedfms.flare.simulate import simulate
 
     clients = [c for c in args.clients.split(",") if c]
-    rc = run_simulation(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads, quiet=args.quiet)
-    if rc != 0:
-        print(f"error: simulation failed (exit {rc}); see {Path(args.workspace) / 'server' / 'log.txt'}", file=sys.stderr)
-        return 1
-    print(f"finished; results in {server_job_dir(args.workspace)}")
-    return 0
+    outcome = simulate(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads, quiet=args.quiet)
+    return _report_outcome(Path(args.workspace), outcome)
 
 
 def _cmd_report(args) -> int:
@@ -78,19 +134,19 @@ def _cmd_demo(args) -> int:
     """Prepare the offline MNI152 demo, federate FedMSA (tiny SAM) over three simulated sites, report."""
     from fedfms.data.preparers.registry import prepare
     from fedfms.flare.jobs import write_job
-    from fedfms.flare.simulate import run_simulation, server_job_dir
+    from fedfms.flare.simulate import server_job_dir, simulate
     from fedfms.report import format_table, plot_report, site_table
 
     out = Path(args.out)
     start = time.perf_counter()
     sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32)
     run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")  # every run keeps its own folder
-    job = write_job(args.variant, run / "job", num_rounds=args.rounds, min_clients=len(sites))
+    job = write_job(args.variant, run / "job", num_rounds=args.rounds)
     print(f"running {args.variant} for {args.rounds} rounds on {len(sites)} simulated sites (log: {run / 'workspace'})", flush=True)
-    rc = run_simulation(job, run / "workspace", list(DEMO_SITES), data_root=out / "sites", quiet=not args.verbose)
+    outcome = simulate(job, run / "workspace", list(DEMO_SITES), data_root=out / "sites", quiet=not args.verbose)
+    rc = _report_outcome(run / "workspace", outcome)
     if rc != 0:
-        print(f"error: simulation failed (exit {rc}); see {run / 'workspace' / 'server' / 'log.txt'}", file=sys.stderr)
-        return 1
+        return rc
     rows = site_table(server_job_dir(run / "workspace"))
     (run / "report.json").write_text(json.dumps(rows, indent=2))
     png = plot_report(server_job_dir(run / "workspace"), run / "report.png", title=f"{args.variant} on the MNI152 demo")
@@ -143,17 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-dir", default="jobs")
     p.set_defaults(func=_cmd_job_generate)
     p = job.add_parser("new", help="write one job variant with your settings")
-    p.add_argument("variant", help="fedsam, fedmsa, fedsam_l, fedmsa_l, fedsam_tiny, fedmsa_tiny")
+    p.add_argument("variant", help="fedsam, fedmsa, fedsam_l, fedmsa_l, fedunet, fedsam_tiny, fedmsa_tiny")
     p.add_argument("out")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--min-clients", type=int)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--data-dir", help="default data location at each site ({site_name} and $VARS expanded)")
     p.add_argument("--train", help='JSON of train settings, e.g. \'{"lr": 1e-4, "batch_size": 4}\'')
     p.add_argument("--model", help='JSON of model settings, e.g. \'{"activation_checkpointing": true}\'')
     p.add_argument("--transfer", choices=["float32", "float16"], help="precision of the models on the wire (float16: half the bytes)")
+    fed = p.add_argument_group("federation (docs/federation.md)")
+    fed.add_argument("--sites", help="the sites that must take part, A,B,C (default: whoever is connected at start)")
+    fed.add_argument("--min-sites", "--min-clients", dest="min_sites", type=int,
+                     help="fewest accepted contributions a round may average (default: a majority of the sites)")
+    fed.add_argument("--on-missing-site", choices=["continue", "stop"],
+                     help="continue while --min-sites remain (default), or stop when any site misses a round")
+    fed.add_argument("--site-samples", help="pinned FedAvg weights, A=120,B=340 (each site's train samples from "
+                                           "`fedfms check-site`); any other count from that site is rejected")
+    fed.add_argument("--max-samples", type=int, help="largest sample count a site may report (default 1000000)")
+    fed.add_argument("--round-timeout", type=float, help="seconds a round waits for its sites (default: from the workload)")
+    fed.add_argument("--aggregation", choices=["fedavg", "mean", "median", "trimmed_mean"],
+                     help="fedavg: FLARE's own (default); median / trimmed_mean: robust, coordinate-wise")
+    fed.add_argument("--trim-fraction", type=float, help="trimmed_mean: share cut at each end per coordinate (0.2)")
+    fed.add_argument("--norm-bound", type=float, help="clip updates farther than K x the round's median distance")
+    fed.add_argument("--norm-bound-action", choices=["clip", "reject"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_job_new)
+    p = job.add_parser("resume", help="continue a stopped run as a new job from its last saved global model")
+    p.add_argument("job", help="the job folder that was running (made by `fedfms job new`)")
+    p.add_argument("run", help="the server's run folder of the stopped job (holds fedfms_run.json and FL_global_model.pt)")
+    p.add_argument("out", help="where to write the continuing job")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_job_resume)
     p = job.add_parser("export-byoc", help="copy a job and add this package as app/custom (bring your own code)")
     p.add_argument("job")
     p.add_argument("out")

@@ -15,6 +15,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
@@ -68,6 +69,7 @@ class FedFMSExecutor(Executor):
         self.tb_writer_id = tb_writer_id
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
+        self.setup_error: str | None = None
         self.fingerprint: str | None = None
         self.writer = None
 
@@ -76,8 +78,12 @@ class FedFMSExecutor(Executor):
         if event_type == EventType.START_RUN:
             try:
                 self._setup(fl_ctx)
-            except Exception as exc:  # a site that cannot start must say why, in one line
-                self.system_panic(f"{type(exc).__name__}: {exc}", fl_ctx)
+            except Exception as exc:
+                # A site that cannot start says why, in one line, in its reply to every task: the server then
+                # stops the job at once with that reason (a panic here would only stop this site, and the
+                # server would wait for it).
+                self.setup_error = f"{type(exc).__name__}: {exc}"
+                self.log_error(fl_ctx, f"this site cannot run the job: {self.setup_error}")
 
     def _setup(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
@@ -102,7 +108,7 @@ class FedFMSExecutor(Executor):
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.trainer is None:
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return error_reply(ReturnCode.EXECUTION_EXCEPTION, self.setup_error or "the site's executor is not set up", fatal=True)
         try:
             if task_name == self.task_names["train"]:
                 return self._train(shareable, fl_ctx, abort_signal)
@@ -113,10 +119,10 @@ class FedFMSExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except WeightsMismatch as exc:
             self.log_error(fl_ctx, f"rejected incoming model: {exc}")
-            return make_reply(ReturnCode.BAD_TASK_DATA)
+            return error_reply(ReturnCode.BAD_TASK_DATA, f"the site rejected the global model: {exc}")
         except Exception as exc:
             self.log_exception(fl_ctx, f"task {task_name} failed: {type(exc).__name__}: {exc}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return error_reply(ReturnCode.EXECUTION_EXCEPTION, f"task {task_name} failed at the site: {type(exc).__name__}: {exc}")
 
     def _incoming(self, shareable: Shareable) -> dict[str, torch.Tensor]:
         dxo = from_shareable(shareable)

@@ -2,44 +2,57 @@
 
 from __future__ import annotations
 
-from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedfms.flare.update_check import expected_travel_spec
+from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.update_check import expected_travel_spec, key_problems
 from fedfms.models.travel import check_mode, is_travel_key
 
 
-class TravelSetLeak(RuntimeError):
-    """A site tried to send tensors outside the travel set; FLARE then sends an error reply, no data."""
-
-
-class TravelSetFilter(DXOFilter):
+class TravelSetFilter(Filter):
     """Refuses any task result whose weights hold a tensor outside the travel set (FedMSA: the frozen
-    encoder), or miss one. FLARE turns the refusal into ``TASK_RESULT_FILTER_ERROR``: nothing is sent.
+    encoder), or miss one. The refused result is replaced by an error reply that says why (no data leaves
+    the site); the server records the reason against the site.
 
     Args:
         mode: "fedmsa" or "fedsam" (every key travels in FedSAM; the filter still checks the set).
-        model_config: when given, the exact key set and shapes are checked as well.
+        model_config: when given, the exact key set is checked as well (the server's check, run before sending).
     """
 
     def __init__(self, mode: str, model_config: dict | None = None):
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+        super().__init__()
         self.mode = check_mode(mode)
         self.model_config = model_config
         self._spec = None
 
-    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        leaked = sorted(k for k in dxo.data if not is_travel_key(k, self.mode))
+    def problems(self, data: dict) -> list[str]:
+        leaked = sorted(k for k in data if not is_travel_key(k, self.mode))
         if leaked:
-            self.log_error(fl_ctx, f"refusing to send {len(leaked)} tensor(s) outside the {self.mode} travel set, e.g. {leaked[:3]}")
-            raise TravelSetLeak(f"{len(leaked)} tensor(s) outside the {self.mode} travel set, e.g. {leaked[0]}")
-        if self.model_config is not None:
-            if self._spec is None:
-                self._spec = expected_travel_spec({**self.model_config, "mode": self.mode})
-            missing = sorted(set(self._spec) - set(dxo.data))
-            if missing:
-                raise TravelSetLeak(f"{len(missing)} travel tensor(s) missing from the result, e.g. {missing[0]}")
+            return [f"{len(leaked)} tensor(s) outside the {self.mode} travel set, e.g. {leaked[:3]}"]
+        if self.model_config is None:
+            return []
+        if self._spec is None:
+            self._spec = expected_travel_spec({**self.model_config, "mode": self.mode})
+        return key_problems(data, self._spec)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:
+            return shareable  # not a model; nothing of the model can leave in it
+        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF) or not dxo.data:
+            return shareable
+        problems = self.problems(dxo.data)
+        if problems:
+            reason = "; ".join(problems)
+            self.log_error(fl_ctx, f"refusing to send the result: {reason}")
+            return error_reply(ReturnCode.TASK_RESULT_FILTER_ERROR, f"the site's travel-set filter refused to send it: {reason}",
+                               shareable)
         self.log_info(fl_ctx, f"result holds only the {len(dxo.data)} {self.mode} travel tensors")
-        return dxo
+        return shareable

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
+from fedfms.aggregation import NORM_BOUND_ACTIONS
 from fedfms.errors import ConfigError
 from fedfms.flare.executor import KEY_METRIC
+from fedfms.flare.monitor import ON_MISSING_SITE, default_min_sites
+from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
 from fedfms.training.trainer import TrainConfig
@@ -52,16 +56,99 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+FEDERATION_DEFAULTS = {
+    "sites": None,  # names of the sites that must take part (None: whoever is connected when the job starts)
+    "min_sites": None,  # fewest accepted contributions a round may average (None: a majority of the sites)
+    "on_missing_site": "continue",  # or "stop": any expected site missing from a round stops the job
+    "max_samples": DEFAULT_MAX_SAMPLES,  # bound on the sample count (FedAvg weight) a site may report
+    "site_samples": None,  # {site: count}: pinned FedAvg weights, from each site's `fedfms check-site`
+    "round_timeout": None,  # seconds a round waits for its sites (None: from the workload, see round_timeouts)
+    "samples_per_site": None,  # the largest site's training samples, for the derived timeouts
+    "aggregation": "fedavg",  # "fedavg" (FLARE's own), or robust: "mean", "median", "trimmed_mean"
+    "trim_fraction": 0.2,
+    "norm_bound": None,  # clip updates farther than K x the round's median distance from the global model
+    "norm_bound_action": "clip",
+    "start_round": 0,
+    "resume": None,  # set by resume_settings(): continue a stopped run
+}
+AGGREGATIONS = ("fedavg", "mean", "median", "trimmed_mean")
+
+# Seconds per training sample (forward + backward) at a slow site, to derive timeouts from the workload:
+# about 10x the bf16 figures measured on an H200 (bench/results: vit_b 0.03 s, vit_l 0.06 s per 1024 px image),
+# so a site with a small GPU stays inside; tiny and unet are CPU figures with the same margin.
+SECONDS_PER_SAMPLE = {"tiny": 0.05, "unet": 0.1, "vit_b": 0.3, "vit_l": 0.6, "vit_h": 1.0}
+DEFAULT_SAMPLES_PER_SITE = {"tiny": 200}  # other variants: 2000 (a prostate- or fundus-sized site)
+STARTUP_SECONDS = 120  # model build, checkpoint load, data loading, transfer of a ViT-L model
+
+
+def round_timeouts(s: dict) -> dict[str, int]:
+    """``train``: how long a round waits for its sites; ``submit``/``validate``: cross-site evaluation's
+    waits. From the workload: the largest site's sample count (pinned counts, ``samples_per_site`` or a
+    default) x the variant's seconds per sample x (local epochs + a validation pass) x 3, plus start-up."""
+    variant = s["model"]["variant"]
+    per_sample = SECONDS_PER_SAMPLE.get(variant, 1.0)
+    pinned = s.get("site_samples") or {}
+    samples = max(pinned.values()) if pinned else (s.get("samples_per_site") or DEFAULT_SAMPLES_PER_SITE.get(variant, 2000))
+    epochs = int(s["train"].get("epochs", 1))
+    train = s.get("round_timeout") or math.ceil(STARTUP_SECONDS + 3 * samples * per_sample * (epochs + 1))
+    validate = math.ceil(STARTUP_SECONDS + 3 * samples * per_sample / 3)
+    return {"train": int(train), "submit": STARTUP_SECONDS, "validate": max(validate, STARTUP_SECONDS)}
+
+
+def _check_federation(s: dict, where: str) -> None:
+    sites = s["sites"]
+    if sites is not None:
+        if not isinstance(sites, list) or not sites or not all(isinstance(x, str) and x for x in sites):
+            raise ConfigError(f"{where}: sites is {sites!r}; expected a non-empty list of site names")
+        if len(set(sites)) != len(sites) or "server" in sites:
+            raise ConfigError(f"{where}: sites {sites} repeat a name or use 'server' (reserved for the FL server)")
+    n = s["min_sites"]
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1 or (sites and n > len(sites))):
+        raise ConfigError(f"{where}: min_sites is {n!r}; expected an integer from 1 to the number of sites"
+                          + (f" ({len(sites)})" if sites else ""))
+    if s["on_missing_site"] not in ON_MISSING_SITE:
+        raise ConfigError(f"{where}: on_missing_site is {s['on_missing_site']!r}; expected one of {ON_MISSING_SITE}")
+    if not isinstance(s["max_samples"], int) or s["max_samples"] < 1:
+        raise ConfigError(f"{where}: max_samples is {s['max_samples']!r}; expected a positive integer")
+    pinned = s["site_samples"]
+    if pinned and sites and sorted(set(pinned) - set(sites)):
+        raise ConfigError(f"{where}: site_samples names {sorted(set(pinned) - set(sites))}, which are not among sites {sites}")
+    if pinned is not None and (not isinstance(pinned, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pinned.values())):
+        raise ConfigError(f"{where}: site_samples is {pinned!r}; expected {{site: positive integer}} "
+                          "(each site's train_samples from `fedfms check-site`)")
+    for key in ("round_timeout", "samples_per_site"):
+        v = s[key]
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise ConfigError(f"{where}: {key} is {v!r}; expected a positive number")
+    if s["aggregation"] not in AGGREGATIONS:
+        raise ConfigError(f"{where}: aggregation is {s['aggregation']!r}; expected one of {AGGREGATIONS}")
+    if not 0 <= s["trim_fraction"] < 0.5:
+        raise ConfigError(f"{where}: trim_fraction is {s['trim_fraction']!r}; expected 0 <= trim_fraction < 0.5")
+    if s["norm_bound"] is not None and not (isinstance(s["norm_bound"], (int, float)) and s["norm_bound"] > 0):
+        raise ConfigError(f"{where}: norm_bound is {s['norm_bound']!r}; expected a positive number (e.g. 3)")
+    if s["norm_bound_action"] not in NORM_BOUND_ACTIONS:
+        raise ConfigError(f"{where}: norm_bound_action is {s['norm_bound_action']!r}; expected one of {NORM_BOUND_ACTIONS}")
+    if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
+        raise ConfigError(f"{where}: start_round is {s['start_round']!r}; expected a round before num_rounds "
+                          f"({s['num_rounds']}): nothing is left to run")
+
+
+SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "model",
+                "train", *FEDERATION_DEFAULTS)
+
+
 def variant_settings(name: str, **overrides) -> dict:
-    """A variant's settings with overrides: num_rounds, min_clients, num_classes, data_dir, transfer,
-    task_request_interval, train (dict, merged), model (dict, merged)."""
+    """A variant's settings with overrides: any of :data:`SETTING_KEYS` (``train`` and ``model`` are merged).
+    ``min_clients`` is the old name of ``min_sites``."""
     if name not in VARIANTS:
         raise ConfigError(f"job variant is {name!r}; expected one of {sorted(VARIANTS)}")
     s = copy.deepcopy(VARIANTS[name])
-    s.setdefault("min_clients", 2)
     s.setdefault("data_dir", DEFAULT_DATA_DIR)
     s.setdefault("transfer", "float32")
     s.setdefault("task_request_interval", 2.0)  # FLARE's default wait of a site between two tasks
+    for key, value in FEDERATION_DEFAULTS.items():
+        s.setdefault(key, copy.deepcopy(value))
     for key, value in overrides.items():
         if value is None:
             continue
@@ -69,18 +156,20 @@ def variant_settings(name: str, **overrides) -> dict:
             s["model"]["num_classes"] = int(value)
         elif key in ("model", "train"):
             s[key].update(value)
-        elif key in ("num_rounds", "min_clients", "data_dir", "task_request_interval"):
-            s[key] = value
+        elif key == "min_clients":
+            s["min_sites"] = value
         elif key == "transfer":
             if value not in TRANSFER_TYPES:
                 raise ConfigError(f"transfer is {value!r}; expected one of {TRANSFER_TYPES}")
             s[key] = value
+        elif key in SETTING_KEYS:
+            s[key] = list(value) if key == "sites" else value
         else:
-            raise ConfigError(f"unknown job setting {key!r}; expected num_rounds, min_clients, num_classes, data_dir, "
-                              "transfer, task_request_interval, model, train")
+            raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
     # a typo must fail here, not at every site when the job starts
     ModelConfig.from_dict(s["model"], f"job {name}: model")
     TrainConfig.from_dict(s["train"], f"job {name}: train")
+    _check_federation(s, f"job {name}")
     return s
 
 
@@ -111,24 +200,63 @@ def _component(cid: str, path: str, args: dict | None = None) -> dict:
     return {"id": cid, "path": path, "args": args or {}}
 
 
+STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
+ROBUST_AGGREGATOR = "fedfms.flare.robust_aggregator.RobustAggregator"
+
+
+def min_sites(s: dict) -> int | None:
+    if s["min_sites"] is not None:
+        return s["min_sites"]
+    return default_min_sites(len(s["sites"])) if s["sites"] else None
+
+
+def _aggregator(s: dict) -> dict:
+    if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
+        # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
+        # training samples, so the result is sum(n_k w_k) / sum(n_k)
+        return _component("aggregator", STOCK_FEDAVG, {"expected_data_kind": "WEIGHTS", "weigh_by_local_iter": True})
+    method = "mean" if s["aggregation"] == "fedavg" else s["aggregation"]
+    return _component("aggregator", ROBUST_AGGREGATOR, {
+        "method": method, "trim_fraction": s["trim_fraction"], "norm_bound": s["norm_bound"],
+        "norm_bound_action": s["norm_bound_action"]})
+
+
+def _persistor(s: dict) -> dict:
+    args = {"model": {"path": "fedfms.flare.global_model.TravelSetModel", "args": s["model"]}}
+    if s["resume"]:
+        args["source_ckpt_file_full_name"] = s["resume"]["global_model"]
+    return _component("persistor", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor", args)
+
+
+def _monitor(s: dict) -> dict:
+    args = {"expected_sites": s["sites"], "min_sites": min_sites(s), "on_missing_site": s["on_missing_site"]}
+    if s["resume"]:
+        args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
+    return _component("federation_monitor", "fedfms.flare.monitor.FederationMonitor", args)
+
+
 def server_config(s: dict) -> dict:
     model = s["model"]
+    timeouts = round_timeouts(s)
     return {
         "format_version": 2,
-        "num_rounds": s["num_rounds"],
-        "min_clients": s["min_clients"],
+        "num_rounds": s["num_rounds"] - s["start_round"],
+        "min_clients": min_sites(s) or 1,
         "server": {"task_request_interval": s["task_request_interval"]},
         "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _quantize(s)),
-        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, _dequantize(s)),
+        # every result is checked (after float16 is restored) before the workflow, the model selector or the
+        # aggregator reads it; a bad one turns into an error reply naming the reason
+        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, [*_dequantize(s), {
+            "path": "fedfms.flare.contribution_filter.ContributionCheckFilter",
+            "args": {"model_config": model, "max_samples": s["max_samples"], "site_samples": s["site_samples"]}}]),
         "components": [
-            _component("persistor", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
-                       {"model": {"path": "fedfms.flare.global_model.TravelSetModel", "args": model}}),
+            _persistor(s),
             _component("shareable_generator",
                        "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator"),
-            _component("aggregator", "fedfms.flare.aggregator.CheckedFedAvgAggregator",
-                       {"model_config": model, "expected_data_kind": "WEIGHTS"}),
+            _aggregator(s),
             _component("model_selector", "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
                        {"key_metric": KEY_METRIC, "weigh_by_local_iter": True}),
+            _monitor(s),
             _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
                        {"pt_persistor_id": "persistor"}),
             _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
@@ -139,18 +267,21 @@ def server_config(s: dict) -> dict:
             _component("scatter_and_gather", "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", {
                 "min_clients": "{min_clients}",
                 "num_rounds": "{num_rounds}",
-                "start_round": 0,
-                "wait_time_after_min_received": 10,
+                "start_round": s["start_round"],
+                # a round waits for every site up to the timeout (a slow site is averaged, not dropped); a dead
+                # site ends the wait earlier through FLARE's dead-client detection
+                "wait_time_after_min_received": timeouts["train"],
+                "train_timeout": timeouts["train"],
                 "aggregator_id": "aggregator",
                 "persistor_id": "persistor",
                 "shareable_generator_id": "shareable_generator",
                 "train_task_name": "train",
-                "train_timeout": 0,
-                # one failing or refused site must not stop the federation; the others carry on
+                # failed and rejected sites are recorded by the federation monitor, which applies min_sites
                 "ignore_result_error": True,
             }),
-            _component("cross_site_validate", "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
-                       {"model_locator_id": "model_locator", "submit_model_timeout": 600, "validation_timeout": 6000}),
+            _component("cross_site_validate", "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval", {
+                "model_locator_id": "model_locator", "submit_model_timeout": timeouts["submit"],
+                "validation_timeout": timeouts["validate"]}),
         ],
     }
 
@@ -179,12 +310,18 @@ def client_config(s: dict) -> dict:
     }
 
 
+RECIPE_KEY = "fedfms_recipe"  # meta.json: the variant and settings the job was rendered from
+
+
 def render_job(name: str, **overrides) -> dict[str, dict]:
-    """Relative path -> JSON content of every file of the job."""
+    """Relative path -> JSON content of every file of the job. ``meta.json`` keeps the recipe (variant and
+    overrides), so a job can be re-rendered for other sites or continued after a stop without editing JSON."""
     s = variant_settings(name, **overrides)
+    recipe = {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}}
     return {
-        "meta.json": {"name": name, "resource_spec": {}, "min_clients": s["min_clients"],
-                      "deploy_map": {"app": ["@ALL"]}},
+        "meta.json": {"name": name, "resource_spec": {}, "min_clients": min_sites(s) or 2,
+                      "deploy_map": {"app": ["server", *s["sites"]] if s["sites"] else ["@ALL"]},
+                      RECIPE_KEY: recipe},
         "app/config/config_fed_server.json": server_config(s),
         "app/config/config_fed_client.json": client_config(s),
     }
@@ -199,6 +336,68 @@ def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrid
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=2) + "\n")
     return out_dir
+
+
+def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:
+    """(variant, settings) a job folder was rendered from; None for a job written by hand."""
+    meta_path = Path(job_dir) / "meta.json"
+    try:
+        recipe = json.loads(meta_path.read_text()).get(RECIPE_KEY)
+    except FileNotFoundError:
+        raise ConfigError(f"{job_dir}: not a FLARE job folder (no meta.json)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not recipe:
+        return None
+    if not isinstance(recipe, dict) or recipe.get("variant") not in VARIANTS or not isinstance(recipe.get("settings"), dict):
+        raise ConfigError(f"{meta_path}: field {RECIPE_KEY!r} is {recipe!r}; expected {{'variant': one of "
+                          f"{sorted(VARIANTS)}, 'settings': {{...}}}}")
+    return recipe["variant"], dict(recipe["settings"])
+
+
+def rewrite_job(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False, **changes) -> Path:
+    """Write ``job_dir``'s recipe again with ``changes`` (e.g. the sites of this run) into ``out_dir``."""
+    recipe = job_recipe(job_dir)
+    if recipe is None:
+        raise ConfigError(f"{job_dir}/meta.json has no {RECIPE_KEY!r}: the job was not made by `fedfms job new`; "
+                          "make it with `fedfms job new` (or edit its JSON by hand)")
+    variant, settings = recipe
+    if "min_clients" in settings and "min_sites" in changes:
+        settings.pop("min_clients")
+    return write_job(variant, out_dir, overwrite=overwrite, **{**settings, **{k: v for k, v in changes.items() if v is not None}})
+
+
+def resume_settings(run: str | Path) -> dict:
+    """Settings that continue a stopped run from its last saved global model: ``start_round`` after the last
+    round whose model was saved, the saved global model as the persistor's source, the sites' accepted sample
+    counts pinned, and the previous best model and metric for the model selection. ``run``: the server's run
+    folder of the stopped job (or anything above it holding one ``fedfms_run.json``)."""
+    from fedfms.flare.monitor import RUN_RECORD, read_run_record
+
+    run = Path(run)
+    found = [run] if run.is_file() else sorted(run.rglob(RUN_RECORD), key=lambda p: (len(p.parts), str(p))) if run.is_dir() else []
+    if not found:
+        raise ConfigError(f"{run}: no {RUN_RECORD} found; expected the server's run folder of the job to continue")
+    record_path = found[0].resolve()
+    record = read_run_record(record_path)
+    if record is None:
+        raise ConfigError(f"{record_path}: not a readable run record")
+    persisted = record.get("persisted_round")
+    if persisted is None:
+        raise ConfigError(f"{record_path}: no round of that run saved a global model (persisted_round is null); "
+                          "start it again instead")
+    models = [p for p in record_path.parent.rglob("FL_global_model.pt") if not p.name.startswith("best")]
+    if not models:
+        raise ConfigError(f"{record_path.parent}: no FL_global_model.pt beside the run record")
+    best = next(iter(record_path.parent.rglob("best_FL_global_model.pt")), None)
+    pinned = {site: info["samples"] for site, info in (record.get("sites") or {}).items() if info.get("samples")}
+    return {
+        "start_round": int(persisted) + 1,
+        "site_samples": pinned or None,
+        "resume": {"record": str(record_path), "global_model": str(models[0].resolve()),
+                   "best_model": str(best.resolve()) if best else None,
+                   "best_metric": (record.get("best") or {}).get("metric")},
+    }
 
 
 def generate_all(jobs_root: str | Path) -> list[Path]:

@@ -1,13 +1,22 @@
-"""Run a job in FLARE's simulator with this project's site policy and data location."""
+"""Run a job in FLARE's simulator with this project's site policy and data location, and tell the truth
+about the outcome (from the run record the server's federation monitor writes)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from fedfms.flare.jobs import class_allow_list
+from fedfms.errors import ConfigError, DataError
+from fedfms.flare.jobs import class_allow_list, job_recipe, rewrite_job
+from fedfms.flare.monitor import COMPLETED, COMPLETED_WITH_GAPS, read_run_record, summarize
+
+# exit codes of `fedfms simulate` (and of `fedfms report` on a run record)
+EXIT_OK = 0  # every round averaged every expected site
+EXIT_FAILED = 1  # the run stopped before its last round, or FLARE failed
+EXIT_GAPS = 3  # every round ran, but some site missed some round (each named in the summary)
 
 
 def prepare_sim_workspace(workspace: str | Path) -> Path:
@@ -22,6 +31,14 @@ def prepare_sim_workspace(workspace: str | Path) -> Path:
     return Path(workspace)
 
 
+class BelowWarning:
+    """Log filter: the package's own console handler shows INFO only; warnings and errors reach the console
+    once, through FLARE's console handler."""
+
+    def filter(self, record) -> bool:
+        return record.levelno < 30
+
+
 def quiet_log_config(workspace: str | Path) -> Path:
     """FLARE's own logging with the console limited to warnings, errors and this package's progress lines;
     the full INFO logs still go to each participant's ``log.txt`` in the workspace."""
@@ -29,7 +46,9 @@ def quiet_log_config(workspace: str | Path) -> Path:
 
     config = copy.deepcopy(default_log_dict)
     config["handlers"]["consoleHandler"]["level"] = "WARNING"
-    config["handlers"]["fedfmsConsole"] = {**config["handlers"]["consoleHandler"], "level": "INFO"}
+    config.setdefault("filters", {})["fedfms_below_warning"] = {"()": BelowWarning}
+    config["handlers"]["fedfmsConsole"] = {**config["handlers"]["consoleHandler"], "level": "INFO",
+                                           "filters": ["fedfms_below_warning"]}
     config["loggers"]["fedfms"] = {"level": "INFO", "handlers": ["fedfmsConsole"], "propagate": True}
     # FedAvg here weighs by sample counts, not by per-site aggregation_weights: FLARE's notice about them is noise
     config["loggers"]["nvflare.app_common.aggregators.dxo_aggregator"] = {"level": "ERROR"}
@@ -38,22 +57,102 @@ def quiet_log_config(workspace: str | Path) -> Path:
     return path
 
 
+def largest_site(data_root: str | Path | None, clients: list[str]) -> int | None:
+    """The most samples any of the clients' prepared folders holds (for the job's timeouts), if readable."""
+    if data_root is None:
+        return None
+    from fedfms.data.site_dataset import read_manifest
+
+    counts = []
+    for client in clients:
+        try:
+            counts.append(len(read_manifest(Path(data_root) / client).samples))
+        except DataError:
+            continue  # the site itself will report why it cannot start
+    return max(counts) if counts else None
+
+
+def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str],
+                    data_root: str | Path | None = None) -> Path:
+    """The job as this run needs it: its recipe rendered again for exactly these sites (every one is expected in
+    every round; the timeouts follow the largest site's data). A hand-written job is used as it is."""
+    job_dir = Path(job_dir)
+    recipe = job_recipe(job_dir)
+    if recipe is None or not matches_recipe(job_dir, *recipe):
+        return job_dir  # written or edited by hand: its own min_clients and timeouts apply
+    _, settings = recipe
+    if settings.get("sites") and sorted(settings["sites"]) != sorted(clients):
+        raise ConfigError(f"{job_dir}: the job names sites {settings['sites']}, but the simulation runs {clients}; "
+                          "pass --clients with the job's sites")
+    changes = {"sites": list(clients)}
+    if not settings.get("samples_per_site") and not settings.get("site_samples"):
+        changes["samples_per_site"] = largest_site(data_root, clients)
+    # under local/: the simulator clears the rest of its workspace when it starts
+    return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, **changes)
+
+
+def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
+    """Whether the job folder is exactly what its recipe renders (not edited by hand since)."""
+    from fedfms.flare.jobs import render_job
+
+    try:
+        rendered = render_job(variant, **settings)
+    except ConfigError:
+        return False
+    on_disk = {p.relative_to(job_dir).as_posix() for p in job_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    if on_disk != set(rendered):
+        return False
+    try:
+        return all(json.loads((job_dir / rel).read_text()) == content for rel, content in rendered.items())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    summary: str
+    record: dict | None
+
+
+def simulation_outcome(workspace: str | Path, flare_rc: int) -> Outcome:
+    record = read_run_record(server_job_dir(workspace))
+    if record is None:
+        code = EXIT_FAILED if flare_rc != 0 else EXIT_OK
+        return Outcome(code, "" if code == EXIT_OK else f"FLARE's simulator exited with {flare_rc}", None)
+    status = record.get("status")
+    code = {COMPLETED: EXIT_OK, COMPLETED_WITH_GAPS: EXIT_GAPS}.get(status, EXIT_FAILED)
+    if flare_rc != 0 and code == EXIT_OK:
+        code = EXIT_FAILED
+    return Outcome(code, summarize(record), record)
+
+
 def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,
                    threads: int | None = None, quiet: bool = False) -> int:
     """Simulate ``job_dir`` with the named clients; ``data_root/<client>`` is each site's data unless the job
     or a site config says otherwise. ``quiet``: only warnings and per-round progress on the console.
-    Returns the simulator's exit code (0 = success)."""
+
+    Returns 0 when every round averaged every site, 3 when the run finished but some site missed some round,
+    1 when it stopped early or FLARE failed (:func:`simulate` also says why)."""
+    return simulate(job_dir, workspace, clients, data_root, threads, quiet).exit_code
+
+
+def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,
+             threads: int | None = None, quiet: bool = False) -> Outcome:
     from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
 
+    if not clients:
+        raise ConfigError("no clients to simulate; expected --clients A,B,...")
     prepare_sim_workspace(workspace)
+    job = job_for_clients(job_dir, workspace, clients, data_root)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     runner = SimulatorRunner(
-        job_folder=str(job_dir), workspace=str(workspace), clients=",".join(clients),
+        job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
         threads=threads or len(clients),
         log_config=str(quiet_log_config(workspace)) if quiet else None,
     )
-    return runner.run()
+    return simulation_outcome(workspace, runner.run())
 
 
 def server_job_dir(workspace: str | Path) -> Path:
