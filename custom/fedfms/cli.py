@@ -102,7 +102,7 @@ def _report_outcome(workspace: Path, outcome) -> int:
     else:
         verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
         lines = (outcome.summary or "").splitlines() or [""]
-        print(f"error: simulation {verdict}: {lines[0].removeprefix('federation: ')}", file=sys.stderr)
+        print(f"error: simulation {verdict} ({lines[0]})", file=sys.stderr)
         for line in lines[1:]:
             print(line, file=sys.stderr)
         print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
@@ -120,14 +120,20 @@ def _cmd_simulate(args) -> int:
 def _cmd_report(args) -> int:
     from fedfms.report import find_run_dir, format_table, plot_report, site_table
 
+    from fedfms.run_record import RUN_RECORD, exit_code, read_run_record, summarize
+
     run_dir = find_run_dir(args.run)
     rows = site_table(run_dir)
     print(format_table(rows))
+    record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
+    if record is not None:
+        print()
+        print(summarize(record))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"sites": rows, "federation": record}, indent=2))
     if args.png:
         print(f"figure: {plot_report(run_dir, args.png)}")
-    return 0
+    return exit_code(record)
 
 
 def _cmd_demo(args) -> int:
@@ -254,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show FLARE's full console log")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("report", help="per-site Dice/IoU table (and figure) of a finished run")
+    p = sub.add_parser("report", help="per-site Dice/IoU table (and figure) of a finished run; exit 0 only when "
+                                      "every round averaged every site (3: some site missed rounds, 1: the run stopped)")
     p.add_argument("run", help="simulator workspace, downloaded job result or server job folder")
     p.add_argument("--png", help="write the figure here")
     p.add_argument("--json", help="write the table here")

@@ -1,7 +1,8 @@
 """Per-site Dice/IoU tables and figures from a finished FLARE run (simulator, POC or production).
 
 Inputs are FLARE's own outputs: ``cross_site_val/cross_val_results.json`` (CrossSiteModelEval) and the
-TensorBoard events the server wrote from the sites' streamed metrics (``tb_events/<site>/``).
+TensorBoard events the server wrote from the sites' streamed metrics (``tb_events/<site>/``), plus the run
+record of the server's federation monitor (``fedfms_run.json``: which site contributed to which round).
 """
 
 from __future__ import annotations
@@ -11,25 +12,30 @@ import math
 from pathlib import Path
 
 from fedfms.errors import DataError
+from fedfms.run_record import RUN_RECORD, read_run_record
 
 GLOBAL_MODEL = "SRV_FL_global_model.pt"
 BEST_MODEL = "SRV_best_FL_global_model.pt"
 
 
 def find_run_dir(path: str | Path) -> Path:
-    """The folder holding ``cross_site_val/``: given itself, a simulator workspace, or a downloaded job
-    result (the shallowest match wins)."""
+    """The server's run folder (holding ``cross_site_val/`` or the run record): given itself, a simulator
+    workspace, or a downloaded job result (the shallowest match wins)."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a folder; expected a finished FLARE run (simulator workspace or downloaded result)")
-    found = sorted(path.rglob("cross_site_val/cross_val_results.json"), key=lambda p: (len(p.parts), str(p)))
+    found = [p.parent.parent for p in path.rglob("cross_site_val/cross_val_results.json")]
+    found += [p.parent for p in path.rglob(RUN_RECORD)]
     if not found:
-        raise DataError(f"{path}: no cross_site_val/cross_val_results.json found; expected a finished FLARE run folder")
-    return found[0].parent.parent
+        raise DataError(f"{path}: no cross_site_val/cross_val_results.json or {RUN_RECORD} found; "
+                        "expected a FLARE run folder")
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))[0]
 
 
 def read_cross_site(run_dir: Path) -> dict:
     path = run_dir / "cross_site_val" / "cross_val_results.json"
+    if not path.is_file():
+        return {}  # a run that stopped before cross-site evaluation
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -61,16 +67,20 @@ def _curve(curves: dict, site: str, suffix: str) -> list[tuple[int, float]]:
 
 
 def site_table(run_dir: str | Path) -> list[dict]:
-    """One row per site: Dice/IoU of the final and the best global model, and Dice at round 0."""
+    """One row per site: Dice/IoU of the final and the best global model, Dice at round 0, and the rounds the
+    site's update was averaged into ("2/2"; a site that never contributed is flagged)."""
     run_dir = find_run_dir(run_dir)
     cross = read_cross_site(run_dir)
     curves = read_curves(run_dir)
+    record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
+    contributions = (record or {}).get("sites", {})
+    finished = len([r for r in (record or {}).get("rounds", []) if r.get("seconds") is not None])
     rows = []
-    for site in sorted(cross):
-        final = cross[site].get(GLOBAL_MODEL, {})
-        best = cross[site].get(BEST_MODEL, {})
+    for site in sorted(set(cross) | set(contributions)):
+        final = cross.get(site, {}).get(GLOBAL_MODEL, {})
+        best = cross.get(site, {}).get(BEST_MODEL, {})
         start = _curve(curves, site, "val_dice")
-        rows.append({
+        row = {
             "site": site,
             "dice_round0": start[0][1] if start and start[0][0] == 0 else None,
             "dice": final.get("dice"),
@@ -79,9 +89,13 @@ def site_table(run_dir: str | Path) -> list[dict]:
             "best_dice": best.get("dice"),
             "best_iou": best.get("iou"),
             "num_samples": final.get("num_samples"),
-        })
+        }
+        if record is not None:
+            done = len(contributions.get(site, {}).get("contributed", []))
+            row["rounds"] = f"{done}/{finished}" + (" never contributed" if done == 0 else "")
+        rows.append(row)
     if rows:
-        rows.append({"site": "average", **{k: _mean([r[k] for r in rows]) for k in rows[0] if k != "site"}})
+        rows.append({"site": "average", **{k: _mean([r[k] for r in rows]) for k in rows[0] if k not in ("site", "rounds")}})
     return rows
 
 
@@ -93,6 +107,8 @@ def _mean(values):
 def format_table(rows: list[dict]) -> str:
     cols = [("site", "site"), ("dice_round0", "Dice r0"), ("dice", "Dice"), ("iou", "IoU"),
             ("volume_dice", "3D Dice"), ("best_dice", "best Dice"), ("best_iou", "best IoU"), ("num_samples", "n")]
+    if any("rounds" in r for r in rows):
+        cols.append(("rounds", "rounds averaged"))
     def cell(v):
         if v is None:
             return "-"

@@ -13,6 +13,7 @@ import torch
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.flare.jobs import render_job
+from fedfms.flare.monitor import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec
 from fedfms.models import ModelConfig, build_model, travel_bytes
@@ -28,11 +29,13 @@ def make_sites(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
-def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1, transfer: str = "float32") -> Path:
+def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1, transfer: str = "float32",
+              **settings) -> Path:
     """``apps``: app name -> {"sites": [...], "executor": class path, "args": extra executor args,
-    "filters": extra result filters, "travel_filter": bool}."""
+    "filters": extra result filters, "travel_filter": bool}; ``settings``: job settings (fedfms.flare.jobs)."""
     sites = [s for app in apps.values() for s in app["sites"]]
-    files = render_job(variant, num_rounds=num_rounds, min_clients=len(sites), transfer=transfer)
+    settings.setdefault("sites", sorted(sites))
+    files = render_job(variant, num_rounds=num_rounds, transfer=transfer, **settings)
     meta = files["meta.json"]
     meta["deploy_map"] = {"app_server": ["server"], **{name: app["sites"] for name, app in apps.items()}}
     (job_dir).mkdir(parents=True)
@@ -122,7 +125,7 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
+def test_bad_contributions_are_rejected_and_the_job_completes_with_gaps(tmp_path):
     sites = {"site-1": 3, "site-2": 3, "site-3": 3, "site-4": 3, "site-5": 3}
     other_encoder = {**render_job("fedmsa_tiny")["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"],
                      "init_seed": 1}
@@ -141,9 +144,10 @@ def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
                          "args": {"corruption": "encoder"}},
         # a well-behaved site whose frozen encoder is not the federation's (another checkpoint or seed)
         "app_other_encoder": {"sites": ["site-5"], "args": {"model_config": other_encoder}},
-    })
+    }, min_sites=1)
 
-    assert run_simulation(job, tmp_path / "ws", list(sites), data_root=data) == 0
+    # the job runs to its end with the one good site, but the run is not a plain success: 4 sites never contributed
+    assert run_simulation(job, tmp_path / "ws", list(sites), data_root=data) == 3
 
     good, _ = recorded(out, "site-1")
     global_model = load_global(tmp_path / "ws")
@@ -158,3 +162,11 @@ def test_bad_contributions_are_rejected_and_the_job_completes(tmp_path):
     assert "rejected contribution from site-5" in server_log and "frozen weights differ" in server_log
     site4_log = (tmp_path / "ws" / "site-4" / "log.txt").read_text()
     assert "refusing to send" in site4_log
+    # the run record names every site that never contributed, and why
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "completed_with_gaps"
+    missed = {site: info["missed"]["0"] for site, info in record["sites"].items() if info["missed"]}
+    assert set(missed) == {"site-2", "site-3", "site-4", "site-5"}
+    assert "NaN" in missed["site-2"] and "unexpected tensor" in missed["site-3"]
+    assert "travel-set filter refused" in missed["site-4"] and "frozen weights differ" in missed["site-5"]
+    assert record["sites"]["site-1"]["contributed"] == [0]

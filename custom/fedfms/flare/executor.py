@@ -145,7 +145,9 @@ class FedFMSExecutor(Executor):
         }
         self.log_info(fl_ctx, f"round {current_round}: loss {result.metrics['train']['loss']:.4f}, "
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
-        return DXO(DataKind.WEIGHTS, tensors_to_numpy(result.weights), meta=meta).to_shareable()
+        reply = DXO(DataKind.WEIGHTS, tensors_to_numpy(result.weights), meta=meta).to_shareable()
+        reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
+        return reply
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = self._incoming(shareable)

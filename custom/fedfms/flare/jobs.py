@@ -372,7 +372,7 @@ def resume_settings(run: str | Path) -> dict:
     round whose model was saved, the saved global model as the persistor's source, the sites' accepted sample
     counts pinned, and the previous best model and metric for the model selection. ``run``: the server's run
     folder of the stopped job (or anything above it holding one ``fedfms_run.json``)."""
-    from fedfms.flare.monitor import RUN_RECORD, read_run_record
+    from fedfms.run_record import RUN_RECORD, read_run_record
 
     run = Path(run)
     found = [run] if run.is_file() else sorted(run.rglob(RUN_RECORD), key=lambda p: (len(p.parts), str(p))) if run.is_dir() else []

@@ -35,15 +35,19 @@ from nvflare.widgets.widget import Widget
 
 from fedfms.flare.contribution_filter import FATAL_HEADER, REASON_HEADER
 from fedfms.flare.update_check import aggregate_problems
+from fedfms.run_record import (  # noqa: F401  (RUN_RECORD and read_run_record re-exported for the FLARE layer)
+    COMPLETED,
+    COMPLETED_WITH_GAPS,
+    FAILED,
+    RUN_RECORD,
+    RUNNING,
+    as_float,
+    read_run_record,
+    site_summary,
+    summarize,
+)
 
-RUN_RECORD = "fedfms_run.json"
 ON_MISSING_SITE = ("continue", "stop")
-
-# what a run record's "status" means; fedfms simulate / report map them to exit codes
-COMPLETED = "completed"  # every round, every expected site accepted
-COMPLETED_WITH_GAPS = "completed_with_gaps"  # every round done, but some site missed some round (named)
-FAILED = "failed"  # stopped before the last round (reason given)
-RUNNING = "running"
 
 
 def default_min_sites(num_sites: int) -> int:
@@ -109,7 +113,7 @@ class FederationMonitor(Widget):
                 self._round_done(fl_ctx)
             elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
                 self.record["best"] = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
-                                       "metric": _float(fl_ctx.get_prop(AppConstants.VALIDATION_RESULT))}
+                                       "metric": as_float(fl_ctx.get_prop(AppConstants.VALIDATION_RESULT))}
             elif event_type == EventType.FATAL_SYSTEM_ERROR:
                 if not self.record.get("reason"):
                     self.record["reason"] = str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal error"))
@@ -154,7 +158,9 @@ class FederationMonitor(Widget):
             self.system_panic(f"cannot resume: {previous}: {exc}", fl_ctx)
             return
         self.record["resumed_from"] = str(previous)
-        self.record["rounds"] = [r for r in old.get("rounds", []) if r.get("updated_model") is not None]
+        saved = old.get("persisted_round")
+        self.record["rounds"] = [r for r in old.get("rounds", [])
+                                 if r.get("seconds") is not None and saved is not None and r["round"] <= saved]
         self.record["best"] = old.get("best")
         best_metric = self.resume.get("best_metric")
         selector = fl_ctx.get_engine().get_component(self.model_selector_id)
@@ -224,7 +230,7 @@ class FederationMonitor(Widget):
             n, dice = None, None
         self._round["accepted"][site] = n
         if dice is not None:
-            self._round["val_dice"][site] = _float(dice)
+            self._round["val_dice"][site] = as_float(dice)
 
     def _before_aggregation(self, fl_ctx: FLContext) -> None:
         if self._round is None:
@@ -249,6 +255,9 @@ class FederationMonitor(Widget):
 
     def _after_aggregation(self, fl_ctx: FLContext) -> None:
         if self._round is None:
+            return
+        if self._round["status"] == "failed":  # stopped before aggregation: the workflow applies nothing
+            self._round["updated_model"] = False
             return
         shareable = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
         reference = self._previous_global or {}
@@ -319,72 +328,3 @@ class FederationMonitor(Widget):
         tmp.replace(self._path)
 
 
-def _float(x):
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def site_summary(record: dict) -> dict:
-    """site -> {"samples", "contributed": [rounds], "missed": {round: reason}} over the record's finished rounds."""
-    sites = {s: {"samples": None, "contributed": [], "missed": {}} for s in record.get("expected_sites", [])}
-    for r in record.get("rounds", []):
-        if r.get("status") == RUNNING and r.get("seconds") is None and not r.get("accepted") and not r.get("failed"):
-            continue
-        why = {**{s: "no result" for s in r.get("missing", [])}, **r.get("failed", {})}
-        for site in set(sites) | set(r.get("accepted", {})) | set(why):
-            entry = sites.setdefault(site, {"samples": None, "contributed": [], "missed": {}})
-            if site in r.get("accepted", {}):
-                entry["contributed"].append(r["round"])
-                entry["samples"] = r["accepted"][site]
-            else:
-                entry["missed"][str(r["round"])] = why.get(site, "not accepted")
-    return sites
-
-
-def summarize(record: dict) -> str:
-    """One line per finding: the run's status, then each site that missed rounds (which, and why)."""
-    status = record.get("status")
-    done = [r for r in record.get("rounds", []) if r.get("seconds") is not None]
-    lines = [f"federation: {status}; {len(done)} round(s) finished"
-             + (f"; reason: {record['reason']}" if record.get("reason") else "")]
-    for site, info in sorted(site_summary(record).items()):
-        missed = info["missed"]
-        if not missed:
-            continue
-        rounds = sorted(int(r) for r in missed)
-        never = not info["contributed"]
-        first_reason = missed[str(rounds[0])]
-        lines.append(f"  {site}: {'never contributed' if never else f'missed {len(rounds)} round(s)'} "
-                     f"(round{'s' if len(rounds) > 1 else ''} {_ranges(rounds)}): {first_reason}")
-    return "\n".join(lines)
-
-
-def _ranges(values: list[int]) -> str:
-    out, start, prev = [], None, None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = v
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out)
-
-
-def read_run_record(path: str | Path) -> dict | None:
-    """The run record in a run folder (or the file itself); None when the run wrote none."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.rglob(RUN_RECORD), key=lambda p: (len(p.parts), str(p)))
-        if not found:
-            return None
-        path = found[0]
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -11,12 +11,7 @@ from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
 from fedfms.flare.jobs import class_allow_list, job_recipe, rewrite_job
-from fedfms.flare.monitor import COMPLETED, COMPLETED_WITH_GAPS, read_run_record, summarize
-
-# exit codes of `fedfms simulate` (and of `fedfms report` on a run record)
-EXIT_OK = 0  # every round averaged every expected site
-EXIT_FAILED = 1  # the run stopped before its last round, or FLARE failed
-EXIT_GAPS = 3  # every round ran, but some site missed some round (each named in the summary)
+from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
 def prepare_sim_workspace(workspace: str | Path) -> Path:
@@ -46,7 +41,7 @@ def quiet_log_config(workspace: str | Path) -> Path:
 
     config = copy.deepcopy(default_log_dict)
     config["handlers"]["consoleHandler"]["level"] = "WARNING"
-    config.setdefault("filters", {})["fedfms_below_warning"] = {"()": BelowWarning}
+    config.setdefault("filters", {})["fedfms_below_warning"] = {"()": f"{__name__}.BelowWarning"}
     config["handlers"]["fedfmsConsole"] = {**config["handlers"]["consoleHandler"], "level": "INFO",
                                            "filters": ["fedfms_below_warning"]}
     config["loggers"]["fedfms"] = {"level": "INFO", "handlers": ["fedfmsConsole"], "propagate": True}
@@ -120,8 +115,7 @@ def simulation_outcome(workspace: str | Path, flare_rc: int) -> Outcome:
     if record is None:
         code = EXIT_FAILED if flare_rc != 0 else EXIT_OK
         return Outcome(code, "" if code == EXIT_OK else f"FLARE's simulator exited with {flare_rc}", None)
-    status = record.get("status")
-    code = {COMPLETED: EXIT_OK, COMPLETED_WITH_GAPS: EXIT_GAPS}.get(status, EXIT_FAILED)
+    code = exit_code(record)
     if flare_rc != 0 and code == EXIT_OK:
         code = EXIT_FAILED
     return Outcome(code, summarize(record), record)

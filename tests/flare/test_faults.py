@@ -1,0 +1,208 @@
+"""The federation under faults, in FLARE's simulator (tiny model, synthetic sites): slow sites are averaged,
+failing sites are named and bounded in time, poisoned updates never reach the global or the best model,
+robust aggregation bounds a scaled update, and a stopped run continues from its last saved model."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedfms.flare.jobs import resume_settings, render_job
+from fedfms.flare.monitor import read_run_record
+from fedfms.flare.simulate import run_simulation, server_job_dir
+from fedfms.flare.update_check import expected_travel_spec
+
+from test_simulator import load_global, make_sites, write_job
+
+pytestmark = pytest.mark.integration
+TINY_MSA = render_job("fedmsa_tiny")["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+
+
+def sent(out: Path, site: str, rnd: int) -> tuple[dict, dict]:
+    return dict(np.load(out / f"{site}_r{rnd}.npz")), json.loads((out / f"{site}_r{rnd}.json").read_text())
+
+
+def fedavg(results: list[tuple[dict, dict]]) -> dict:
+    n = [meta["num_samples"] for _, meta in results]
+    return {k: sum(w[k].astype(np.float64) * nk for (w, _), nk in zip(results, n)) / sum(n) for k in results[0][0]}
+
+
+def assert_close(actual: dict, expected: dict):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def recording(out: Path, sites: list[str], **extra) -> dict:
+    return {"sites": sites, "executor": "sim_support.RecordingExecutor", "args": {"out_dir": str(out)},
+            "filters": [{"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}], **extra}
+
+
+def test_a_slow_site_is_averaged_not_dropped(tmp_path):
+    # site-3 answers 12 s after the others: FLARE's former 10 s wait after min_clients dropped it from FedAvg
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 3, "site-3": 4})
+    out = tmp_path / "rec"
+    slow = recording(out, ["site-3"])
+    slow["filters"] = slow["filters"] + [{"path": "sim_support.SlowFilter", "args": {"seconds": 12}}]
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {"app_fast": recording(out, ["site-1", "site-2"]), "app_slow": slow})
+
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2", "site-3"], data_root=data) == 0
+
+    expected = fedavg([sent(out, s, 0) for s in ("site-1", "site-2", "site-3")])
+    assert_close(load_global(tmp_path / "ws"), expected)
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "completed" and set(record["rounds"][0]["accepted"]) == {"site-1", "site-2", "site-3"}
+    assert record["rounds"][0]["seconds"] >= 12
+
+
+def test_a_site_that_cannot_start_stops_the_job_quickly_with_its_reason(tmp_path):
+    data = make_sites(tmp_path / "data", {"site-1": 2})
+    (data / "site-2").mkdir()
+    (data / "site-2" / "manifest.json").write_text("{not json")
+    cmd = [sys.executable, "-m", "fedfms.cli", "simulate", str(Path(__file__).parents[2] / "jobs" / "fedmsa_tiny"),
+           "--workspace", str(tmp_path / "ws"), "--clients", "site-1,site-2", "--data-root", str(data), "--quiet"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "site-2" in errors[0] and "manifest.json" in errors[0] and "not valid JSON" in errors[0]
+    assert elapsed < 150, f"took {elapsed:.0f} s"
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "failed" and "site-2 cannot run this job" in record["reason"]
+
+
+def test_a_site_failing_every_round_is_named_and_the_run_is_not_a_plain_success(tmp_path):
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 3, "site-3": 2})
+    out = tmp_path / "rec"
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app_good": recording(out, ["site-1", "site-2"]),
+        "app_broken": {"sites": ["site-3"], "executor": "sim_support.FailingExecutor", "args": {"from_round": 0}},
+    }, num_rounds=2)  # min_sites defaults to a majority: 2 of 3
+
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2", "site-3"], data_root=data) == 3
+
+    assert_close(load_global(tmp_path / "ws"), fedavg([sent(out, s, 1) for s in ("site-1", "site-2")]))
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "completed_with_gaps"
+    assert record["sites"]["site-3"]["contributed"] == []
+    assert "simulated failure in round 0" in record["sites"]["site-3"]["missed"]["0"]
+    assert [r["status"] for r in record["rounds"]] == ["degraded", "degraded"]
+    # fedfms report says so too, with a non-zero exit
+    report = subprocess.run([sys.executable, "-m", "fedfms.cli", "report", str(tmp_path / "ws")], capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 3, report.stderr
+    assert "site-3" in report.stdout and "never contributed" in report.stdout
+
+
+def test_a_round_without_enough_sites_stops_the_run(tmp_path):
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 2})
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app": {"sites": ["site-1", "site-2"], "executor": "sim_support.FailingExecutor", "args": {"from_round": 1}},
+    }, num_rounds=5)
+    start = time.monotonic()
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 1
+    assert time.monotonic() - start < 120
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "failed" and "round 1: 0 accepted contribution(s), fewer than min_sites=2" in record["reason"]
+    assert record["persisted_round"] == 0 and len([r for r in record["rounds"] if r["seconds"] is not None]) == 1
+
+
+def test_poisoned_updates_never_reach_the_global_or_the_best_model(tmp_path):
+    sites = ["site-1", "site-2", "site-3", "site-4", "site-5", "site-6"]
+    data = make_sites(tmp_path / "data", {s: 2 for s in sites})
+    out = tmp_path / "rec"
+
+    def poisoner(site, kind):  # a result filter after the project's own: what a malicious site can send
+        return {"sites": [site], "filters": [{"path": "sim_support.PoisonFilter", "args": {"kind": kind}}]}
+
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app_good": recording(out, ["site-1", "site-2"]),
+        "app_scale_count": poisoner("site-3", "scale_count"),  # weights x1000, sample count 1e9
+        "app_huge_count": poisoner("site-4", "huge_count"),  # 1e18: overflows a float32 sum
+        "app_string": poisoner("site-5", "string_dtype"),  # right shape, string dtype
+        "app_nan_dice": poisoner("site-6", "nan_dice"),  # NaN weights while claiming Dice 1.0
+    }, num_rounds=2, min_sites=2)
+
+    assert run_simulation(job, tmp_path / "ws", sites, data_root=data) == 3
+
+    global_model = load_global(tmp_path / "ws")
+    assert set(global_model) == set(expected_travel_spec(TINY_MSA))  # nothing lost (head.bias included)
+    assert_close(global_model, fedavg([sent(out, s, 1) for s in ("site-1", "site-2")]))
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    reasons = {s: record["sites"][s]["missed"]["0"] for s in sites[2:]}
+    assert "max_samples" in reasons["site-3"] and "max_samples" in reasons["site-4"]
+    assert "dtype" in reasons["site-5"] and "NaN" in reasons["site-6"]
+    assert all(record["sites"][s]["contributed"] == [] for s in sites[2:])
+    # the best model was chosen from the accepted sites' metrics only: round 1's validation of the round-0 model
+    good = [sent(out, s, 1)[1] for s in ("site-1", "site-2")]
+    expected_metric = sum(m["initial_metrics"]["val_dice"] * m["num_samples"] for m in good) / sum(m["num_samples"] for m in good)
+    assert record["best"]["round"] == 1 and record["best"]["metric"] == pytest.approx(expected_metric)
+    assert record["best"]["metric"] < 1.0
+    best = torch.load(server_job_dir(tmp_path / "ws") / "app_server" / "best_FL_global_model.pt", weights_only=False)
+    assert_close({k: np.asarray(v) for k, v in best["model"].items()}, fedavg([sent(out, s, 0) for s in ("site-1", "site-2")]))
+
+
+def test_robust_median_bounds_a_scaled_update(tmp_path):
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 2, "site-3": 2})
+    out = tmp_path / "rec"
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app_good": recording(out, ["site-1", "site-2"]),
+        # honest sample count, weights x1000: passes every check; only the aggregation rule can bound it
+        "app_scaled": {"sites": ["site-3"], "filters": [{"path": "sim_support.PoisonFilter",
+                                                         "args": {"kind": "scale", "out_dir": str(out / "poison")}}]},
+    }, aggregation="median")
+
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2", "site-3"], data_root=data) == 0
+
+    updates = [sent(out, s, 0)[0] for s in ("site-1", "site-2")] + [dict(np.load(out / "poison" / "site-3_r0.npz"))]
+    expected = {k: np.median(np.stack([u[k].astype(np.float64) for u in updates]), axis=0) for k in updates[0]}
+    global_model = load_global(tmp_path / "ws")
+    assert_close(global_model, expected)
+    honest = [u for u in updates[:2]]
+    for key in expected:  # the median stays inside the honest sites' range, coordinate by coordinate
+        lo, hi = np.minimum(honest[0][key], honest[1][key]), np.maximum(honest[0][key], honest[1][key])
+        assert np.all(global_model[key] >= lo - 1e-6) and np.all(global_model[key] <= hi + 1e-6), key
+
+
+def test_a_stopped_run_continues_from_its_last_saved_model(tmp_path):
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 2})
+    out1, out2 = tmp_path / "rec1", tmp_path / "rec2"
+    # site-2 breaks in round 2 of 4; on_missing_site=stop ends the run there (as a server crash would)
+    job1 = write_job(tmp_path / "job1", "fedmsa_tiny", {
+        "app_1": recording(out1, ["site-1"]),
+        "app_2": recording(out1, ["site-2"], executor="sim_support.FailingExecutor",
+                           args={"from_round": 2, "out_dir": str(out1)}),
+    }, num_rounds=4, on_missing_site="stop")
+    assert run_simulation(job1, tmp_path / "ws1", ["site-1", "site-2"], data_root=data) == 1
+    run1 = server_job_dir(tmp_path / "ws1")
+    assert read_run_record(run1)["persisted_round"] == 1
+
+    resume = resume_settings(run1)
+    assert resume["start_round"] == 2 and resume["site_samples"] == {"site-1": sent(out1, "site-1", 0)[1]["num_samples"],
+                                                                      "site-2": sent(out1, "site-2", 0)[1]["num_samples"]}
+    job2 = write_job(tmp_path / "job2", "fedmsa_tiny", {"app": recording(out2, ["site-1", "site-2"])}, num_rounds=4,
+                     on_missing_site="stop", **resume)
+    assert run_simulation(job2, tmp_path / "ws2", ["site-1", "site-2"], data_root=data) == 0
+
+    # round 2 of the continued run starts from the model run 1 saved after round 1
+    saved = torch.load(run1 / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
+    from sim_support import weights_digest
+
+    assert json.loads((out2 / "site-1_in_r2.json").read_text()) == weights_digest({k: np.asarray(v) for k, v in saved.items()})
+    assert not (out2 / "site-1_in_r0.json").exists() and not (out2 / "site-1_in_r1.json").exists()
+    record = read_run_record(server_job_dir(tmp_path / "ws2"))
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2, 3] and record["status"] == "completed"
+    assert record["resumed_from"] == str((run1 / "fedfms_run.json").resolve())
+    assert_close(load_global(tmp_path / "ws2"), fedavg([sent(out2, s, 3) for s in ("site-1", "site-2")]))
+    # the learning curve goes on at round 2
+    from fedfms.report import read_curves
+
+    curves = read_curves(server_job_dir(tmp_path / "ws2"))["site-1"]
+    steps = [step for tag, points in curves.items() if tag.endswith("train_loss") for step, _ in points]
+    assert sorted(steps) == [2, 3]
