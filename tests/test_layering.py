@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 CORE = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
-        "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.report"]
+        "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.report", "fedfms.aggregation",
+        "fedfms.run_record"]
 
 
 def test_core_modules_do_not_import_nvflare():

@@ -6,6 +6,7 @@ Three learnable synthetic sites with different contrast; the tiny FedMSA model a
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import numpy as np
@@ -127,14 +128,28 @@ def test_results_gather_finished_folds_of_the_same_experiment(tmp_path):
     assert table[3].split()[-6:] == ["0.400", "0.200", "0.600", "0.300", "0.500", "0.250"]
 
 
-def test_a_job_folder_is_copied_with_rounds_and_clients_set(tmp_path):
-    job = write_job("fedmsa_tiny", tmp_path / "job")
+def test_a_job_folder_is_written_again_for_the_fold_with_rounds_and_sites_set(tmp_path):
+    job = write_job("fedmsa_tiny", tmp_path / "job", train={"lr": 5e-4})
     source = job_source(job)
-    out = source.write(tmp_path / "copy", rounds=7, min_clients=3)
+    out = source.write(tmp_path / "copy", rounds=7, sites=["a", "b", "c"])
+    server = json.loads((out / "app/config/config_fed_server.json").read_text())
+    assert (server["num_rounds"], server["min_clients"]) == (7, 2)  # a majority of 3 must contribute each round
+    monitor = next(c for c in server["components"] if c["id"] == "federation_monitor")
+    assert monitor["args"]["expected_sites"] == ["a", "b", "c"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app": ["server", "a", "b", "c"]}
+    client = json.loads((out / "app/config/config_fed_client.json").read_text())
+    assert client["executors"][0]["executor"]["args"]["train_config"]["lr"] == 5e-4  # the job's own settings kept
+    assert json.loads((job / "app/config/config_fed_server.json").read_text())["num_rounds"] == 2  # source untouched
+    # a job written by hand (no recipe) is copied and patched
+    hand = tmp_path / "hand"
+    shutil.copytree(job, hand)
+    meta = json.loads((hand / "meta.json").read_text())
+    meta.pop("fedfms_recipe")
+    (hand / "meta.json").write_text(json.dumps(meta))
+    out = job_source(hand).write(tmp_path / "copy2", rounds=7, sites=["a", "b", "c"])
     server = json.loads((out / "app/config/config_fed_server.json").read_text())
     assert (server["num_rounds"], server["min_clients"]) == (7, 3)
-    assert json.loads((out / "meta.json").read_text())["min_clients"] == 3
-    assert json.loads((job / "app/config/config_fed_server.json").read_text())["num_rounds"] == 2  # source untouched
     with pytest.raises(ConfigError, match="overrides apply to job variants"):
         job_source(job, train_overrides={"lr": 1.0})
 
@@ -223,7 +238,7 @@ def test_a_failed_simulation_marks_the_fold_and_overwrite_reruns_it(sites, tmp_p
     from fedfms.evaluation import protocol
 
     def broken(job, workspace, clients, data_root, log_path):
-        assert clients == ["b", "c"] and json.loads((job / "meta.json").read_text())["min_clients"] == 2
+        assert clients == ["b", "c"] and json.loads((job / "meta.json").read_text())["deploy_map"]["app"] == ["server", "b", "c"]
         log_path.write_text("starting\nRuntimeError: site b could not start\n")
         return 1
 

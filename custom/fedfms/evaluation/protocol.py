@@ -41,9 +41,10 @@ from fedfms.data.site_dataset import read_manifest
 from fedfms.errors import CheckpointError, ConfigError, DataError, FedFMSError
 from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
 from fedfms.evaluation.scoring import SUMMARY_KEYS, evaluate_sites, resolve_model_config
-from fedfms.flare.jobs import VARIANTS, job_model_config, variant_settings, write_job
+from fedfms.flare.jobs import VARIANTS, job_model_config, job_recipe, rewrite_job, variant_settings, write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig
+from fedfms.run_record import read_run_record, summarize
 from fedfms.training.trainer import TrainConfig
 
 RESULTS_JSON = "loso_results.json"
@@ -109,12 +110,15 @@ class JobSource:
             return {"model": s["model"], "train": s["train"], "num_rounds": s["num_rounds"]}
         return job_settings(self.job_dir)
 
-    def write(self, out_dir: Path, rounds: int, min_clients: int) -> Path:
+    def write(self, out_dir: Path, rounds: int, sites: Sequence[str]) -> Path:
+        """The fold's job: these training sites, all expected in every round, for ``rounds`` rounds."""
         if self.variant:
-            return write_job(self.variant, out_dir, num_rounds=rounds, min_clients=min_clients,
+            return write_job(self.variant, out_dir, num_rounds=rounds, sites=list(sites),
                              train=self.train_overrides or None, model=self.model_overrides or None)
+        if job_recipe(self.job_dir) is not None:  # made by `fedfms job new`: render it again for this fold
+            return rewrite_job(self.job_dir, out_dir, num_rounds=rounds, sites=list(sites))
         shutil.copytree(self.job_dir, out_dir, ignore=shutil.ignore_patterns("__pycache__"))
-        _patch_job(out_dir, rounds, min_clients)
+        _patch_job(out_dir, rounds, len(sites))
         return out_dir
 
 
@@ -145,7 +149,7 @@ def training_settings(variant_or_job: str | os.PathLike, train_overrides: Mappin
 
 
 def _patch_job(job_dir: Path, rounds: int, min_clients: int) -> None:
-    """Set the rounds and the number of clients to wait for in a copied job folder."""
+    """Set the rounds and the number of clients to wait for in a copy of a job written by hand."""
     meta_path = job_dir / "meta.json"
     meta = _read_json(meta_path)
     meta["min_clients"] = min_clients
@@ -387,13 +391,16 @@ def run_fold(source: JobSource, data_root: Path, sites: list[str], holdout: str,
 def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: list[str], fold: Path, rounds: int,
                centralized: bool, record: dict, batch_size: int, device: str, say) -> None:
     start = time.perf_counter()
-    job = source.write(fold / "job", rounds, len(train_sites))
+    job = source.write(fold / "job", rounds, train_sites)
     settings = job_settings(job)
     test_dir = data_root / holdout
     log_path = fold / "simulator.log"
     rc = simulate(job, fold / "simulator", train_sites, data_root, log_path)
     app = server_job_dir(fold / "simulator") / "app_server"
     problem = f"exit code {rc}" if rc != 0 else None
+    run_record = read_run_record(server_job_dir(fold / "simulator"))
+    if problem and run_record is not None:  # the federation's own account: which site missed which round, why
+        problem += f": {' / '.join(line.strip() for line in summarize(run_record).splitlines())}"
     if problem is None and not (app / GLOBAL_MODEL).is_file():
         problem = f"no {GLOBAL_MODEL} was written"
     if problem:
