@@ -21,6 +21,14 @@ def test_report_matches_what_training_and_the_server_will_see(disc_site):
     same = build_model(ModelConfig(variant="tiny", mode="fedmsa", pretrained=False, init_seed=0))
     assert report["model"]["frozen_fingerprint"] == frozen_fingerprint(same, "fedmsa")
     assert "ready" in format_report(report)
+    # the FedAvg weight the site will report, which the coordinator can pin in the job
+    from fedfms.flare.jobs import job_model_config, job_train_config
+    from fedfms.training.trainer import LocalTrainer, TrainConfig
+
+    trainer = LocalTrainer(ModelConfig.from_dict(job_model_config(JOBS / "fedmsa_tiny")),
+                           TrainConfig.from_dict(job_train_config(JOBS / "fedmsa_tiny")), disc_site)
+    assert trainer.num_train_samples == report["data"]["train_samples"] == 32
+    assert "--site-samples site-1=32" in format_report(report)
 
 
 def test_a_broken_file_or_a_class_mismatch_is_named(disc_site, tmp_path):

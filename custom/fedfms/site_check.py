@@ -63,5 +63,7 @@ def format_report(report: dict) -> str:
         f"  model    {m['variant']} {m['mode']} ({'checkpoint ' + str(m['checkpoint']) if m['pretrained'] else 'random init'}), "
         f"{m['trainable']:,} trainable, {m['upload_mb_fp32']} MB per upload",
         f"  frozen weights fingerprint {m['frozen_fingerprint'][:16]} (must match every other site's and the server's)",
+        f"  FedAvg weight {d['train_samples']} (this site's training samples; the coordinator pins it with "
+        f"`fedfms job new ... --site-samples {report['site']}={d['train_samples']}`)",
         f"  device   {report['device']}",
     ])
