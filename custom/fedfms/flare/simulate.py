@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
-from fedfms.flare.jobs import class_allow_list, job_recipe, rewrite_job
+from fedfms.flare.jobs import class_allow_list, job_recipe, rewrite_job, round_timeouts, variant_settings
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
@@ -68,9 +69,10 @@ def largest_site(data_root: str | Path | None, clients: list[str]) -> int | None
 
 
 def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str],
-                    data_root: str | Path | None = None) -> Path:
+                    data_root: str | Path | None = None, threads: int | None = None) -> Path:
     """The job as this run needs it: its recipe rendered again for exactly these sites (every one is expected in
-    every round; the timeouts follow the largest site's data). A hand-written job is used as it is."""
+    every round; the timeouts follow the largest site's data, and grow when ``threads`` < sites because the
+    simulator then trains the sites of a round in turn). A hand-written job is used as it is."""
     job_dir = Path(job_dir)
     recipe = job_recipe(job_dir)
     if recipe is None or not matches_recipe(job_dir, *recipe):
@@ -82,6 +84,11 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
     changes = {"sites": list(clients)}
     if not settings.get("samples_per_site") and not settings.get("site_samples"):
         changes["samples_per_site"] = largest_site(data_root, clients)
+    turns = math.ceil(len(clients) / threads) if threads else 1
+    if turns > 1 and not settings.get("round_timeout"):
+        variant, _ = recipe
+        per_site = round_timeouts(variant_settings(variant, **{**settings, **changes}))["train"]
+        changes["round_timeout"] = per_site * turns
     # under local/: the simulator clears the rest of its workspace when it starts
     return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, **changes)
 
@@ -138,7 +145,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     if not clients:
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
     prepare_sim_workspace(workspace)
-    job = job_for_clients(job_dir, workspace, clients, data_root)
+    job = job_for_clients(job_dir, workspace, clients, data_root, threads)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     runner = SimulatorRunner(
