@@ -34,6 +34,11 @@ def png(path, array, mode=None):
     return path
 
 
+def tissue(h=16, w=16, base=40):
+    """A textured 8-bit RGB tile (constant images are refused as carrying no information)."""
+    return (np.arange(h * w * 3).reshape(h, w, 3) % 97 + base).astype(np.uint8)
+
+
 def read_png(path):
     with Image.open(path) as im:
         return np.asarray(im)
@@ -324,7 +329,7 @@ def test_fets_clients_from_partition_csv_and_label_4_target(fets_raw, tmp_path):
     assert [p.name for p in written] == ["client1", "client6"]
     assert not (out / "client2").exists()
     m1 = read_manifest(out / "client1")
-    assert sorted(set(m1.volumes)) == ["FeTS2022_00000", "FeTS2022_00001"]
+    assert sorted(set(m1.volumes)) == ["client1_FeTS2022_00000", "client1_FeTS2022_00001"]  # <site>_<subject>
     assert m1.counts["samples"] == 12  # all 6 slices of both volumes by default
     assert m1.counts["positive_samples"] == 3  # label 4 on slices 2,3 and on slice 4
     assert m1.settings["partition_id"] == 1 and m1.settings["modality"] == "t1ce"
@@ -332,7 +337,7 @@ def test_fets_clients_from_partition_csv_and_label_4_target(fets_raw, tmp_path):
     assert masks_of(out / "client1", "FeTS2022_00000_0000").sum() == 0  # label 1 (necrosis) -> 0
     assert masks_of(out / "client1", "FeTS2022_00000_0001").sum() == 0  # label 2 (oedema) -> 0
     assert (masks_of(out / "client1", "FeTS2022_00000_0002")[0] == (seg[:, :, 2] == 4)).all()
-    assert read_manifest(out / "client6").volumes == ["FeTS2022_00100"] * 6
+    assert read_manifest(out / "client6").volumes == ["client6_FeTS2022_00100"] * 6
 
 
 def test_fets_empty_slices_and_2p5d(fets_raw, tmp_path):
@@ -340,7 +345,7 @@ def test_fets_empty_slices_and_2p5d(fets_raw, tmp_path):
     out = tmp_path / "out"
     prepare("fets", raw, out, clients=[1], empty_slices_keep=0, **EXACT)
     m = read_manifest(out / "client1")
-    assert [(s.volume, s.slice) for s in m.samples] == [("FeTS2022_00000", 2), ("FeTS2022_00000", 3), ("FeTS2022_00001", 4)]
+    assert [(s.id, s.slice) for s in m.samples] == [("FeTS2022_00000_0002", 2), ("FeTS2022_00000_0003", 3), ("FeTS2022_00001_0004", 4)]
 
     out2 = tmp_path / "out2"
     prepare("fets", raw, out2, clients=[1], empty_slices_keep="1", two_and_half_d=True, **EXACT)
@@ -362,7 +367,7 @@ def test_fets_partitioning_2_and_raw_pointing_at_training_folder(fets_raw, tmp_p
     raw, _ = fets_raw
     out = tmp_path / "out"
     prepare("fets", raw / fets.TRAINING_DIR, out, clients="7", partition_csv="partitioning_2.csv", **SMALL)
-    assert read_manifest(out / "client7").volumes[0] == "FeTS2022_00200"
+    assert read_manifest(out / "client7").volumes[0] == "client7_FeTS2022_00200"
 
 
 def test_fets_missing_client_in_csv(fets_raw, tmp_path):
@@ -457,7 +462,7 @@ def test_fundus_exact_mapping_index_coding_and_patients_csv(tmp_path):
     (site / "patients.csv").write_text("image,patient\nimage_0.jpg,P1\nimage_1.jpg,P1\nimage_2.jpg,P2\n")
     prepare("fundus", raw, out, sites=["G1020"], mask_coding="index", **EXACT)
     m = read_manifest(out / "G1020")
-    assert [(s.id, s.volume) for s in m.samples] == [("image_0", "P1"), ("image_1", "P1"), ("image_2", "P2")]
+    assert [(s.id, s.volume) for s in m.samples] == [("image_0", "G1020_P1"), ("image_1", "G1020_P1"), ("image_2", "G1020_P2")]
     disc, cup = masks_of(out / "G1020", "image_0", 2)
     assert (disc == (mask > 0)).all() and (cup == (mask == 2)).all()
     train, val = patient_split(m.volumes, val_fraction=0.5)
@@ -621,13 +626,14 @@ def test_monuseg_native_xml_layout_and_tcga_patients(tmp_path):
     base = raw / "MoNuSeg" / "MoNuSeg 2018 Training Data"
     names = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX2", "TCGA-18-5592-01Z-00-DX1"]
     for name in names:
-        png(base / "Tissue Images" / f"{name}.tif", np.full((16, 16, 3), 200, np.uint8))
+        png(base / "Tissue Images" / f"{name}.tif", tissue(base=150))
         monuseg_xml(base / "Annotations" / f"{name}.xml", [[(2, 2), (7, 2), (7, 7), (2, 7)], [(10, 10), (11, 10)]])
     prepare("nuclei", raw, out, sites=["MoNuSeg"], **EXACT)
     m = read_manifest(out / "MoNuSeg")
     assert {s.id: s.volume for s in m.samples} == {
-        names[0]: "TCGA-A7-A13E", names[1]: "TCGA-A7-A13E", names[2]: "TCGA-18-5592"
+        names[0]: "MoNuSeg_TCGA-A7-A13E", names[1]: "MoNuSeg_TCGA-A7-A13E", names[2]: "MoNuSeg_TCGA-18-5592"
     }
+    assert m.settings["source"]["patient_ids"] == {"TCGA barcode": 3}
     mask = masks_of(out / "MoNuSeg", names[0])[0]
     assert mask[4, 4] == 1 and mask[0, 0] == 0 and mask[10, 10] == 0  # 2-vertex region ignored
     assert 25 <= mask.sum() <= 36
@@ -639,21 +645,21 @@ def test_tnbc_native_layout(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     for slide, n in (("01", 2), ("02", 1)):
         for j in range(1, n + 1):
-            png(raw / "TNBC" / f"Slide_{slide}" / f"{slide}_{j}.png", np.full((16, 16, 3), 90, np.uint8))
+            png(raw / "TNBC" / f"Slide_{slide}" / f"{slide}_{j}.png", tissue(base=90))
             gt = np.zeros((16, 16), np.uint8)
             gt[3:6, 3:6] = 255
             png(raw / "TNBC" / f"GT_{slide}" / f"{slide}_{j}.png", gt)
     prepare("nuclei", raw, out, sites=["TNBC"], **EXACT)
     m = read_manifest(out / "TNBC")
-    assert [(s.id, s.volume) for s in m.samples] == [("01_1", "01"), ("01_2", "01"), ("02_1", "02")]
+    assert [(s.id, s.volume) for s in m.samples] == [("01_1", "TNBC_01"), ("01_2", "TNBC_01"), ("02_1", "TNBC_02")]
     assert masks_of(out / "TNBC", "01_1")[0].sum() == 9
 
 
 def test_monusac_normalised_layout_instances_npy_and_16bit(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     site = raw / "MoNuSAC"
-    png(site / "images" / "TCGA-55-1594-01Z-00-DX1_1.png", np.full((16, 16, 3), 50, np.uint8))
-    png(site / "images" / "TCGA-55-1594-01Z-00-DX1_2.png", np.full((16, 16, 3), 60, np.uint8))
+    png(site / "images" / "TCGA-55-1594-01Z-00-DX1_1.png", tissue(base=50))
+    png(site / "images" / "TCGA-55-1594-01Z-00-DX1_2.png", tissue(base=60))
     inst = np.zeros((16, 16), np.int32)
     inst[1:4, 1:4] = 1
     inst[8:10, 8:12] = 300  # instance ids beyond 255
@@ -662,7 +668,7 @@ def test_monusac_normalised_layout_instances_npy_and_16bit(tmp_path):
     png(site / "masks" / "TCGA-55-1594-01Z-00-DX1_2.png", inst.astype(np.uint16))
     prepare("nuclei", raw, out, sites=["MoNuSAC"], **EXACT)
     m = read_manifest(out / "MoNuSAC")
-    assert set(m.volumes) == {"TCGA-55-1594"}
+    assert set(m.volumes) == {"MoNuSAC_TCGA-55-1594"}
     for s in m.samples:
         assert (masks_of(out / "MoNuSAC", s.id)[0] == (inst > 0)).all()
 
@@ -670,7 +676,7 @@ def test_monusac_normalised_layout_instances_npy_and_16bit(tmp_path):
 def test_nuclei_bad_masks_and_wrong_layout(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     site = raw / "MoNuSAC"
-    png(site / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    png(site / "images" / "a.png", tissue())
     (site / "masks").mkdir()
     np.save(site / "masks" / "a.npy", -np.ones((16, 16), np.int32))
     with pytest.raises(DataError, match=r"a\.npy: unexpected label values \[-1\]"):

@@ -51,7 +51,8 @@ def test_round_trip_values_and_multiclass_bits(tmp_path):
     written = write_site(tmp_path / "site")
     ds = SiteDataset(tmp_path / "site")
     assert len(ds) == 6 and ds.num_classes == 2
-    assert ds.volumes == ["case0", "case0", "case1", "case1", "case2", "case2"]
+    # volume ids carry the site (unique across sites by construction); file names keep the caller's ids
+    assert ds.volumes == ["s1_case0", "s1_case0", "s1_case1", "s1_case1", "s1_case2", "s1_case2"]
     for i, (image, mask) in enumerate(written):
         item = ds[i]
         assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (2, 32, 32)
@@ -59,7 +60,7 @@ def test_round_trip_values_and_multiclass_bits(tmp_path):
         for c in range(3):
             np.testing.assert_allclose(item["image"][c].numpy(), image, atol=0.5 / 255 + 1e-6)
         assert torch.equal(item["mask"], torch.from_numpy(mask.astype(np.float32)))
-        assert item["volume"] == f"case{i // 2}" and item["id"] == f"case{i // 2}_{i % 2:04d}"
+        assert item["volume"] == f"s1_case{i // 2}" and item["id"] == f"case{i // 2}_{i % 2:04d}"
     # the PNG stores bit 0 for disc and bit 1 for cup: a cup pixel is in both -> 3
     packed = np.asarray(Image.open(tmp_path / "site" / "masks" / "case0_0000.png"))
     assert packed[16, 16] == 3 and packed[9, 9] == 1 and packed[0, 0] == 0
@@ -97,7 +98,7 @@ def test_resize_on_read(tmp_path):
 
 def test_writer_resizes_to_the_site_sizes(tmp_path):
     with SiteWriter(tmp_path / "site", "s", "t", ["fg"], image_size=16, mask_size=8) as w:
-        w.add(np.zeros((40, 40), np.float32), np.ones((40, 40), np.uint8), "v")
+        w.add(np.linspace(0, 1, 1600, dtype=np.float32).reshape(40, 40), np.ones((40, 40), np.uint8), "v")
     item = SiteDataset(tmp_path / "site")[0]
     assert item["image"].shape == (3, 16, 16) and item["mask"].shape == (1, 8, 8)
 
@@ -241,7 +242,7 @@ def test_failure_inside_with_leaves_nothing(tmp_path):
     out = tmp_path / "site"
     with pytest.raises(RuntimeError, match="boom"):
         with SiteWriter(out, "s", "t", ["fg"], image_size=16, mask_size=16) as w:
-            w.add(np.zeros((16, 16), np.float32), np.zeros((16, 16), np.uint8), "v")
+            w.add(np.eye(16, dtype=np.float32), np.zeros((16, 16), np.uint8), "v")
             assert (tmp_path / "site.partial").is_dir()  # work in progress lives beside the output
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []

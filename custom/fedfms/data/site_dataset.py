@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -299,7 +300,15 @@ class SiteWriter:
     """Writes a site folder atomically: samples go to ``<out>.partial`` and the folder is renamed into
     place only after the manifest is written, so a crash never leaves something that looks complete.
 
-    An existing output is never replaced unless ``overwrite=True``."""
+    An existing output is never replaced unless ``overwrite=True``; when anything fails (bad input, a full disk,
+    an unwritable folder) the ``.partial`` folder and any parent folder this writer created are removed again.
+
+    Volume ids are stored as ``<site>_<volume>`` (unless they already start with it), so two sites never share
+    one and pooled sites keep their patients apart; sample ids (file names) are not changed.
+
+    ``intensity``: how images become [0, 1] (:mod:`fedfms.data.intensity`): ``"unit"`` (default) takes uint8 / 255
+    and floats already in [0, 1] and refuses anything else (uint16, floats outside [0, 1]) with the range it saw;
+    ``"window"`` maps every image's own 1st..99th percentile to [0, 1]."""
 
     def __init__(
         self,
@@ -311,64 +320,119 @@ class SiteWriter:
         mask_size: int = DEFAULT_MASK_SIZE,
         settings: dict | None = None,
         overwrite: bool = False,
+        intensity: str = "unit",
     ):
+        from fedfms.data.intensity import UNIT_RULES
+
         if not 1 <= len(classes) <= MAX_CLASSES:
             raise DataError(f"classes is {list(classes)}; expected 1 to {MAX_CLASSES} names")
+        if intensity not in UNIT_RULES:
+            raise DataError(f"intensity is {intensity!r}; expected one of {', '.join(UNIT_RULES)}")
+        if not str(site) or any(c in str(site) for c in "/\\"):
+            raise DataError(f"site is {site!r}; expected a non-empty name without path separators")
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise DataError(f"{self.out_dir}: a file is where the site folder goes; expected a folder path (the file is left alone)")
         if self.out_dir.exists() and not overwrite:
-            raise DataError(f"{self.out_dir}: output already exists; pass --overwrite to replace it")
+            raise DataError(f"{self.out_dir}: output already exists; expected a new folder (or overwrite=True to replace it)")
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
-        self.site, self.dataset, self.classes = site, dataset, list(classes)
+        self.site, self.dataset, self.classes = str(site), dataset, list(classes)
         self.image_size, self.mask_size = int(image_size), int(mask_size)
         self.settings = dict(settings or {})
+        if intensity != "unit":
+            self.settings.setdefault("writer_intensity", intensity)
+        self.intensity = intensity
         self.overwrite = overwrite
         self.samples: list[SampleRecord] = []
         self._positive = 0
         self._open = False
+        self._created: list[Path] = []  # parent folders this writer made, deepest first
+        self._contrast: dict[str, bool] = {}  # volume -> any slice with contrast
 
     def __enter__(self) -> "SiteWriter":
-        if self.partial.exists():
-            shutil.rmtree(self.partial)  # left by an interrupted earlier run; never a finished output
-        (self.partial / "images").mkdir(parents=True)
-        (self.partial / "masks").mkdir(parents=True)
+        parent = self.out_dir.parent
+        missing = []
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        try:
+            if self.partial.exists():
+                # left by an interrupted earlier run; never a finished output
+                shutil.rmtree(self.partial) if self.partial.is_dir() else self.partial.unlink()
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._created.insert(0, folder)
+            (self.partial / "images").mkdir(parents=True)
+            (self.partial / "masks").mkdir(parents=True)
+        except OSError as exc:
+            self._clean_up()
+            where = exc.filename or self.out_dir.parent
+            raise DataError(f"{where}: cannot create the site folder there ({exc.strerror or exc}); expected a writable folder") from None
         self._open = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._open = False
         if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            self._clean_up()
             return
         try:
             self._finish()
         except BaseException:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            self._clean_up()
             raise
 
+    def _clean_up(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        for folder in self._created:  # only empty ones: rmdir never removes anything that holds a file
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
     def add(self, image, mask, volume: str, slice_index: int | None = None, sample_id: str | None = None) -> str:
-        """Add one 2D sample. ``image``: (H,W), (H,W,3) or (3,H,W) array, float in [0,1] or uint8;
-        ``mask``: (C,H,W) or, for one class, (H,W) array of {0,1}. Resized to the site's sizes."""
+        """Add one 2D sample. ``image``: (H,W), (H,W,3) or (3,H,W) array, uint8 or float in [0,1] (see the
+        class's ``intensity``); ``mask``: (C,H,W) or, for one class, (H,W) array of {0,1}. Resized to the site's
+        sizes. A constant image is refused for a 2D sample (``slice_index`` None); a volume's slices may be
+        constant (background above a body), but a volume whose every slice is constant draws a warning."""
+        from fedfms.data import intensity
+
         if not self._open:
             raise RuntimeError("SiteWriter.add() outside of a 'with' block")
-        image_t = _image_to_chw(np.asarray(image))
+        sample_id = sample_id or (f"{volume}_{slice_index:04d}" if slice_index is not None else str(volume))
+        sample_id = str(sample_id).replace("/", "_").replace(os.sep, "_")
+        where = f"sample {sample_id!r}"
         mask_np = np.asarray(mask)
+        image_np = np.asarray(image)
+        image_np = _image_to_chw(image_np, where)
         if mask_np.ndim == 2:
             mask_np = mask_np[None]
-        if mask_np.shape[0] != len(self.classes):
-            raise DataError(f"{volume}: mask has {mask_np.shape[0]} channel(s); expected {len(self.classes)} for classes {self.classes}")
-        if mask_np.shape[1:] != tuple(image_t.shape[1:]):
-            raise DataError(f"{volume}: mask shape {mask_np.shape[1:]} differs from image shape {tuple(image_t.shape[1:])}")
+        if mask_np.ndim != 3 or mask_np.shape[0] != len(self.classes):
+            raise DataError(f"{where}: mask has {mask_np.shape[0] if mask_np.ndim == 3 else mask_np.shape} channel(s); "
+                            f"expected {len(self.classes)} for classes {self.classes}")
+        if mask_np.shape[1:] != image_np.shape[1:]:
+            raise DataError(f"{where}: mask shape {mask_np.shape[1:]} differs from image shape {image_np.shape[1:]}")
         if not np.isin(mask_np, (0, 1)).all():
-            raise DataError(f"{volume}: mask values {np.unique(mask_np)[:8].tolist()} are not binary; expected 0/1 per class")
-        image_t = resize_image(image_t, self.image_size).clamp(0, 1)
+            values = np.unique(mask_np)
+            hint = " (a 0/255 mask: divide it by 255)" if set(values.tolist()) <= {0, 255} else ""
+            raise DataError(f"{where}: mask values {values[:8].tolist()} are not binary; expected 0/1 per class{hint}")
+        unit = intensity.to_unit_range(image_np, self.intensity, where)
+        constant = intensity.constant_value(unit) is not None
+        if constant and slice_index is None:
+            intensity.check_content(unit, where, "image", allow_label_like=True)  # raises: a 2D image must show something
+        volume_id = str(volume) if str(volume).startswith(f"{self.site}_") else f"{self.site}_{volume}"
+        self._contrast[volume_id] = self._contrast.get(volume_id, False) or not constant
+        image_t = resize_image(torch.from_numpy(unit), self.image_size).clamp(0, 1)
         mask_t = resize_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size)
-        sample_id = sample_id or (f"{volume}_{slice_index:04d}" if slice_index is not None else volume)
-        sample_id = sample_id.replace("/", "_").replace(os.sep, "_")
-        rec = SampleRecord(sample_id, str(volume), f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index)
+        rec = SampleRecord(sample_id, volume_id, f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index)
         if (self.partial / rec.image).exists():
-            raise DataError(f"{volume}: sample id {sample_id!r} is written twice; expected unique ids")
-        Image.fromarray((image_t.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8), "RGB").save(self.partial / rec.image)
-        Image.fromarray(pack_mask(mask_t.numpy()), "L").save(self.partial / rec.mask)
+            raise DataError(f"{where} (volume {volume!r}): sample id {sample_id!r} is written twice; expected unique ids")
+        try:
+            Image.fromarray((image_t.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8), "RGB").save(self.partial / rec.image)
+            Image.fromarray(pack_mask(mask_t.numpy()), "L").save(self.partial / rec.mask)
+        except OSError as exc:
+            raise DataError(f"{exc.filename or self.partial / rec.image}: could not write ({exc.strerror or exc}); "
+                            f"nothing of site '{self.site}' was kept") from None
         self.samples.append(rec)
         self._positive += int(mask_t.sum() > 0)
         return sample_id
@@ -376,6 +440,10 @@ class SiteWriter:
     def _finish(self) -> None:
         if not self.samples:
             raise DataError(f"{self.out_dir}: site '{self.site}' has no usable cases; nothing was written")
+        flat = [v for v, contrast in self._contrast.items() if not contrast]
+        if flat:
+            print(f"warning: {self.out_dir}: every slice of volume(s) {', '.join(flat[:3])}{' ...' if len(flat) > 3 else ''} "
+                  f"is constant; those samples carry no image information", file=sys.stderr, flush=True)
         volumes = {s.volume for s in self.samples}
         manifest = SiteManifest(
             site=self.site,
@@ -392,33 +460,41 @@ class SiteWriter:
                 "positive_fraction": round(self._positive / len(self.samples), 4),
             },
         )
-        (self.partial / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
+        try:
+            (self.partial / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
+        except OSError as exc:
+            raise DataError(f"{self.partial / MANIFEST}: could not write ({exc.strerror or exc}); nothing of site '{self.site}' was kept") from None
         if self.out_dir.exists():
             trash = self.out_dir.with_name(self.out_dir.name + ".replaced")
             shutil.rmtree(trash, ignore_errors=True)
             self.out_dir.rename(trash)
-            self.partial.rename(self.out_dir)
-            shutil.rmtree(trash)
+            try:
+                self.partial.rename(self.out_dir)
+            except OSError as exc:
+                trash.rename(self.out_dir)  # the previous output goes back where it was
+                raise DataError(f"{self.out_dir}: could not replace it ({exc.strerror or exc}); the previous output is unchanged") from None
+            shutil.rmtree(trash, ignore_errors=True)
         else:
-            self.partial.rename(self.out_dir)
+            try:
+                self.partial.rename(self.out_dir)
+            except OSError as exc:
+                raise DataError(f"{self.out_dir}: could not move the finished site into place ({exc.strerror or exc}); nothing was kept") from None
         self.manifest = manifest
 
 
-def _image_to_chw(image: np.ndarray) -> torch.Tensor:
+def _image_to_chw(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """(H,W), (H,W,C) or (C,H,W) -> (3,H,W) in the input's own dtype (scaling happens afterwards)."""
     if image.ndim == 2:
         image = np.repeat(image[None], 3, axis=0)
     elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
         image = np.moveaxis(image[..., :3], -1, 0)
     if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise DataError(f"image shape {image.shape}; expected (H,W), (H,W,3) or (3,H,W)")
+        raise DataError(f"{where}: image shape {image.shape}; expected (H,W), (H,W,3) or (3,H,W)")
     if image.shape[0] == 1:
         image = np.repeat(image, 3, axis=0)
-    if image.dtype == np.uint8:
-        return torch.from_numpy(image.astype(np.float32) / 255.0)
-    image = image.astype(np.float32)
-    if not np.isfinite(image).all():
-        raise DataError("image has NaN/inf values; expected finite intensities in [0,1]")
-    return torch.from_numpy(image)
+    if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise DataError(f"{where}: image dtype is {image.dtype}; expected uint8, or float in [0, 1]")
+    return np.ascontiguousarray(image)
 
 
 def summarize_sites(site_dirs: Iterable[str | os.PathLike]) -> list[dict]:

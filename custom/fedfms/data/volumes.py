@@ -49,6 +49,8 @@ def _read_nifti(path: Path, what: str):
         affine = np.asarray(img.affine, dtype=np.float64)
     except (ImageFileError, HeaderDataError) as exc:
         raise DataError(f"{path}: not a readable NIfTI file ({exc}); expected a NIfTI {what}") from None
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable NIfTI {what}") from None
     except (EOFError, zlib.error, OSError, ValueError, MemoryError) as exc:
         raise DataError(f"{path}: truncated or corrupt NIfTI data ({type(exc).__name__}: {exc}); expected a complete NIfTI {what}") from None
     # Some exporters append singleton time/channel axes ((H,W,D,1)); they carry no information.
@@ -118,7 +120,8 @@ def window_percentiles(volume: np.ndarray, low_pct: float = 1.0, high_pct: float
     """Map ``volume`` linearly so its ``low_pct`` percentile is 0 and ``high_pct`` percentile is 1, then
     clip to [0, 1]. Percentiles are taken over every voxel of this volume (per-volume window).
 
-    A constant volume has no window; it maps to all zeros rather than dividing by zero."""
+    A constant volume has no window; it maps to all zeros rather than dividing by zero. Data entering the
+    project goes through :func:`window_volume` instead, which refuses such a volume."""
     check_percentiles(low_pct, high_pct)
     v = np.asarray(volume, dtype=np.float32)
     lo, hi = np.percentile(v, [low_pct, high_pct])
@@ -126,6 +129,17 @@ def window_percentiles(volume: np.ndarray, low_pct: float = 1.0, high_pct: float
         return np.zeros_like(v, dtype=np.float32)
     out = (v - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def window_volume(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0, path: str | os.PathLike = "volume") -> np.ndarray:
+    """:func:`window_percentiles` for a volume that enters the project (prepare, predict): a constant volume, a
+    label map passed as an image, or one whose window is empty is refused with a DataError naming ``path``
+    instead of becoming all-black slices (see :mod:`fedfms.data.intensity`)."""
+    from fedfms.data import intensity
+
+    check_percentiles(low_pct, high_pct)
+    intensity.check_content(volume, str(path), "volume")
+    return intensity.window(volume, low_pct, high_pct, str(path), "volume")
 
 
 def iter_depth_slices(volume: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:

@@ -4,9 +4,10 @@ idempotent re-runs, 2D file reading, and the end-of-run summary.
 Every preparer turns a raw download into ``OUT/<site>/`` folders in the format of
 :mod:`fedfms.data.site_dataset`. The rules that make re-runs safe live here:
 
-* a site whose output is complete and was made with the same settings is skipped ("already prepared");
-* an existing output made with other settings, or a foreign folder in the way, is an error unless the
-  caller asked to overwrite;
+* a site whose output is complete, was made with the same settings and from the same raw files (the manifest
+  records every file each case read: :mod:`fedfms.data.preparers.inputs`) is skipped ("already prepared");
+* an existing output made with other settings or from other raw files (cases added, removed or edited), or a
+  foreign folder in the way, is an error that says what differs, unless the caller asked to overwrite;
 * a site is written to ``<site>.partial`` and renamed only once complete (SiteWriter), so an error or
   Ctrl-C never leaves something that looks finished.
 """
@@ -25,12 +26,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from fedfms.data import intensity
 from fedfms.data import volumes as vol
+from fedfms.data.preparers import inputs
 from fedfms.data.site_dataset import SiteWriter, read_manifest, summarize_sites
 from fedfms.errors import ConfigError, DataError
 
 # Bumped when a preparer's output changes for the same settings, so old outputs are not taken as current.
-PREPARER_VERSION = 1
+# 2: volume ids carry the site; intensity checks; the manifest records the raw files read.
+PREPARER_VERSION = 2
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".npy")
@@ -118,11 +122,13 @@ class Sample:
 @dataclass
 class Case:
     """One unit of raw data (a volume, an image, a PanNuke patch). ``load`` reads and validates the
-    whole case before anything is written, so a bad case never contributes half its slices."""
+    whole case before anything is written, so a bad case never contributes half its slices. ``files``: every
+    raw file ``load`` reads (default: ``path``), recorded so a re-run notices when one changes."""
 
     id: str
     path: Path
     load: Callable[[], list[Sample]]
+    files: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -142,6 +148,8 @@ class SiteSource:
     root: Path
     cases: list[Case]
     problems: list[Problem] = field(default_factory=list)
+    extra_files: dict[str, Path] = field(default_factory=dict)  # role -> file read for the whole site (patients.csv, ...)
+    notes: dict = field(default_factory=dict)  # recorded under settings.source (e.g. how patient ids were found)
 
 
 def write_site(
@@ -160,10 +168,13 @@ def write_site(
 
     Strict by default: the first bad case raises DataError naming its file and nothing is written.
     With ``skip_bad_cases`` each bad case is reported as a warning, left out, and listed in the
-    manifest's ``settings.source.skipped``."""
+    manifest's ``settings.source.skipped``. Volume ids are ``<site>_<patient>`` (SiteWriter), so sites
+    never share one."""
     site_dir = Path(out) / source.site
     settings = {"preparer": dataset, "preparer_version": PREPARER_VERSION, **settings}
-    if _already_prepared(site_dir, dataset, list(classes), image_size, mask_size, settings, overwrite):
+    if site_dir.exists() and not site_dir.is_dir():
+        raise DataError(f"{site_dir}: a file is where the site folder goes; expected a folder or nothing (move the file away)")
+    if _already_prepared(site_dir, dataset, list(classes), image_size, mask_size, settings, source, overwrite):
         return site_dir
     if source.problems and not skip_bad_cases:
         raise DataError(f"{source.problems[0]} (use --skip-bad-cases to leave such cases out)")
@@ -173,8 +184,12 @@ def write_site(
     if not source.cases:
         raise DataError(f"{source.root}: site '{source.site}' has no usable cases; expected the {dataset} layout in docs/datasets.md")
 
-    site_dir.parent.mkdir(parents=True, exist_ok=True)
-    provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems), "skip_bad_cases": skip_bad_cases}
+    try:
+        record, _ = inputs.scan(source, with_hashes=True)
+    except OSError as exc:
+        raise DataError(f"{exc.filename or source.root}: cannot read ({exc.strerror or exc}); expected readable raw files") from None
+    provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems),
+                  "skip_bad_cases": skip_bad_cases, **source.notes, "inputs": record}
     with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance}, overwrite) as writer:
         used = 0
         for case in progress(source.cases, desc=f"{dataset}/{source.site}"):
@@ -199,15 +214,25 @@ def write_site(
 
 def write_sites(sites: Iterable[tuple[SiteSource, dict]], **write_kwargs) -> list[Path]:
     """:func:`write_site` for each ``(source, settings)`` pair; a lazy iterable finds and writes one site at a
-    time, so a layout problem in a later site never delays writing the earlier ones."""
-    return [write_site(source, settings=settings, **write_kwargs) for source, settings in sites]
+    time, so a layout problem in a later site never delays writing the earlier ones. When a later site fails,
+    the message says which sites are complete (they stay: re-running skips them)."""
+    done: list[Path] = []
+    try:
+        for source, settings in sites:
+            done.append(write_site(source, settings=settings, **write_kwargs))
+    except DataError as exc:
+        if not done:
+            raise
+        raise DataError(f"{exc} [site(s) {', '.join(p.name for p in done)} are complete in {done[0].parent}]") from None
+    return done
 
 
 def _normalise(obj):
     return json.loads(json.dumps(obj))
 
 
-def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, settings: dict, overwrite: bool) -> bool:
+def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, settings: dict,
+                      source: SiteSource, overwrite: bool) -> bool:
     if not site_dir.exists() or overwrite:
         return False  # nothing there, or SiteWriter replaces it atomically
     try:
@@ -226,7 +251,28 @@ def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: i
     ]
     if diffs:
         raise DataError(f"{site_dir}: already prepared with different settings ({'; '.join(diffs)}); pass --overwrite to replace it")
-    info(f"{dataset}/{m.site}: already prepared in {site_dir}; skipped")
+    provenance = m.settings.get(PROVENANCE_KEY) if isinstance(m.settings.get(PROVENANCE_KEY), dict) else {}
+    recorded = provenance.get("inputs")
+    old_raw = provenance.get("raw", "?")
+    if not isinstance(recorded, dict):
+        raise DataError(f"{site_dir}: the manifest records no raw inputs, so it cannot be checked against {source.root}; "
+                        f"pass --overwrite to re-prepare it")
+    try:
+        changed = inputs.changes(recorded, source)
+    except OSError as exc:
+        raise DataError(f"{exc.filename or source.root}: cannot read ({exc.strerror or exc}); expected readable raw files") from None
+    moved = str(source.root) != old_raw
+    if changed:
+        origin = f"{old_raw} -> {source.root}" if moved else str(source.root)
+        raise DataError(f"{site_dir}: raw inputs differ from the ones it was prepared from ({origin}: {'; '.join(changed)}); "
+                        f"pass --overwrite to re-prepare it")
+    left_out = len(provenance.get("skipped") or [])
+    notes = []
+    if moved:
+        notes.append(f"prepared from {old_raw}; the files under {source.root} are identical")
+    if left_out:
+        notes.append(f"{left_out} bad case(s) were left out, listed in its manifest")
+    info(f"{dataset}/{m.site}: already prepared in {site_dir}{' (' + '; '.join(notes) + ')' if notes else ''}; skipped")
     return True
 
 
@@ -243,9 +289,11 @@ def volume_samples(
     high_pct: float,
     empty_keep,
     two_and_half_d: bool,
+    path: Path | str = "volume",
 ) -> list[Sample]:
-    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume."""
-    windowed = vol.window_percentiles(image, low_pct, high_pct)
+    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume. A volume without
+    contrast (constant, a label map, an empty window) is refused naming ``path``."""
+    windowed = vol.window_volume(image, low_pct, high_pct, path)
     keep = vol.select_slices(target.any(axis=(0, 1)), empty_keep)
     samples = []
     for k in keep:
@@ -270,16 +318,22 @@ def _open_image(path: Path) -> Image.Image:
         im = Image.open(path)
         im.load()  # decode now: a truncated file fails here, not half-way through resizing
         return im
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable or truncated image ({exc}); expected a valid {path.suffix.lstrip('.').upper() or 'image'} file") from None
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Any 8-bit grey/RGB/RGBA/palette image -> (H, W, 3) uint8."""
+    """Any 8-bit grey/RGB/RGBA/palette image -> (H, W, 3) uint8. 16-bit and float images are refused (no
+    rule would map them to 8 bits without guessing), and so are constant and mask-like images."""
     im = _open_image(path)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise DataError(f"{path}: image mode {im.mode} (16-bit or float); expected an 8-bit grey or RGB image")
-    return np.asarray(im.convert("RGB"))
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise DataError(f"{path}: image mode {im.mode} (16-bit or float); expected an 8-bit grey or RGB image "
+                        f"(convert it to 8 bits first, choosing the intensity window yourself)")
+    rgb = np.asarray(im.convert("RGB"))
+    intensity.check_content(rgb, str(path), "image")
+    return rgb
 
 
 def read_label_image(path: Path, palette: str = "index", colour: str = "error") -> np.ndarray:
@@ -325,6 +379,8 @@ def load_npy(path: Path, mmap: bool = False, allow_pickle: bool = False) -> np.n
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=allow_pickle)
     except FileNotFoundError:
         raise DataError(f"{path}: file is missing; expected a NumPy .npy array") from None
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable NumPy .npy array") from None
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: unreadable or truncated .npy file ({exc}); expected a complete NumPy array") from None
 

@@ -85,6 +85,7 @@ def read_partitions(path: Path) -> dict[int, list[str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: unreadable CSV ({exc}); expected columns Partition_ID,Subject_ID") from None
     parts: dict[int, list[str]] = defaultdict(list)
+    seen: dict[str, tuple[int, int]] = {}
     for line, row in enumerate(rows, start=2):
         pid, sid = row.get("Partition_ID", ""), row.get("Subject_ID", "")
         if not pid and not sid:
@@ -95,6 +96,11 @@ def read_partitions(path: Path) -> dict[int, list[str]]:
             raise DataError(f"{path}: line {line} has Partition_ID {pid!r}; expected an integer") from None
         if not sid:
             raise DataError(f"{path}: line {line} has an empty Subject_ID; expected a subject folder name")
+        if sid in seen:
+            first_line, first_pid = seen[sid]
+            raise DataError(f"{path}: line {line} lists Subject_ID {sid} again (line {first_line}, partition {first_pid}); "
+                            f"expected each subject once, so no patient is at two sites")
+        seen[sid] = (line, int(float(pid)))
     if not parts:
         raise DataError(f"{path}: no rows; expected Partition_ID,Subject_ID rows")
     return dict(parts)
@@ -114,7 +120,8 @@ def _load_case(image_path: Path, seg_path: Path, subject: str, *, low_pct, high_
         "FeTS2022 coding: 1 necrosis, 2 oedema, 4 enhancing tumour; BraTS 2023 data codes enhancing tumour as 3",
     )
     return common.volume_samples(
-        image, seg == TARGET_LABEL, subject, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d
+        image, seg == TARGET_LABEL, subject, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
+        path=image_path,
     )
 
 
@@ -130,8 +137,8 @@ def find_cases(site: str, data_dir: Path, subjects: list[str], csv_path: Path, l
             missing = folder / f"{sid}_{MODALITY if image is None else 'seg'}.nii.gz"
             problems.append(common.Problem(missing, "file is missing; expected the subject's T1ce image and segmentation"))
             continue
-        cases.append(common.Case(sid, image, partial(load, image, seg, sid)))
-    return common.SiteSource(site, data_dir, cases, problems)
+        cases.append(common.Case(sid, image, partial(load, image, seg, sid), (image, seg)))
+    return common.SiteSource(site, data_dir, cases, problems, extra_files={"partition CSV": csv_path})
 
 
 def prepare_fets(

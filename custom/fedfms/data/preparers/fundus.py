@@ -50,8 +50,10 @@ def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
     masks = common.list_files(subdirs["masks"], common.MASK_EXTS)
     patients = common.load_patient_map(site_dir)
     pairs, problems = common.pair_by_stem(images, masks)
-    cases = [common.Case(stem, image, partial(load, image, mask, stem, patients.get(stem, stem))) for stem, image, mask in pairs]
-    return common.SiteSource(site, site_dir, cases, problems)
+    cases = [common.Case(stem, image, partial(load, image, mask, stem, patients.get(stem, stem)), (image, mask))
+             for stem, image, mask in pairs]
+    extra = {common.PATIENTS_CSV: site_dir / common.PATIENTS_CSV} if (site_dir / common.PATIENTS_CSV).is_file() else {}
+    return common.SiteSource(site, site_dir, cases, problems, extra_files=extra)
 
 
 def _load_case(image_path: Path, mask_path: Path, stem: str, patient: str, *, coding: str, disc_includes_cup: bool) -> list[common.Sample]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfms.data import intensity
 from fedfms.data.preparers import common
 from fedfms.errors import DataError
 
@@ -36,14 +37,22 @@ _TCGA = re.compile(r"(TCGA-[A-Za-z0-9]{2}-[A-Za-z0-9]{4})")
 _TNBC = re.compile(r"(\d+)_\d+")
 
 
-def patient_from_name(stem: str) -> str:
-    """Patient id implied by a file name: the TCGA participant barcode (MoNuSeg, MoNuSAC) or the slide
-    number of TNBC's ``NN_M`` files; otherwise the image itself is its own group."""
+RULE_TCGA, RULE_TNBC, RULE_CSV, RULE_OWN = "TCGA barcode", "TNBC slide number", "patients.csv", "own image"
+
+
+def patient_rule(stem: str) -> tuple[str, str]:
+    """``(patient id, rule)`` implied by a file name: the TCGA participant barcode ``TCGA-XX-XXXX`` at the start
+    of the name (MoNuSeg, MoNuSAC), or the slide number ``NN`` of TNBC's ``NN_M`` files; otherwise the image is
+    its own patient (rule ``own image``). A ``patients.csv`` overrides all of them (docs/datasets.md)."""
     m = _TCGA.match(stem)
     if m:
-        return m.group(1)
+        return m.group(1), RULE_TCGA
     m = _TNBC.fullmatch(stem)
-    return m.group(1) if m else stem
+    return (m.group(1), RULE_TNBC) if m else (stem, RULE_OWN)
+
+
+def patient_from_name(stem: str) -> str:
+    return patient_rule(stem)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +126,10 @@ def _load_pannuke(fold: PanNukeFold, i: int, sample_id: str) -> list[common.Samp
     if (inst < 0).any() or not np.isfinite(inst).all() or (inst != np.floor(inst)).any():
         raise DataError(f"{fold.masks_path}: mask {i} has negative or non-integer values; expected instance ids >= 0")
     nuclei = (inst > 0).any(axis=-1).astype(np.uint8)
+    rgb = np.rint(image).astype(np.uint8)
+    intensity.check_content(rgb, f"{fold.images_path} [patch {i}]", "image")
     # PanNuke gives no patient ids; each patch is its own group (see docs/datasets.md).
-    return [common.Sample(np.rint(image).astype(np.uint8), nuclei, sample_id, None, sample_id)]
+    return [common.Sample(rgb, nuclei, sample_id, None, sample_id)]
 
 
 def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path) -> common.SiteSource:
@@ -126,11 +137,13 @@ def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path) -> common.
     for fold in folds:
         for i in np.flatnonzero(fold.types == tissue):
             sid = f"fold{fold.number}_{int(i):05d}"
-            cases.append(common.Case(sid, fold.images_path, partial(_load_pannuke, fold, int(i), sid)))
+            cases.append(common.Case(sid, fold.images_path, partial(_load_pannuke, fold, int(i), sid),
+                                     (fold.images_path, fold.masks_path)))
     if not cases:
         found = sorted({t for f in folds for t in f.types.tolist()})
         raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}; found tissues {found}")
-    return common.SiteSource(tissue, root, cases)
+    extra = {f"fold {f.number} types.npy": f.types_path for f in folds}
+    return common.SiteSource(tissue, root, cases, extra_files=extra, notes={"patient_ids": {"own patch": len(cases)}})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +169,7 @@ def _pairs_normalised(site_dir: Path, subdirs: dict[str, Path]):
     images = common.list_files(subdirs["images"], common.IMAGE_EXTS)
     masks = common.list_files(subdirs["masks"], (*common.MASK_EXTS, ".xml"))
     pairs, problems = common.pair_by_stem(images, masks)
-    return [(stem, img, mask, patient_from_name(stem)) for stem, img, mask in pairs], problems
+    return [(stem, img, mask, *patient_rule(stem)) for stem, img, mask in pairs], problems
 
 
 def _pairs_tnbc(site_dir: Path, subdirs: dict[str, Path]):
@@ -170,7 +183,7 @@ def _pairs_tnbc(site_dir: Path, subdirs: dict[str, Path]):
             problems.append(common.Problem(slide, f"no matching GT_{number} folder; expected TNBC's Slide_XX/GT_XX pairs"))
             continue
         p, q = common.pair_by_stem(common.list_files(slide, common.IMAGE_EXTS), common.list_files(gt, common.MASK_EXTS))
-        pairs += [(stem, img, mask, number) for stem, img, mask in p]
+        pairs += [(stem, img, mask, number, RULE_TNBC) for stem, img, mask in p]
         problems += q
     return pairs, problems
 
@@ -185,7 +198,7 @@ def _pairs_xml(site_dir: Path):
         if xml is None:
             problems.append(common.Problem(image, "no XML annotation; expected <id>.xml beside it or in a sibling Annotations/ folder"))
         else:
-            pairs.append((image.stem, image, xml, patient_from_name(image.stem)))
+            pairs.append((image.stem, image, xml, *patient_rule(image.stem)))
     return pairs, problems
 
 
@@ -203,13 +216,26 @@ def find_image_cases(site: str, site_dir: Path) -> common.SiteSource:
             f"(or TNBC Slide_XX/ + GT_XX/, or MoNuSeg Tissue Images/ + Annotations/), see docs/datasets.md"
         )
     stems = {}
-    for stem, img, _, _ in pairs:
+    for stem, img, *_ in pairs:
         if stem in stems:
             raise DataError(f"{img}: image id {stem!r} also used by {stems[stem]}; expected unique file names within a site")
         stems[stem] = img
     patients = common.load_patient_map(site_dir)
-    cases = [common.Case(stem, img, partial(_load_pair, img, mask, stem, patients.get(stem, patient))) for stem, img, mask, patient in pairs]
-    return common.SiteSource(site, site_dir, cases, problems)
+    cases, rules = [], {}
+    for stem, img, mask, patient, rule in pairs:
+        if stem in patients:
+            patient, rule = patients[stem], RULE_CSV
+        rules[rule] = rules.get(rule, 0) + 1
+        cases.append(common.Case(stem, img, partial(_load_pair, img, mask, stem, patient), (img, mask)))
+    own = rules.get(RULE_OWN, 0)
+    if own:
+        common.warn(
+            f"{site_dir}: {own} of {len(cases)} image name(s) carry no TCGA barcode or TNBC slide number and no "
+            f"{common.PATIENTS_CSV} lists them, so each is its own patient (tiles of one slide may land in both train "
+            f"and val); add {site_dir / common.PATIENTS_CSV} (columns image,patient) to group them"
+        )
+    extra = {common.PATIENTS_CSV: site_dir / common.PATIENTS_CSV} if (site_dir / common.PATIENTS_CSV).is_file() else {}
+    return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes={"patient_ids": dict(sorted(rules.items()))})
 
 
 def prepare_nuclei(

@@ -54,7 +54,7 @@ def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
             continue
         # Every site numbers its cases from Case00, so the site is part of the volume id: pooled
         # (centralised) training must not treat BIDMC/Case00 and HK/Case00 as one patient.
-        cases.append(common.Case(key, image, partial(load, image, segs[key], f"{site}_{key}")))
+        cases.append(common.Case(key, image, partial(load, image, segs[key], f"{site}_{key}"), (image, segs[key])))
     for key in sorted(set(segs) - set(images)):
         problems.append(common.Problem(segs[key], f"segmentation without image; expected {key}.nii.gz next to it"))
     return common.SiteSource(site, site_dir, cases, problems)
@@ -67,7 +67,8 @@ def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_
     if not target.any():
         common.warn(f"{seg_path}: segmentation is empty (no prostate voxels)")
     return common.volume_samples(
-        image, target, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d
+        image, target, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
+        path=image_path,
     )
 
 
