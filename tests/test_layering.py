@@ -5,7 +5,7 @@ import sys
 
 CORE = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
         "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.report", "fedfms.aggregation",
-        "fedfms.run_record"]
+        "fedfms.run_record", "fedfms.capacity"]
 
 
 def test_core_modules_do_not_import_nvflare():

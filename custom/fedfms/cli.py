@@ -113,7 +113,14 @@ def _cmd_simulate(args) -> int:
     from fedfms.flare.simulate import simulate
 
     clients = [c for c in args.clients.split(",") if c]
-    outcome = simulate(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads, quiet=args.quiet)
+    gpus = None
+    if args.gpu:
+        try:
+            gpus = sorted({int(g) for g in args.gpu.split(",") if g.strip()})
+        except ValueError:
+            raise FedFMSError(f"--gpu: {args.gpu!r} is not a list of GPU ids; expected e.g. 0 or 0,1") from None
+    outcome = simulate(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads,
+                       quiet=args.quiet, gpus=gpus)
     return _report_outcome(Path(args.workspace), outcome)
 
 
@@ -249,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", required=True)
     p.add_argument("--clients", default="site-1,site-2", help="comma-separated site names")
     p.add_argument("--data-root", help="folder holding one prepared site folder per client name")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="sites that train at the same time (default: as many as fit in free "
+                                                 "GPU or host memory; the others wait their turn each round)")
+    p.add_argument("--gpu", help="GPU ids to spread the simulated sites over, e.g. 0 or 0,1 (default: every visible GPU)")
     p.add_argument("--quiet", action="store_true", help="console: warnings and per-round progress only (full logs in the workspace)")
     p.set_defaults(func=_cmd_simulate)
 

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
-from fedfms.flare.jobs import class_allow_list, job_recipe, rewrite_job, round_timeouts, variant_settings
+from fedfms.capacity import Placement, choose_placement
+from fedfms.flare.jobs import (
+    class_allow_list,
+    job_model_config,
+    job_recipe,
+    job_train_config,
+    rewrite_job,
+    round_timeouts,
+    variant_settings,
+)
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
@@ -138,19 +147,32 @@ def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str
     return simulate(job_dir, workspace, clients, data_root, threads, quiet).exit_code
 
 
+def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None) -> Placement:
+    """How many of the job's sites train at once, and on which GPUs (see fedfms.capacity)."""
+    model, train = job_model_config(job_dir), job_train_config(job_dir)
+    device = str(train.get("device", "auto"))
+    return choose_placement(num_sites, model.get("variant", "vit_b"), model.get("mode", "fedmsa"),
+                            device="cpu" if device == "cpu" else "auto", batch_size=int(train.get("batch_size", 6)),
+                            checkpointing=bool(model.get("activation_checkpointing")), threads=threads, gpus=gpus)
+
+
 def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,
-             threads: int | None = None, quiet: bool = False) -> Outcome:
+             threads: int | None = None, quiet: bool = False, gpus: list[int] | None = None, echo=print) -> Outcome:
     from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
 
     if not clients:
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads is {threads}; expected a positive number of sites to train at once")
+    placement = placement_for(job_dir, len(clients), threads, gpus)
+    echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
     prepare_sim_workspace(workspace)
-    job = job_for_clients(job_dir, workspace, clients, data_root, threads)
+    job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     runner = SimulatorRunner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
-        threads=threads or len(clients),
+        threads=placement.simulator_threads, gpu=placement.gpu_arg,
         log_config=str(quiet_log_config(workspace)) if quiet else None,
     )
     return simulation_outcome(workspace, runner.run())
