@@ -206,3 +206,15 @@ def test_a_stopped_run_continues_from_its_last_saved_model(tmp_path):
     curves = read_curves(server_job_dir(tmp_path / "ws2"))["site-1"]
     steps = [step for tag, points in curves.items() if tag.endswith("train_loss") for step, _ in points]
     assert sorted(steps) == [2, 3]
+
+
+def test_sixteen_sites_are_all_averaged_every_round(tmp_path):
+    # as many sites at once as fit in this machine's memory, the rest in turn; every one in every round's average
+    sites = [f"site-{i:02d}" for i in range(1, 17)]
+    data = make_sites(tmp_path / "data", {s: 1 + i % 3 for i, s in enumerate(sites)})
+    out = tmp_path / "rec"
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {"app": recording(out, sites)})
+    assert run_simulation(job, tmp_path / "ws", sites, data_root=data) == 0
+    assert_close(load_global(tmp_path / "ws"), fedavg([sent(out, s, 0) for s in sites]))
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "completed" and sorted(record["rounds"][0]["accepted"]) == sites
