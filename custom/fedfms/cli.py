@@ -178,13 +178,23 @@ def _cmd_predict(args) -> int:
 
         raw = job_model_config(args.job)
     elif args.model_config:
-        raw = json.loads(Path(args.model_config).read_text())
+        path = Path(args.model_config)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as exc:
+            raise FedFMSError(f"{path}: cannot read the model config ({exc.strerror or exc}); expected a JSON file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FedFMSError(f"{path}: not valid JSON ({exc}); expected a model_config object") from None
+        if not isinstance(raw, dict):
+            raise FedFMSError(f"{path}: holds {type(raw).__name__}; expected a JSON object (a job's model_config)")
     else:
         raise FedFMSError("predict needs --job (the job folder that trained the model) or --model-config")
     cfg = ModelConfig.from_dict(raw, "model config")
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
-    written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes)
+    written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes,
+                            two_and_half_d=args.two_and_half_d, overwrite=args.overwrite,
+                            allow_label_like=args.allow_label_like)
     for path in written:
         print(path)
     return 0
@@ -193,7 +203,10 @@ def _cmd_predict(args) -> int:
 def _cmd_check_site(args) -> int:
     from fedfms.site_check import check_site, format_report
 
-    print(format_report(check_site(args.job, args.data_dir, args.checkpoint, args.site)))
+    report = check_site(args.job, args.data_dir, args.checkpoint, args.site)
+    print(format_report(report))
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -290,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="or: a JSON file with the model_config")
     p.add_argument("--checkpoint", help="SAM checkpoint for the frozen parts (pretrained models)")
     p.add_argument("--classes", nargs="+", help="class names for the output files (default class0, class1, ...)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the predictions (made if missing; written all or nothing)")
+    p.add_argument("--two-and-half-d", action="store_true",
+                   help="volumes: slices k-1, k, k+1 as the channels (for models trained on sites prepared with --two-and-half-d)")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions that already exist in --out")
+    p.add_argument("--allow-label-like", action="store_true",
+                   help="predict on inputs that look like masks (a handful of whole-number values), which are refused by default")
     p.set_defaults(func=_cmd_predict)
     return parser
 

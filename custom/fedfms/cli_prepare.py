@@ -12,7 +12,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from fedfms.errors import ConfigError
+from fedfms.errors import ConfigError, DataError
 
 DATASET_HELP = {
     "prostate": "6-site prostate T2 MRI (BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL)",
@@ -29,7 +29,8 @@ examples:
   fedfms prepare nuclei --raw data/raw/nuclei --out data/nuclei --image-size 512 --mask-size 128
 
 Raw folder layouts and public sources: docs/datasets.md. Re-running is safe: sites already prepared
-with the same settings are skipped; different settings need --overwrite.
+with the same settings from the same raw files are skipped; different settings, or raw cases added,
+removed or edited since, are an error saying what changed (--overwrite re-prepares).
 """
 
 # argparse dest -> preparer keyword, for the options that only some datasets take
@@ -169,4 +170,6 @@ def run_prepare(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         )
     except ConfigError as exc:
         fail(str(exc))
+    except OSError as exc:  # anything the preparers did not already turn into a DataError naming the file
+        raise DataError(f"{exc.filename or args.out}: {exc.strerror or exc}; nothing half-written was kept") from None
     return 0

@@ -3,24 +3,79 @@
 Reads every sample of the site's prepared data, builds the job's model with the site's checkpoint (strict
 loading), reports the device, and prints the frozen-weights fingerprint the server will compare — two sites
 can compare fingerprints before the first round instead of finding out from a rejected contribution.
+
+:func:`site_warnings` is the fast part (manifest and split only) that says what would make a run uninformative
+(no validation samples, fewer training samples than one batch, no or only positive samples); ``fedfms
+check-site`` prints it, and a simulation can print it for every site before it starts.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Mapping
 
-import torch
+from fedfms.data.site_dataset import patient_split, read_manifest
+from fedfms.errors import ConfigError, DataError
 
-from fedfms.data.site_dataset import SiteDataset, patient_split
-from fedfms.errors import ConfigError
-from fedfms.flare.jobs import job_model_config, job_train_config
-from fedfms.flare.site_config import expand
-from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
+# TrainConfig's defaults for the settings the warnings use (fedfms.training.trainer imports MONAI, which takes
+# seconds; tests/test_site_check.py keeps these equal to TrainConfig's).
+TRAIN_DEFAULTS = {"batch_size": 6, "val_fraction": 0.1, "split_seed": 0}
+
+
+def site_warnings(data_dir: str | os.PathLike, train_config: Mapping | None = None,
+                  model_config: Mapping | None = None) -> list[str]:
+    """One line per condition that makes this site's part of a run uninformative; ``[]`` when there is none.
+
+    ``train_config`` / ``model_config``: the job's (``fedfms.flare.jobs.job_train_config(job)`` /
+    ``job_model_config(job)``); missing train settings take the trainer's defaults. Fast: reads the manifest
+    and computes the train/val split only (no image is decoded, no model built). Never raises for the site's
+    data: a site that cannot be read gives one line saying why (the site itself will refuse to start).
+    Lines start with the data folder; print them as ``warning: <line>``."""
+    where = str(data_dir)
+    train = {**TRAIN_DEFAULTS, **{k: v for k, v in dict(train_config or {}).items() if k in TRAIN_DEFAULTS}}
+    try:
+        m = read_manifest(data_dir)
+        train_idx, val_idx = patient_split(m.volumes, train["val_fraction"], train["split_seed"])
+    except DataError as exc:
+        text = str(exc)
+        return [text if text.startswith(where) else f"{where}: {text}"]
+    lines = []
+    volumes = len(set(m.volumes))
+    if not val_idx:
+        lines.append(f"{where}: no validation samples ({volumes} volume(s), val_fraction {train['val_fraction']}; a split needs "
+                     f"2+ volumes): its validation Dice will be empty ('-') every round")
+    elif len(val_idx) == 1:
+        lines.append(f"{where}: 1 validation sample: its validation Dice comes from a single image")
+    if not train_idx:
+        lines.append(f"{where}: no training samples: it cannot train")
+    elif len(train_idx) < train["batch_size"]:
+        lines.append(f"{where}: {len(train_idx)} training sample(s), fewer than one batch (batch_size {train['batch_size']}): "
+                     f"one small step per local epoch")
+    fraction = m.counts.get("positive_fraction")
+    if fraction == 0:
+        lines.append(f"{where}: no sample contains any class {m.classes} (positive fraction 0): it can only teach background "
+                     f"and its Dice is undefined")
+    elif fraction == 1:
+        lines.append(f"{where}: every sample contains a class {m.classes} (positive fraction 1): it never shows an image "
+                     f"without one, so false positives there go unmeasured")
+    if model_config is not None and model_config.get("num_classes") not in (None, m.num_classes):
+        lines.append(f"{where}: the job's model has num_classes={model_config.get('num_classes')}, the site has "
+                     f"{m.num_classes} class(es) {m.classes}: it will refuse to start")
+    return lines
 
 
 def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None = None, site_name: str = "site") -> dict:
-    """Raises DataError / CheckpointError / ConfigError (naming the file) on the first problem found."""
+    """Raises DataError / CheckpointError / ConfigError (naming the file) on the first problem found; what
+    would not stop the run but makes it uninformative is in ``report["warnings"]`` (:func:`site_warnings`)."""
+    import torch
+
+    from fedfms.data.site_dataset import SiteDataset
+    from fedfms.flare.jobs import job_model_config, job_train_config
+    from fedfms.flare.site_config import expand
+    from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
+
     report: dict = {"site": site_name, "data_dir": str(data_dir)}
     raw_model = job_model_config(job_dir)
     if checkpoint:
@@ -45,10 +100,12 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
     positive = 0
     for i in range(len(dataset)):  # reads and validates every file, as training would
         positive += int(dataset[i]["mask"].sum() > 0)
-    train_idx, val_idx = patient_split(dataset.volumes, train.get("val_fraction", 0.1), train.get("split_seed", 0))
+    train_idx, val_idx = patient_split(dataset.volumes, train.get("val_fraction", TRAIN_DEFAULTS["val_fraction"]),
+                                       train.get("split_seed", TRAIN_DEFAULTS["split_seed"]))
     report["data"] = {"classes": dataset.manifest.classes, "volumes": len(set(dataset.volumes)), "samples": len(dataset),
                       "train_samples": len(train_idx), "val_samples": len(val_idx),
                       "positive_fraction": round(positive / len(dataset), 3)}
+    report["warnings"] = site_warnings(data_dir, train, raw_model)
     report["device"] = (f"cuda: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
                         if torch.cuda.is_available() else "cpu only (real SAM sizes need a GPU)")
     return report
@@ -56,8 +113,9 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
 
 def format_report(report: dict) -> str:
     m, d = report["model"], report["data"]
+    warnings = report.get("warnings") or []
     return "\n".join([
-        f"site {report['site']}: ready",
+        f"site {report['site']}: ready" + (f", with {len(warnings)} warning(s) (on stderr)" if warnings else ""),
         f"  data     {report['data_dir']}: {d['samples']} samples from {d['volumes']} volumes, classes {d['classes']}, "
         f"{d['train_samples']} train / {d['val_samples']} val, positive fraction {d['positive_fraction']}",
         f"  model    {m['variant']} {m['mode']} ({'checkpoint ' + str(m['checkpoint']) if m['pretrained'] else 'random init'}), "

@@ -95,8 +95,9 @@ def test_multiclass_outputs_one_file_per_class(tmp_path):
     cfg = ModelConfig("tiny", "fedsam", num_classes=2, pretrained=False)
     weights = tmp_path / "w.pt"
     torch.save(travel_state_dict(build_model(cfg), "fedsam"), weights)  # a plain state dict works too
-    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "x.png")
-    nib.save(nib.Nifti1Image(np.zeros((20, 24, 2), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    nib.save(nib.Nifti1Image(rng.uniform(0, 500, (20, 24, 2)).astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
     written = predict_cases(cfg, weights, [tmp_path / "x.png", tmp_path / "v.nii.gz"], tmp_path / "out", class_names=["od", "oc"])
     assert [p.name for p in written] == ["x_od.png", "x_oc.png", "v_od.nii.gz", "v_oc.nii.gz"]
     assert np.asarray(Image.open(written[1])).shape == (30, 40)

@@ -8,12 +8,15 @@ trained on sites prepared that way). Predictions are thresholded at probability 
 with nearest neighbour, so every output voxel lines up with an input voxel.
 
 Outputs in ``out_dir``: ``<stem>_<class>.png`` (0/255) for an image, ``<stem>_<class>.nii.gz`` (uint8 0/1,
-the input's affine) for a volume.
+the input's affine) for a volume. All or nothing: every input is checked before anything is written (a constant
+image or volume, a mask or segmentation passed as an input, an unreadable file), existing outputs are never
+replaced without ``overwrite``, and the outputs appear only once all of them are done.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from fedfms.data import intensity
 from fedfms.data import volumes as vol
 from fedfms.data.site_dataset import resize_image
 from fedfms.errors import CheckpointError, ConfigError, DataError
@@ -81,16 +85,45 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1]. 8-bit images / 255; 16-bit or float images windowed like a volume."""
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def read_image(path: Path, allow_label_like: bool = False) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]. 8-bit images / 255; 16-bit or float images windowed like a volume (their
+    own 1st..99th percentile -> [0, 1]). A constant image, or one that looks like a mask (a handful of whole-number
+    values; unless ``allow_label_like``), is refused with a DataError naming the file."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I", "I;16", "I;16B", "F"):
-                return np.repeat(vol.window_percentiles(np.asarray(im, dtype=np.float32))[..., None], 3, axis=-1)
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            if im.mode in HIGH_BIT_MODES:
+                raw = np.asarray(im, dtype=np.float32)
+                intensity.check_content(raw, str(path), "image", allow_label_like)
+                return np.repeat(intensity.window(raw, where=str(path))[..., None], 3, axis=-1)
+            rgb = np.asarray(im.convert("RGB"))
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image ({exc})") from None
+    intensity.check_content(rgb, str(path), "image", allow_label_like)
+    return rgb.astype(np.float32) / 255.0
+
+
+def read_volume_slices(path: Path, two_and_half_d: bool = False, allow_label_like: bool = False) -> np.ndarray:
+    """A NIfTI volume as (D, H, W, 3) float32 model inputs: windowed between its own 1st and 99th percentile,
+    sliced along the last axis (2.5D: slices k-1, k, k+1 as channels). Constant volumes, volumes whose window
+    is empty and (unless ``allow_label_like``) label maps are refused naming the file."""
+    volume, _ = vol.load_nifti(path)
+    intensity.check_content(volume, str(path), "volume", allow_label_like)
+    windowed = intensity.window(volume, where=str(path), what="volume")
+    if two_and_half_d:
+        return np.stack([stack for _, stack in vol.iter_slices_2p5d(windowed)])
+    return np.repeat(np.moveaxis(windowed, -1, 0)[..., None], 3, axis=-1)
+
+
+def _read_input(path: Path, two_and_half_d: bool, allow_label_like: bool) -> np.ndarray:
+    if _kind(path) == "image":
+        return read_image(path, allow_label_like)[None]
+    return read_volume_slices(path, two_and_half_d, allow_label_like)
 
 
 @torch.no_grad()
@@ -108,6 +141,19 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, threshold: float 
     return np.concatenate(out)
 
 
+def _output_names(path: Path, stem: str, names: Sequence[str]) -> list[str]:
+    suffix = ".png" if _kind(path) == "image" else ".nii.gz"
+    return [f"{stem}_{name}{suffix}" for name in names]
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def predict_cases(
     model_cfg: ModelConfig | Mapping,
     weights_path: str | os.PathLike,
@@ -118,13 +164,26 @@ def predict_cases(
     batch_size: int = 4,
     device: str = "auto",
     two_and_half_d: bool = False,
+    overwrite: bool = False,
+    allow_label_like: bool = False,
 ) -> list[Path]:
     """Segment every input; returns the files written, input by input, class by class.
 
+    All or nothing: every input is read and checked (readable, not constant, not a label map unless
+    ``allow_label_like``) and every output name is checked (no clash, nothing existing replaced unless
+    ``overwrite``) before the model is loaded; predictions are written to a hidden staging folder inside
+    ``out_dir`` and moved into place only when all of them are done. Any failure raises DataError (or
+    CheckpointError / ConfigError) and leaves ``out_dir`` as it was.
+
     ``two_and_half_d``: feed volume slices k-1, k, k+1 as the three channels, as the preparers'
     ``two_and_half_d`` setting did for the training data (it must match how the model was trained)."""
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(dict(model_cfg))
     inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise DataError("no inputs given; expected image (.png, .jpg) or NIfTI (.nii, .nii.gz) files")
     for path in inputs:
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder; expected an image or NIfTI file (list the files, e.g. {path}/*.nii.gz)")
         if not path.is_file():
             raise DataError(f"{path}: input file not found")
         _kind(path)
@@ -132,37 +191,73 @@ def predict_cases(
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise DataError(f"two inputs share the name {dup!r}; their outputs would overwrite each other")
-    model = load_model(model_cfg, weights_path).to(pick_device(device))
-    names = list(class_names) if class_names else [f"class{k}" for k in range(model.num_classes)]
-    if len(names) != model.num_classes:
-        raise ConfigError(f"class_names has {len(names)} name(s) {names}; the model predicts {model.num_classes} class(es)")
+    names = list(class_names) if class_names else [f"class{k}" for k in range(cfg.num_classes)]
+    if len(names) != cfg.num_classes:
+        raise ConfigError(f"class_names has {len(names)} name(s) {names}; the model predicts {cfg.num_classes} class(es)")
+    if len(set(names)) != len(names) or any(not n or "/" in n or os.sep in n for n in names):
+        raise ConfigError(f"class_names {names}: expected distinct, non-empty names without '/' (they become file names)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: list[Path] = []
-    for path, stem in zip(inputs, stems):
-        if _kind(path) == "image":
-            masks = predict_slices(model, read_image(path)[None], threshold, batch_size)[0]  # (C, H, W)
-            for name, m in zip(names, masks):
-                target = out_dir / f"{stem}_{name}.png"
-                Image.fromarray(m * 255, "L").save(target)
-                outputs.append(target)
-        else:
-            import nibabel as nib
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: output is a file; expected a folder for the predictions (the file is left alone)")
+    planned = [[out_dir / n for n in _output_names(p, s, names)] for p, s in zip(inputs, stems)]
+    existing = [t for targets in planned for t in targets if t.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise DataError(f"{existing[0]}: already exists{more}; expected a new file (pass --overwrite / overwrite=True to replace, "
+                        f"or choose another --out); nothing was written")
 
-            volume, _ = vol.load_nifti(path)
-            windowed = vol.window_percentiles(volume)
-            if two_and_half_d:
-                slices = np.stack([stack for _, stack in vol.iter_slices_2p5d(windowed)])  # (D, H, W, 3)
+    # every input is read and checked before anything is written
+    bad = []
+    for path in inputs:
+        try:
+            _read_input(path, two_and_half_d, allow_label_like)
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" [{len(bad) - 1} more bad input(s) of {len(inputs)}]" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; nothing was written")
+
+    model = load_model(cfg, weights_path).to(pick_device(device))
+    made = _missing_folders(out_dir)
+    staging = out_dir / f".fedfms-predict-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for path, targets in zip(inputs, planned):
+            masks = predict_slices(model, _read_input(path, two_and_half_d, allow_label_like), threshold, batch_size)
+            if _kind(path) == "image":
+                for target, m in zip(targets, masks[0]):  # (C, H, W)
+                    Image.fromarray(m * 255, "L").save(staging / target.name)
             else:
-                slices = np.repeat(np.moveaxis(windowed, -1, 0)[..., None], 3, axis=-1)
-            source = nib.load(str(path))  # header only: the output keeps the input's geometry
-            masks = np.moveaxis(predict_slices(model, slices, threshold, batch_size), 0, -1)  # (C, H, W, D)
-            for name, m in zip(names, masks):
-                target = out_dir / f"{stem}_{name}.nii.gz"
-                # The input's header keeps its qform/sform codes, voxel sizes and units.
-                img = nib.Nifti1Image(np.ascontiguousarray(m), source.affine, header=source.header)
-                img.set_data_dtype(np.uint8)
-                img.header["cal_min"], img.header["cal_max"] = 0, 1
-                nib.save(img, target)
-                outputs.append(target)
+                import nibabel as nib
+
+                source = nib.load(str(path))  # header only: the output keeps the input's geometry
+                for target, m in zip(targets, np.moveaxis(masks, 0, -1)):  # (C, H, W, D)
+                    # The input's header keeps its qform/sform codes, voxel sizes and units.
+                    img = nib.Nifti1Image(np.ascontiguousarray(m), source.affine, header=source.header)
+                    img.set_data_dtype(np.uint8)
+                    img.header["cal_min"], img.header["cal_max"] = 0, 1
+                    nib.save(img, staging / target.name)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            raise DataError(f"{exc.filename or out_dir}: could not write predictions ({exc.strerror or exc}); nothing was written") from None
+        raise
+    outputs: list[Path] = []
+    try:
+        for target in (t for targets in planned for t in targets):
+            os.replace(staging / target.name, target)
+            outputs.append(target)
+    except OSError as exc:
+        raise DataError(
+            f"{target}: could not move it into place ({exc.strerror or exc}); {len(outputs)} of "
+            f"{sum(map(len, planned))} outputs were written ({', '.join(p.name for p in outputs) or 'none'}), the rest are in {staging}"
+        ) from None
+    shutil.rmtree(staging, ignore_errors=True)
     return outputs

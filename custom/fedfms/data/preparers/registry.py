@@ -74,14 +74,46 @@ def prepare(
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} is {value!r}; expected a positive integer (paper: image 1024, mask 256)")
     raw, out = Path(raw), Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: output is a file; expected a folder to hold one sub-folder per site (the file is left alone)")
     if dataset in BUILDS_OWN_RAW:
-        BUILDS_OWN_RAW[dataset](raw)
+        try:
+            BUILDS_OWN_RAW[dataset](raw)
+        except OSError as exc:
+            raise DataError(f"{exc.filename or raw}: cannot write the demo's raw volumes ({exc.strerror or exc}); expected a writable --raw folder") from None
+    if raw.exists() and not raw.is_dir():
+        raise DataError(f"{raw}: raw path is a file; expected the folder holding the downloaded {dataset} data (layout in docs/datasets.md)")
     if not raw.is_dir():
         raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
     if out.resolve() == raw.resolve():
         # site folders would land among the raw site folders and be read back as raw data next time
         raise ConfigError(f"{out}: output folder is the raw folder; expected a separate output folder")
-    written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
+    made = _missing_folders(out)
+    try:
+        written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
+    except OSError as exc:
+        _remove_empty(made)
+        raise DataError(f"{exc.filename or out}: {exc.strerror or exc} (while preparing {dataset}); nothing half-written was kept") from None
+    except BaseException:
+        _remove_empty(made)  # an OUT folder this run created and left empty goes again
+        raise
     if summary:
         common.print_summary(dataset, written)
     return written
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; rmdir never removes a folder that holds anything
+        try:
+            folder.rmdir()
+        except OSError:
+            return
