@@ -48,3 +48,73 @@ def test_cli_says_what_is_missing_in_one_line(disc_site, monkeypatch, capsys):
     assert len(err) == 1 and "FEDFMS_SAM_CHECKPOINT" in err[0]
     assert main(["check-site", "--job", str(JOBS / "fedmsa_tiny"), "--data-dir", str(disc_site)]) == 0
     assert "frozen weights fingerprint" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# warnings: what would not stop a run but makes it uninformative (fast: manifest and split only)
+
+import numpy as np
+
+from fedfms.data.site_dataset import SiteWriter
+from fedfms.data.synthetic import make_disc_site
+from fedfms.site_check import TRAIN_DEFAULTS, site_warnings
+
+
+def _site(path, volumes, slices, positive=lambda v, k: k % 2 == 0):
+    rng = np.random.default_rng(0)
+    with SiteWriter(path, path.name, "t", ["fg"], 32, 8) as w:
+        for v in range(volumes):
+            for k in range(slices):
+                mask = np.zeros((16, 16), np.uint8)
+                if positive(v, k):
+                    mask[4:9, 4:9] = 1
+                w.add(rng.uniform(0, 1, (16, 16)), mask, f"p{v}", k)
+    return path
+
+
+def test_a_healthy_site_has_no_warnings(tmp_path):
+    assert site_warnings(_site(tmp_path / "ok", volumes=5, slices=4), {"batch_size": 6, "val_fraction": 0.2}) == []
+
+
+def test_each_uninformative_condition_is_one_line(tmp_path):
+    one = _site(tmp_path / "one", volumes=1, slices=3)
+    lines = site_warnings(one, {"batch_size": 6})
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{one}: no validation samples (1 volume(s)") and "empty ('-')" in lines[0]
+    assert lines[1] == f"{one}: 3 training sample(s), fewer than one batch (batch_size 6): one small step per local epoch"
+    small = _site(tmp_path / "small", volumes=2, slices=2)  # 2 train / 2 val samples
+    assert any("fewer than one batch" in line for line in site_warnings(small, {}))  # TrainConfig's batch_size 6
+    tiny_val = _site(tmp_path / "tiny_val", volumes=4, slices=1, positive=lambda v, k: v % 2 == 0)
+    assert any("1 validation sample" in line for line in site_warnings(tiny_val, {"batch_size": 2}))
+    none = _site(tmp_path / "none", volumes=5, slices=4, positive=lambda v, k: False)
+    assert [line for line in site_warnings(none, {"batch_size": 2}) if "positive fraction 0" in line]
+    every = _site(tmp_path / "every", volumes=5, slices=4, positive=lambda v, k: True)
+    assert [line for line in site_warnings(every, {"batch_size": 2}) if "positive fraction 1" in line]
+    assert all("\n" not in line for line in site_warnings(one, {}) + site_warnings(none, {}))
+
+
+def test_warnings_for_a_class_mismatch_and_an_unreadable_site_never_raise(tmp_path):
+    ok = _site(tmp_path / "ok", volumes=5, slices=4)
+    assert site_warnings(ok, {"batch_size": 2}, {"num_classes": 2}) == [
+        f"{ok}: the job's model has num_classes=2, the site has 1 class(es) ['fg']: it will refuse to start"
+    ]
+    lines = site_warnings(tmp_path / "missing", {})
+    assert len(lines) == 1 and "site folder does not exist" in lines[0]
+
+
+def test_warning_defaults_are_the_trainers():
+    from fedfms.training.trainer import TrainConfig
+
+    assert TRAIN_DEFAULTS == {k: getattr(TrainConfig(), k) for k in TRAIN_DEFAULTS}
+
+
+def test_check_site_says_ready_with_warnings_and_exits_0(tmp_path, capsys):
+    site = make_disc_site(tmp_path / "one", site="one", num_volumes=1, slices_per_volume=3)
+    report = check_site(JOBS / "fedmsa_tiny", site, site_name="one")
+    assert report["data"]["val_samples"] == 0 and len(report["warnings"]) == 3  # no val, < batch, positive fraction 1
+    assert main(["check-site", "--job", str(JOBS / "fedmsa_tiny"), "--data-dir", str(site), "--site", "one"]) == 0
+    captured = capsys.readouterr()
+    assert "site one: ready, with 3 warning(s)" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("warning: ") for line in err)
+    assert "no validation samples" in err[0]

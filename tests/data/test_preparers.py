@@ -773,3 +773,262 @@ def test_cli_option_misuse_exits_2(prostate_raw, tmp_path, extra, capsys):
 def test_cli_data_error_propagates_for_main_cli(tmp_path):
     with pytest.raises(DataError, match="raw folder does not exist"):
         cli(["prepare", "nuclei", "--raw", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# re-runs are exact: the manifest records what each case read
+
+
+def _prostate_cmd(raw, out, **kw):
+    return prepare("prostate", raw, out, sites=["BIDMC"], **SMALL, **kw)
+
+
+def test_rerun_after_cases_added_removed_or_edited_says_what_changed(prostate_raw, tmp_path, capsys):
+    raw, _ = prostate_raw
+    out = tmp_path / "out"
+    _prostate_cmd(raw, out)
+    inputs = read_manifest(out / "BIDMC").settings["source"]["inputs"]
+    assert inputs["cases"]["Case00"] == ["Case00.nii.gz", "Case00_segmentation.nii.gz"]
+    assert set(inputs["files"]["Case00.nii.gz"]) == {"size", "mtime_ns", "sha256"}
+    before = (out / "BIDMC" / "manifest.json").read_text()
+
+    prostate_case(raw / "BIDMC", "Case02", depth=4, seed=9)
+    with pytest.raises(DataError, match=r"BIDMC: raw inputs differ from the ones it was prepared from \(.*BIDMC: 1 case\(s\) added \(Case02\)\); pass --overwrite"):
+        _prostate_cmd(raw, out)
+    for f in (raw / "BIDMC").glob("Case02*"):
+        f.unlink()
+    for f in (raw / "BIDMC").glob("Case01*"):
+        f.unlink()
+    with pytest.raises(DataError, match=r"1 case\(s\) removed \(Case01\)"):
+        _prostate_cmd(raw, out)
+    prostate_case(raw / "BIDMC", "Case01", depth=4, seed=77, labels=((0, 1),))  # same name and size, other voxels
+    with pytest.raises(DataError, match=r"1 case\(s\) changed \(Case01\)"):
+        _prostate_cmd(raw, out)
+    assert (out / "BIDMC" / "manifest.json").read_text() == before  # refused, never half-updated
+
+    # --overwrite semantics unchanged: it re-prepares, and the manifest then lists exactly what is there
+    (raw / "BIDMC" / "Case01.nii.gz").unlink()
+    (raw / "BIDMC" / "Case01_segmentation.nii.gz").unlink()
+    _prostate_cmd(raw, out, overwrite=True)
+    assert read_manifest(out / "BIDMC").volumes == ["BIDMC_Case00"] * 5
+    capsys.readouterr()
+    _prostate_cmd(raw, out)
+    assert "already prepared" in capsys.readouterr().err
+
+
+def test_rerun_from_a_copied_raw_folder_is_the_same_preparation_another_one_is_not(prostate_raw, tmp_path, capsys):
+    import os
+    import shutil
+
+    raw, _ = prostate_raw
+    out = tmp_path / "out"
+    _prostate_cmd(raw, out)
+    copy = tmp_path / "copy"
+    shutil.copytree(raw, copy, copy_function=shutil.copyfile)  # new modification times, same bytes
+    capsys.readouterr()
+    _prostate_cmd(copy, out)
+    err = capsys.readouterr().err
+    assert "already prepared" in err and "are identical" in err
+    seg = copy / "BIDMC" / "Case00_segmentation.nii.gz"
+    os.utime(seg, ns=(1, 1))  # touched: time differs, content hash decides
+    _prostate_cmd(copy, out)
+
+    other = tmp_path / "other"
+    prostate_case(other / "BIDMC", "Case00", depth=5, seed=50)
+    prostate_case(other / "BIDMC", "Case01", depth=4, seed=51, labels=((0, 1),))
+    with pytest.raises(DataError, match=r"raw inputs differ .*raw/BIDMC -> .*other/BIDMC: 2 case\(s\) changed \(Case00, Case01\)"):
+        _prostate_cmd(other, out)
+
+
+def test_rerun_notices_a_new_patients_csv(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fundus_case(raw / "G1020", "image_0", coding="index")
+    fundus_case(raw / "G1020", "image_1", coding="index")
+    prepare("fundus", raw, out, sites=["G1020"], mask_coding="index", **SMALL)
+    (raw / "G1020" / "patients.csv").write_text("image,patient\nimage_0.jpg,P1\nimage_1.jpg,P1\n")
+    with pytest.raises(DataError, match=r"patients\.csv added"):
+        prepare("fundus", raw, out, sites=["G1020"], mask_coding="index", **SMALL)
+
+
+def test_manifest_without_an_input_record_is_not_taken_as_current(prostate_raw, tmp_path):
+    import json
+
+    raw, _ = prostate_raw
+    out = tmp_path / "out"
+    _prostate_cmd(raw, out)
+    path = out / "BIDMC" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["settings"]["source"]["inputs"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"the manifest records no raw inputs"):
+        _prostate_cmd(raw, out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# intensity checks at the door
+
+
+def test_constant_volume_is_refused_or_skipped_and_listed(prostate_raw, tmp_path, capsys):
+    raw, _ = prostate_raw
+    seg = np.zeros((16, 16, 3), np.uint8)
+    seg[4:9, 4:9, 1] = 1  # a positive mask on an all-black volume: exactly what must not be written
+    nii(raw / "BIDMC" / "Case09.nii.gz", np.zeros((16, 16, 3), np.float32))
+    nii(raw / "BIDMC" / "Case09_segmentation.nii.gz", seg)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"Case09\.nii\.gz: volume is constant \(every voxel is 0\); expected an image with contrast \(use --skip-bad-cases"):
+        _prostate_cmd(raw, out)
+    assert_nothing_written(out, "BIDMC")
+    _prostate_cmd(raw, out, skip_bad_cases=True)
+    m = read_manifest(out / "BIDMC")
+    assert "BIDMC_Case09" not in m.volumes
+    assert [s["file"].endswith("Case09.nii.gz") for s in m.settings["source"]["skipped"]] == [True]
+    assert "volume is constant" in capsys.readouterr().err
+
+
+def test_segmentation_stored_as_the_image_and_empty_window_are_refused(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    labels = np.zeros((16, 16, 3), np.int16)
+    labels[4:9, 4:9, 1] = 1
+    nii(raw / "BIDMC" / "Case00.nii.gz", labels)
+    nii(raw / "BIDMC" / "Case00_segmentation.nii.gz", labels.astype(np.uint8))
+    with pytest.raises(DataError, match=r"Case00\.nii\.gz: volume has only 2 distinct values \[0, 1\], like a mask or segmentation"):
+        _prostate_cmd(raw, out)
+    sparse = np.zeros((16, 16, 3), np.float32)
+    sparse[0, 0, :] = [1.5, 2.25, 3.125]
+    nii(raw / "BIDMC" / "Case00.nii.gz", sparse)
+    with pytest.raises(DataError, match=r"Case00\.nii\.gz: intensity window is empty"):
+        _prostate_cmd(raw, out)
+    assert_nothing_written(out, "BIDMC")
+
+
+def test_fundus_constant_photo_16bit_photo_and_mask_in_images_are_refused(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    fundus_case(raw / "REFUGE", "a", ext=".png")
+    cases = [
+        (np.zeros((20, 24, 3), np.uint8), r"images/a\.png: image is constant \(every pixel is 0\)"),
+        (np.random.default_rng(0).integers(0, 4096, (20, 24)).astype(np.uint16), r"images/a\.png: image mode I;16 \(16-bit or float\); expected an 8-bit"),
+        (np.where(np.eye(20, 24) > 0, 128, 255).astype(np.uint8), r"images/a\.png: image has only 2 distinct values \[128, 255\], like a mask"),
+    ]
+    for image, match in cases:
+        png(raw / "REFUGE" / "images" / "a.png", image)
+        with pytest.raises(DataError, match=match):
+            prepare("fundus", raw, out, sites=["REFUGE"], **SMALL)
+        assert_nothing_written(out, "REFUGE")
+
+
+def test_pannuke_constant_patch_is_refused(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    images, masks = pannuke_fold(raw, 1, ["Uterus", "Uterus"])
+    images[1] = 0.0
+    np.save(raw / "PanNuke" / "Fold 1" / "images" / "fold1" / "images.npy", images)
+    with pytest.raises(DataError, match=r"images\.npy \[patch 1\]: image is constant"):
+        prepare("nuclei", raw, out, sites=["Uterus"], **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# patients and volume ids
+
+
+def test_nuclei_names_without_patient_rule_warn_and_ids_are_unique_across_sites(tmp_path, capsys):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for site in ("MoNuSAC", "MoNuSeg"):
+        for k in range(2):
+            png(raw / site / "images" / f"tile{k}.png", tissue(base=30 + k))
+            gt = np.zeros((16, 16), np.uint8)
+            gt[2:6, 2:6] = 1
+            png(raw / site / "masks" / f"tile{k}.png", gt)
+    prepare("nuclei", raw, out, sites=["MoNuSAC", "MoNuSeg"], **EXACT)
+    err = capsys.readouterr().err
+    assert "MoNuSAC: 2 of 2 image name(s) carry no TCGA barcode or TNBC slide number" in err and "patients.csv" in err
+    a, b = read_manifest(out / "MoNuSAC"), read_manifest(out / "MoNuSeg")
+    assert a.volumes == ["MoNuSAC_tile0", "MoNuSAC_tile1"] and set(a.volumes).isdisjoint(b.volumes)
+    assert a.settings["source"]["patient_ids"] == {"own image": 2}
+
+    (raw / "MoNuSAC" / "patients.csv").write_text("image,patient\ntile0.png,slide7\ntile1.png,slide7\n")
+    prepare("nuclei", raw, tmp_path / "out2", sites=["MoNuSAC"], **EXACT)
+    assert "carry no TCGA" not in capsys.readouterr().err
+    m = read_manifest(tmp_path / "out2" / "MoNuSAC")
+    assert m.volumes == ["MoNuSAC_slide7"] * 2 and m.settings["source"]["patient_ids"] == {"patients.csv": 2}
+
+
+def test_fets_subject_listed_in_two_partitions_is_refused(fets_raw, tmp_path):
+    raw, _ = fets_raw
+    write_csv(raw / fets.TRAINING_DIR / "partitioning_1.csv", [(1, "FeTS2022_00000"), (6, "FeTS2022_00000")])
+    with pytest.raises(DataError, match=r"partitioning_1\.csv: line 3 lists Subject_ID FeTS2022_00000 again \(line 2, partition 1\)"):
+        prepare("fets", raw, tmp_path / "out", clients="1,6", **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# output folder problems: one line, nothing half-written, nothing left empty
+
+
+def test_out_that_is_a_file_and_out_below_a_file(prostate_raw, tmp_path):
+    raw, _ = prostate_raw
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(DataError, match=r"notes\.txt: output is a file; expected a folder"):
+        _prostate_cmd(raw, target)
+    with pytest.raises(DataError, match=r"notes\.txt/sub.*\(Not a directory\)"):
+        _prostate_cmd(raw, target / "sub")
+    assert target.read_text() == "mine"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "BIDMC").write_text("a file where the site goes")
+    with pytest.raises(DataError, match=r"out/BIDMC: a file is where the site folder goes"):
+        _prostate_cmd(raw, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "BIDMC").read_text() == "a file where the site goes"
+
+
+def test_failed_run_leaves_no_empty_output_folder(prostate_raw, tmp_path):
+    raw, _ = prostate_raw
+    prostate_case(raw / "BIDMC", "Case05", labels=((1, 7),))
+    out = tmp_path / "new" / "out"
+    with pytest.raises(DataError, match="unexpected label values"):
+        _prostate_cmd(raw, out)
+    assert not (tmp_path / "new").exists()
+
+
+def test_disk_full_during_prepare_is_one_line_and_leaves_nothing(prostate_raw, tmp_path, monkeypatch):
+    import errno
+
+    raw, _ = prostate_raw
+    real_save = Image.Image.save
+
+    def full(self, fp, *a, **k):
+        if "Case01" in str(fp):
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"BIDMC\.partial/images/BIDMC_Case01_0000\.png: could not write \(No space left on device\)"):
+        _prostate_cmd(raw, out)
+    assert not out.exists()
+
+
+def test_later_site_failing_says_which_sites_are_complete(prostate_raw, tmp_path):
+    raw, _ = prostate_raw
+    prostate_case(raw / "HK", "Case40", labels=((1, 9),))
+    with pytest.raises(DataError, match=r"Case40_segmentation\.nii\.gz: unexpected label values \[9\].*\[site\(s\) BIDMC are complete in"):
+        prepare("prostate", raw, tmp_path / "out", sites=["BIDMC", "HK"], **SMALL)
+    assert read_manifest(tmp_path / "out" / "BIDMC").counts["samples"] == 9
+    assert_nothing_written(tmp_path / "out", "HK")
+
+
+@pytest.mark.parametrize("case", ["out_is_file", "raw_missing", "rerun_changed"])
+def test_main_cli_prints_one_error_line_and_exits_2(prostate_raw, tmp_path, capsys, case):
+    from fedfms.cli import main
+
+    raw, _ = prostate_raw
+    out = tmp_path / "out"
+    base = ["prepare", "prostate", "--sites", "BIDMC", "--image-size", "32", "--mask-size", "16"]
+    if case == "out_is_file":
+        out.write_text("x")
+    elif case == "raw_missing":
+        raw = tmp_path / "missing"
+    else:
+        assert main([*base, "--raw", str(raw), "--out", str(out)]) == 0
+        prostate_case(raw / "BIDMC", "Case07")
+    capsys.readouterr()
+    assert main([*base, "--raw", str(raw), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]

@@ -279,3 +279,148 @@ def test_duplicate_sample_id_is_refused(tmp_path):
         with SiteWriter(tmp_path / "site", "s", "t", ["fg"], image_size=8, mask_size=8) as w:
             for _ in range(2):
                 w.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8), "v", 0)
+
+
+# ---------------------------------------------------------------------------------------------- intensities
+
+
+def _texture(size=16, dtype=np.float32, top=1.0):
+    return (np.linspace(0, top, size * size).reshape(size, size)).astype(dtype)
+
+
+def test_writer_refuses_uint16_and_out_of_range_floats_instead_of_clamping(tmp_path):
+    micrograph = np.random.default_rng(0).integers(100, 4096, (16, 16)).astype(np.uint16)  # 12-bit data in uint16
+    for image, match in (
+        (micrograph, r"sample 'P1': image is uint16 with values \[\d+, \d+\]; expected uint8, or float in \[0, 1\]"),
+        (_texture(top=3.7), r"sample 'P1': float image values span \[0, 3\.7\]; expected \[0, 1\]"),
+        (_texture() - 0.5, r"float image values span \[-0\.5, 0\.5\]"),
+        (np.full((16, 16), np.nan, np.float32), "NaN/inf"),
+        (np.ones((16, 16), bool), "dtype is bool"),
+    ):
+        with pytest.raises(DataError, match=match):
+            with SiteWriter(tmp_path / "site", "h", "t", ["fg"], image_size=16, mask_size=16) as w:
+                w.add(image, np.zeros((16, 16), np.uint8), "P1")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_float_rounding_above_one_is_accepted_and_window_rule_keeps_contrast(tmp_path):
+    with SiteWriter(tmp_path / "a", "h", "t", ["fg"], image_size=16, mask_size=16) as w:
+        w.add(_texture() * (1 + 1e-6), np.zeros((16, 16), np.uint8), "P1")  # float rounding, not data out of range
+    micrograph = (np.linspace(100, 4000, 256).reshape(16, 16)).astype(np.uint16)
+    with SiteWriter(tmp_path / "b", "h", "t", ["fg"], image_size=16, mask_size=16, intensity="window") as w:
+        w.add(micrograph, np.zeros((16, 16), np.uint8), "P1")
+    stored = np.asarray(Image.open(tmp_path / "b" / "images" / "P1.png"))[..., 0]
+    assert stored.min() == 0 and stored.max() == 255
+    assert (stored == 255).mean() < 0.05  # not "99 % white": the 1st..99th percentile window, documented
+    assert read_manifest(tmp_path / "b").settings["writer_intensity"] == "window"
+    with pytest.raises(DataError, match="intensity is 'clamp'"):
+        SiteWriter(tmp_path / "c", "h", "t", ["fg"], intensity="clamp")
+
+
+def test_constant_2d_image_is_refused_constant_slices_of_a_volume_are_not(tmp_path, capsys):
+    with pytest.raises(DataError, match=r"sample 'tile0': image is constant \(every pixel is 0\)"):
+        with SiteWriter(tmp_path / "site", "h", "t", ["fg"], image_size=8, mask_size=8) as w:
+            w.add(np.zeros((8, 8), np.float32), np.ones((8, 8), np.uint8), "tile0")
+    assert not (tmp_path / "site").exists()
+    # the background slice above a body is constant and legitimate; a volume made only of such slices is flagged
+    with SiteWriter(tmp_path / "site", "h", "t", ["fg"], image_size=8, mask_size=8) as w:
+        w.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8), "body", 0)
+        w.add(np.eye(8, dtype=np.float32), np.eye(8, dtype=np.uint8), "body", 1)
+        w.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8), "blank", 0)
+    err = capsys.readouterr().err
+    assert "volume(s) h_blank is constant" in err and "h_body" not in err
+    assert read_manifest(tmp_path / "site").counts["samples"] == 3
+
+
+def test_volume_ids_carry_the_site_so_pooled_sites_never_share_one(tmp_path):
+    for site in ("A", "B"):
+        with SiteWriter(tmp_path / site, site, "t", ["fg"], image_size=8, mask_size=8) as w:
+            w.add(np.eye(8, dtype=np.float32), np.eye(8, dtype=np.uint8), "tile0")
+            w.add(np.eye(8, dtype=np.float32), np.eye(8, dtype=np.uint8), "A_kept", 0)  # already prefixed at A
+    a, b = read_manifest(tmp_path / "A"), read_manifest(tmp_path / "B")
+    assert a.volumes == ["A_tile0", "A_kept"] and b.volumes == ["B_tile0", "B_A_kept"]
+    assert [s.id for s in a.samples] == ["tile0", "A_kept_0000"]  # file names keep the caller's ids
+    assert set(a.volumes).isdisjoint(b.volumes)
+
+
+# ---------------------------------------------------------------------------------------------- failures leave nothing
+
+
+def test_bad_mask_leaves_no_folder_and_names_the_api_argument(tmp_path):
+    out = tmp_path / "new" / "deeper" / "site"
+    mask = np.where(np.eye(8) > 0, 255, 0).astype(np.uint8)
+    with pytest.raises(DataError, match=r"mask values \[0, 255\] are not binary; expected 0/1 per class \(a 0/255 mask: divide it by 255\)"):
+        with SiteWriter(out, "h", "t", ["fg"], image_size=8, mask_size=8) as w:
+            w.add(np.eye(8, dtype=np.float32), mask, "P1")
+    assert list(tmp_path.iterdir()) == []  # not even the parent folders it made
+    write_site(tmp_path / "site")
+    with pytest.raises(DataError, match=r"output already exists; expected a new folder \(or overwrite=True to replace it\)") as err:
+        SiteWriter(tmp_path / "site", "s", "t", ["fg"])
+    assert "--overwrite" not in str(err.value)
+
+
+def test_out_dir_that_is_a_file_is_left_alone(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match=r"notes\.txt: a file is where the site folder goes"):
+            SiteWriter(target, "s", "t", ["fg"], overwrite=overwrite)
+    assert target.read_text() == "mine"
+
+
+def test_disk_full_while_writing_keeps_nothing_and_keeps_the_previous_output(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "site"
+    write_site(out, n_volumes=2)
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def full(self, fp, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(DataError, match=r"site\.partial/(images|masks)/\S+\.png: could not write \(No space left on device\); nothing of site 's1' was kept"):
+        write_site(out, n_volumes=3, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+    assert len(read_manifest(out).samples) == 4  # the previous output, untouched
+
+
+def test_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    out = tmp_path / "site"
+    write_site(out, n_volumes=2)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "site.partial":
+            raise OSError(13, "Permission denied", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(DataError, match=r"site: could not replace it \(Permission denied\); the previous output is unchanged"):
+        write_site(out, n_volumes=1, overwrite=True)
+    monkeypatch.undo()
+    assert len(read_manifest(out).samples) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_unwritable_parent_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.name.endswith(".partial"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(DataError, match=r"site\.partial: cannot create the site folder there \(Permission denied\); expected a writable folder"):
+        with SiteWriter(tmp_path / "x" / "site", "s", "t", ["fg"]):
+            pass
+    assert list(tmp_path.iterdir()) == []

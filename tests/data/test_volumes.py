@@ -148,3 +148,42 @@ def test_select_slices_counts_and_fraction():
     assert len(vol.select_slices(has, 0.5)) == 2 + 4
     assert vol.select_slices(has, 100) == list(range(10))
     assert vol.select_slices(has, 2) == two  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------------
+# intensity checks where a volume enters (prepare, predict)
+
+
+def test_window_volume_refuses_constant_empty_window_and_label_maps():
+    rng = np.random.default_rng(0)
+    good = rng.uniform(0, 1000, (8, 8, 4)).astype(np.float32)
+    np.testing.assert_array_equal(vol.window_volume(good, 1, 99, "v.nii.gz"), vol.window_percentiles(good, 1, 99))
+    with pytest.raises(DataError, match=r"^flat\.nii\.gz: volume is constant \(every voxel is 0\); expected an image with contrast$"):
+        vol.window_volume(np.zeros((8, 8, 4), np.float32), path="flat.nii.gz")
+    sparse = np.zeros((16, 16, 4), np.float32)
+    sparse[0, 0, :] = rng.uniform(1, 2, 4)  # 4 voxels of 1024 carry signal: the 1st and 99th percentiles are both 0
+    with pytest.raises(DataError, match=r"^sparse\.nii\.gz: intensity window is empty: percentiles 1 and 99 are both 0 \(100% .*--low-pct/--high-pct\)$"):
+        vol.window_volume(sparse, path="sparse.nii.gz")
+    assert vol.window_volume(sparse, 0, 100, "sparse.nii.gz").max() == 1.0  # a wider window is the documented way out
+    labels = np.zeros((8, 8, 4), np.int16)
+    labels[2:5, 2:5, 1] = 1
+    labels[3, 3, 1] = 2
+    with pytest.raises(DataError, match=r"seg\.nii\.gz: volume has only 3 distinct values \[0, 1, 2\], like a mask or segmentation"):
+        vol.window_volume(labels, path="seg.nii.gz")
+
+
+def test_label_like_and_unit_range_rules():
+    from fedfms.data import intensity
+
+    rng = np.random.default_rng(1)
+    assert intensity.label_like_values(np.array([[0, 255], [255, 0]], np.uint8)) == [0, 255]
+    assert intensity.label_like_values(np.array([0.0, 1.0, 2.0, 1.0])) == [0, 1, 2]
+    assert intensity.label_like_values(rng.integers(0, 256, (64, 64), dtype=np.uint8)) is None  # a real 8-bit image
+    assert intensity.label_like_values(np.array([0.0, 0.5, 1.0])) is None  # fractions: an image, not labels
+    assert intensity.label_like_values(np.full((4, 4), 3)) is None  # constant: reported as constant instead
+    img8 = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+    np.testing.assert_allclose(intensity.to_unit_range(img8, "unit", "x"), img8 / 255.0, atol=1e-7)
+    with pytest.raises(DataError, match=r"x: image is int16 with values \[-5, 7\]"):
+        intensity.to_unit_range(np.array([[-5, 7]], np.int16), "unit", "x")
+    windowed = intensity.to_unit_range(np.linspace(0, 60000, 101).astype(np.uint16), "window", "x")
+    assert windowed.min() == 0.0 and windowed.max() == 1.0 and 0.45 < windowed[50] < 0.55

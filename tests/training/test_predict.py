@@ -194,3 +194,123 @@ def test_truncated_nifti_names_the_file(weights_file, tmp_path):
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(DataError, match=r"cut\.nii\.gz"):
         predict_cases(MODEL, weights_file, [path], tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# every input checked before anything is written; outputs all or nothing
+
+
+def _textured_png(path, seed=0, size=(24, 24)):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_bad_input_among_good_ones_writes_nothing(weights_file, tmp_path):
+    good = _textured_png(tmp_path / "good.png")
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(black)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(DataError, match=r"black\.png: image is constant \(every pixel is 0\); expected an image with contrast; nothing was written$"):
+        predict_cases(MODEL, weights_file, [good, black], out)
+    assert not (tmp_path / "new").exists()
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 3), 7.0, np.float32), np.eye(4)), flat)
+    with pytest.raises(DataError, match=r"black\.png: image is constant .* \[1 more bad input\(s\) of 3\]; nothing was written"):
+        predict_cases(MODEL, weights_file, [good, black, flat], out)
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: volume is constant \(every voxel is 7\)"):
+        predict_cases(MODEL, weights_file, [flat], out)
+
+
+def test_label_like_inputs_are_refused_unless_allowed(weights_file, tmp_path):
+    mask = np.zeros((24, 24), np.uint8)
+    mask[5:12, 5:12] = 255
+    Image.fromarray(mask).save(tmp_path / "case_mask.png")
+    seg = np.zeros((16, 16, 3), np.uint8)
+    seg[4:9, 4:9, 1] = 2
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), tmp_path / "Case00_segmentation.nii.gz")
+    for name, match in (("case_mask.png", r"image has only 2 distinct values \[0, 255\]"),
+                        ("Case00_segmentation.nii.gz", r"volume has only 2 distinct values \[0, 2\]")):
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: {match}, like a mask or segmentation"):
+            predict_cases(MODEL, weights_file, [tmp_path / name], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    written = predict_cases(MODEL, weights_file, [tmp_path / "case_mask.png"], tmp_path / "out", allow_label_like=True)
+    assert [p.name for p in written] == ["case_mask_class0.png"]
+
+
+def test_existing_predictions_are_not_replaced_without_overwrite(weights_file, tmp_path):
+    good = _textured_png(tmp_path / "good.png")
+    out = tmp_path / "out"
+    (first,) = predict_cases(MODEL, weights_file, [good], out)
+    first.write_bytes(b"an earlier run's result")
+    with pytest.raises(DataError, match=r"good_class0\.png: already exists; expected a new file .*--overwrite.*; nothing was written"):
+        predict_cases(MODEL, weights_file, [good], out)
+    assert first.read_bytes() == b"an earlier run's result"
+    predict_cases(MODEL, weights_file, [good], out, overwrite=True)
+    assert np.asarray(Image.open(first)).shape == (24, 24)
+    assert sorted(p.name for p in out.iterdir()) == ["good_class0.png"]  # no staging folder left
+
+
+def test_out_that_is_a_file_and_an_input_that_is_a_folder(weights_file, tmp_path):
+    good = _textured_png(tmp_path / "good.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"notes\.txt: output is a file; expected a folder for the predictions"):
+        predict_cases(MODEL, weights_file, [good], tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "cases").mkdir()
+    with pytest.raises(DataError, match=r"cases: is a folder; expected an image or NIfTI file"):
+        predict_cases(MODEL, weights_file, [tmp_path / "cases"], tmp_path / "out")
+
+
+def test_disk_full_while_writing_keeps_nothing(weights_file, tmp_path, monkeypatch):
+    import errno
+
+    inputs = [_textured_png(tmp_path / "a.png", 1), _textured_png(tmp_path / "b.png", 2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    real_save = Image.Image.save
+
+    def full(self, fp, *a, **k):
+        if "b_class0" in str(fp):
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(DataError, match=r"b_class0\.png: could not write predictions \(No space left on device\); nothing was written"):
+        predict_cases(MODEL, weights_file, inputs, out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # a.png's finished output was not left half a run
+
+
+def test_16bit_image_is_windowed_by_the_documented_rule(tmp_path):
+    from fedfms.training.predict import read_image
+
+    micrograph = np.linspace(200, 3800, 400).reshape(20, 20).astype(np.uint16)
+    Image.fromarray(micrograph).save(tmp_path / "m.png")
+    image = read_image(tmp_path / "m.png")
+    lo, hi = np.percentile(micrograph.astype(np.float32), [1, 99])
+    np.testing.assert_allclose(image[..., 0], np.clip((micrograph - lo) / (hi - lo), 0, 1), atol=1e-5)
+    assert (image >= 0.999).mean() < 0.05  # not clamped to white
+
+
+def test_cli_predict_errors_are_one_line_exit_2(weights_file, tmp_path, capsys):
+    import json
+
+    from fedfms.cli import main
+
+    good = _textured_png(tmp_path / "good.png")
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(black)
+    (tmp_path / "model.json").write_text(json.dumps(MODEL.to_dict()))
+    (tmp_path / "bad.json").write_text("{nope")
+    base = ["predict", "--weights", str(weights_file), "--out", str(tmp_path / "out")]
+    for argv, needle in (
+        ([*base, "--model-config", str(tmp_path / "model.json"), str(good), str(black)], "black.png: image is constant"),
+        ([*base, "--model-config", str(tmp_path / "bad.json"), str(good)], "bad.json: not valid JSON"),
+        ([*base, "--model-config", str(tmp_path / "none.json"), str(good)], "none.json: cannot read the model config"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert main([*base, "--model-config", str(tmp_path / "model.json"), str(good)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "good_class0.png")

@@ -99,7 +99,7 @@ def window(array: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0, wher
     if not hi > lo:
         share = float(np.mean(v == lo))
         raise DataError(
-            f"{where}: intensity window is empty: the {fmt(low_pct)}th and {fmt(high_pct)}th percentiles are both {fmt(lo)} "
+            f"{where}: intensity window is empty: percentiles {fmt(low_pct)} and {fmt(high_pct)} are both {fmt(lo)} "
             f"({share:.0%} of the values; range {value_range(v)}); expected contrast inside the window (try --low-pct/--high-pct)"
         )
     return np.clip((v - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
