@@ -54,11 +54,16 @@ def _cmd_evaluate(args) -> int:
 
     rows = evaluate_sites(_model_config(args), args.weights, args.sites, batch_size=args.batch_size,
                           device=args.device, checkpoint=args.checkpoint)
-    print(format_site_rows(rows))
+    print(format_site_rows(rows, args.scoring))
     if args.json:
         from fedfms.evaluation.protocol import json_safe
 
-        out = {"weights": str(args.weights), "sites": [{k: json_safe(v) for k, v in r.items()} for r in rows],
+        from fedfms.evaluation.scoring import scoring_notes
+
+        # both rules are always written; "scoring" records what the console table showed
+        out = {"weights": str(args.weights), "scoring": args.scoring,
+               "rules": scoring_notes("both", rows[0].get("reference_on") if rows else "logits"),
+               "sites": [{k: json_safe(v) for k, v in r.items()} for r in rows],
                "average": {k: json_safe(v) for k, v in mean_row(rows).items()}}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -74,6 +79,7 @@ def _cmd_loso(args) -> int:
         centralized=args.centralized, train_overrides=parse_json_object(args.train, "--train"),
         model_overrides=parse_json_object(args.model, "--model"), overwrite=args.overwrite, checkpoint=args.checkpoint,
         batch_size=args.batch_size, device=args.device, log=lambda msg: print(msg, flush=True),
+        flavour=args.flavour, scoring=args.scoring,
     )
     return 0
 
@@ -84,7 +90,8 @@ def _cmd_centralized(args) -> int:
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows
     from fedfms.training.trainer import TrainConfig
 
-    settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"))
+    settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"),
+                                 flavour=args.flavour)
     train = dict(settings["train"])
     epochs = args.epochs or settings["num_rounds"] * TrainConfig.from_dict(dict(train)).epochs
     out = Path(args.out)
@@ -99,7 +106,7 @@ def _cmd_centralized(args) -> int:
             rows = evaluate_sites(settings["model"], path, args.test, batch_size=args.batch_size, device=args.device,
                                   checkpoint=args.checkpoint)
             print(f"\n{name} ({path.name}) on the test site(s):")
-            print(format_site_rows(rows))
+            print(format_site_rows(rows, args.scoring))
             report[name] = [{k: json_safe(v) for k, v in r.items()} for r in rows]
         (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {out / 'evaluation.json'}")
@@ -110,6 +117,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="SAM checkpoint for pretrained models (replaces $FEDFMS_SAM_CHECKPOINT)")
     p.add_argument("--batch-size", type=_positive_int, default=6, help="evaluation batch size (default 6)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (cuda if available), cpu, cuda:0, ...")
+    p.add_argument("--scoring", choices=["honest", "reference", "both"], default="honest",
+                   help="which rule the table (and loso's CSV) shows: honest = this project's (sigmoid > 0.5, empty/empty "
+                        "slices left out, also 3D); reference = the paper code's (per slice, thresholds 0.1,0.3,0.5,0.7,0.9 on raw "
+                        "logits averaged, empty/empty = 1; columns 'ref Dice'/'ref IoU'); both. JSON files keep both")
+
+
+def _flavour(p: argparse.ArgumentParser) -> None:
+    from fedfms.flavours import FLAVOURS
+
+    p.add_argument("--flavour", choices=sorted(FLAVOURS),
+                   help="model flavour for a job variant: project (default settings) or reference (the paper code's "
+                        "head, input scaling, no dense prompt, adapter init, pos_weight 2); docs/evaluation.md")
 
 
 def add_evaluate_parsers(sub) -> None:
@@ -136,6 +155,7 @@ def add_evaluate_parsers(sub) -> None:
     p.add_argument("--train", help='JSON of train settings for a variant, e.g. \'{"lr": 5e-5}\'')
     p.add_argument("--model", help='JSON of model settings for a variant, e.g. \'{"num_classes": 2}\'')
     p.add_argument("--overwrite", action="store_true", help="replace existing fold folders of the held-out sites")
+    _flavour(p)
     _common(p)
     p.set_defaults(func=_cmd_loso)
 
@@ -148,5 +168,6 @@ def add_evaluate_parsers(sub) -> None:
     p.add_argument("--model", help="JSON of model settings to change")
     p.add_argument("--out", required=True, help="folder for model.pt (selected epoch), model_last.pt, model.json")
     p.add_argument("--overwrite", action="store_true")
+    _flavour(p)
     _common(p)
     p.set_defaults(func=_cmd_centralized)

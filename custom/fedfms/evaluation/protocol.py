@@ -40,11 +40,14 @@ from typing import Callable, Mapping, Sequence
 from fedfms.data.site_dataset import read_manifest
 from fedfms.errors import CheckpointError, ConfigError, DataError, FedFMSError
 from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
-from fedfms.evaluation.scoring import SUMMARY_KEYS, evaluate_sites, resolve_model_config
+from fedfms.evaluation.scoring import (ALL_SUMMARY_KEYS, PER_CLASS_KEYS, check_scoring, evaluate_sites,
+                                      resolve_model_config, scoring_keys, scoring_notes)
+from fedfms.flavours import apply_flavour, flavour_of
 from fedfms.flare.jobs import VARIANTS, job_model_config, job_recipe, rewrite_job, variant_settings, write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig
 from fedfms.run_record import read_run_record, summarize
+from fedfms.training.metrics import reference_rule, reference_space
 from fedfms.training.trainer import TrainConfig
 
 RESULTS_JSON = "loso_results.json"
@@ -123,29 +126,44 @@ class JobSource:
 
 
 def job_source(variant_or_job: str | os.PathLike, train_overrides: Mapping | None = None,
-               model_overrides: Mapping | None = None) -> JobSource:
+               model_overrides: Mapping | None = None, flavour: str | None = None) -> JobSource:
+    """``flavour`` (``fedfms.flavours``): for a variant, its fields join the overrides; a job folder keeps the
+    flavour it was made with, and asking for another one is refused."""
     name = str(variant_or_job)
     if name in VARIANTS:
-        return JobSource(name, variant=name, train_overrides=dict(train_overrides or {}), model_overrides=dict(model_overrides or {}))
+        model, train = dict(model_overrides or {}), dict(train_overrides or {})
+        if flavour:
+            variant = model.get("variant") or VARIANTS[name]["model"]["variant"]
+            model, train = apply_flavour(flavour, model, train, variant=variant)
+        return JobSource(name, variant=name, train_overrides=train, model_overrides=model)
     path = Path(name)
     if not (path / "meta.json").is_file():
         raise ConfigError(f"{name!r} is neither a job variant ({', '.join(VARIANTS)}) nor a FLARE job folder (no meta.json)")
     if train_overrides or model_overrides:
         raise ConfigError(f"{path}: train/model overrides apply to job variants; for a job folder, edit it "
                           "(or make one with 'fedfms job new')")
-    return JobSource(str(path.resolve()), job_dir=path.resolve())
+    source = JobSource(str(path.resolve()), job_dir=path.resolve())
+    if flavour:
+        settings = source.settings()
+        has = flavour_of(settings["model"], settings["train"])
+        if has != flavour:
+            raise ConfigError(f"{path}: the job's flavour is {has!r}, not {flavour!r}; a job folder keeps its own settings "
+                              "(make one with the flavour you want, or pass a job variant)")
+    return source
 
 
 def training_settings(variant_or_job: str | os.PathLike, train_overrides: Mapping | None = None,
-                      model_overrides: Mapping | None = None) -> dict:
-    """``{"model", "train", "num_rounds"}`` of a variant or job folder with the overrides merged in
-    (for training outside FLARE, where nothing has to be written back into a job)."""
+                      model_overrides: Mapping | None = None, flavour: str | None = None) -> dict:
+    """``{"model", "train", "num_rounds"}`` of a variant or job folder with the overrides (and the fields of
+    ``flavour``) merged in (for training outside FLARE, where nothing has to be written back into a job)."""
     name = str(variant_or_job)
     if name in VARIANTS:
-        return job_source(name, train_overrides, model_overrides).settings()
+        return job_source(name, train_overrides, model_overrides, flavour).settings()
     s = job_source(name).settings()
-    return {"model": {**s["model"], **dict(model_overrides or {})}, "train": {**s["train"], **dict(train_overrides or {})},
-            "num_rounds": s["num_rounds"]}
+    model, train = {**s["model"], **dict(model_overrides or {})}, {**s["train"], **dict(train_overrides or {})}
+    if flavour:
+        model, train = apply_flavour(flavour, model, train)
+    return {"model": model, "train": train, "num_rounds": s["num_rounds"]}
 
 
 def _patch_job(job_dir: Path, rounds: int, min_clients: int) -> None:
@@ -254,8 +272,8 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _scores(row: Mapping, weights: Path) -> dict:
-    keep = ("dice", "iou", "volume_dice", "volume_iou", "dice_per_class", "iou_per_class", "volume_dice_per_class",
-            "volume_iou_per_class", "classes", "num_samples", "num_slices", "num_volumes")
+    keep = (*ALL_SUMMARY_KEYS, *PER_CLASS_KEYS, "reference_thresholds", "reference_on", "classes", "num_samples",
+            "num_slices", "num_volumes")
     return {**{k: json_safe(row.get(k)) for k in keep}, "weights": str(weights)}
 
 
@@ -293,6 +311,8 @@ def leave_one_site_out(
     batch_size: int = 6,
     device: str = "auto",
     log: Callable[[str], None] | None = print,
+    flavour: str | None = None,
+    scoring: str = "honest",
 ) -> list[dict]:
     """Run the LOSO folds for ``holdouts`` (default: every site) and return the table rows.
 
@@ -300,10 +320,13 @@ def leave_one_site_out(
     ``rounds``: federated rounds (default: the job's); the centralised baseline trains
     ``rounds x local epochs`` epochs. ``checkpoint``: the SAM checkpoint, passed to the simulated sites
     as ``FEDFMS_SAM_CHECKPOINT`` (what the jobs' checkpoint setting refers to) and used for scoring.
-    An existing fold folder is never replaced unless ``overwrite``.
+    An existing fold folder is never replaced unless ``overwrite``. ``flavour`` (``fedfms.flavours``, for a
+    variant): its config fields join the overrides. ``scoring`` (honest, reference, both): which rule the
+    printed table and the CSV show; every score of both rules is kept in the JSON whatever it is.
 
-    Each row: ``method``, ``label``, ``sites`` (held-out site -> scores), the averages of
-    dice/iou/volume_dice/volume_iou over those sites, ``num_folds``."""
+    Each row: ``method``, ``label``, ``sites`` (held-out site -> scores), the averages over those sites of
+    dice/iou/volume_dice/volume_iou and of the paper code's dice_reference/iou_reference, ``num_folds``."""
+    check_scoring(scoring)
     say = log or (lambda _msg: None)
     data_root, workspace = Path(data_root).resolve(), Path(workspace).resolve()
     sites = check_sites(data_root, sites if sites else discover_sites(data_root))
@@ -316,12 +339,12 @@ def leave_one_site_out(
 
     with _env(FEDFMS_SAM_CHECKPOINT=checkpoint):
         return _run(variant_or_job, data_root, sites, workspace, rounds, holdouts, centralized, train_overrides,
-                    model_overrides, overwrite, batch_size, device, say)
+                    model_overrides, overwrite, batch_size, device, say, flavour, scoring)
 
 
 def _run(variant_or_job, data_root: Path, sites: list[str], workspace: Path, rounds, holdouts: list[str], centralized,
-         train_overrides, model_overrides, overwrite, batch_size, device, say) -> list[dict]:
-    source = job_source(variant_or_job, train_overrides, model_overrides)
+         train_overrides, model_overrides, overwrite, batch_size, device, say, flavour=None, scoring="honest") -> list[dict]:
+    source = job_source(variant_or_job, train_overrides, model_overrides, flavour)
     base = source.settings()
     rounds = rounds if rounds is not None else base["num_rounds"]
     if not isinstance(rounds, int) or rounds < 1:
@@ -352,10 +375,11 @@ def _run(variant_or_job, data_root: Path, sites: list[str], workspace: Path, rou
         run_fold(source, data_root, sites, holdout, folds[holdout], rounds, centralized, signature,
                  f"{i}/{len(holdouts)}", batch_size, device, say)
     rows, report = collect(workspace, signature)
+    report["data_root"] = str(data_root)
     _write_json(workspace / RESULTS_JSON, report)
-    write_csv(rows, workspace / RESULTS_CSV)
+    write_csv(rows, workspace / RESULTS_CSV, scoring)
     say("")
-    say(format_loso_table(rows, report["held_out"]))
+    say(format_loso_table(rows, report["held_out"], scoring))
     for note in report["notes"]:
         say(note)
     say(f"results: {workspace / RESULTS_JSON}, {workspace / RESULTS_CSV}")
@@ -393,6 +417,9 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
     start = time.perf_counter()
     job = source.write(fold / "job", rounds, train_sites)
     settings = job_settings(job)
+    # what the fold trained with, so tables can name the method and its flavour without FLARE
+    record.update(model_config=settings["model"], train_config=settings["train"],
+                  flavour=flavour_of(settings["model"], settings["train"]))
     test_dir = data_root / holdout
     log_path = fold / "simulator.log"
     rc = simulate(job, fold / "simulator", train_sites, data_root, log_path)
@@ -472,9 +499,9 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
         if not per_site:
             continue
         row = {"method": method, "label": label, "sites": per_site, "num_folds": len(per_site)}
-        for key in SUMMARY_KEYS:
+        for key in ALL_SUMMARY_KEYS:
             row[key] = _mean([r.get(key) for r in per_site.values()])
-        for key in ("dice_per_class", "iou_per_class"):
+        for key in ("dice_per_class", "iou_per_class", "dice_reference_per_class", "iou_reference_per_class"):
             lists = [r.get(key) or [] for r in per_site.values()]
             row[key] = [_mean(values) for values in zip(*lists)] if lists and all(lists) else None
         row["classes"] = next(iter(per_site.values())).get("classes")
@@ -493,6 +520,7 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
         "average": "unweighted mean over held-out sites of each site's score",
         "metrics": "sigmoid > 0.5; slice Dice/IoU averaged over slices, leaving out slices with empty ground truth and "
                    "empty prediction; volume_* from voxel counts summed per volume; multi-class: mean over classes",
+        "metrics_reference": f"dice_reference, iou_reference: {_reference_rule_of(folds)}; multi-class: mean over classes",
         "rows": rows,
         "notes": notes,
         "folds": [folds[s] for s in held_out],
@@ -500,26 +528,35 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
     return rows, report
 
 
+def _reference_rule_of(folds: Mapping) -> str:
+    variants = {(f.get("model_config") or {}).get("variant") for f in folds.values()} - {None}
+    return reference_rule(reference_space(variants.pop()) if len(variants) == 1 else "logits")
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
 
-def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
+def write_csv(rows: Sequence[Mapping], path: str | Path, scoring: str = "honest") -> Path:
     """Long format: one line per method and held-out site, then the method's average. With several
-    classes (fundus: disc, cup) each class's Dice and IoU get their own columns."""
+    classes (fundus: disc, cup) each class's Dice and IoU get their own columns. ``scoring``: honest
+    (dice, iou, volume_dice, volume_iou), reference (dice_reference, iou_reference) or both."""
     path = Path(path)
+    keys = scoring_keys(scoring)
     classes = list((rows[0].get("classes") or []) if rows else [])
     per_class = classes if len(classes) > 1 else []
-    fields = ["method", "held_out_site", *SUMMARY_KEYS, *[f"{m}_{c}" for c in per_class for m in ("dice", "iou")], "num_samples"]
+    class_keys = [(m, f"{m}_per_class") for m in ("dice", "iou") if m in keys]
+    class_keys += [(m, f"{m}_per_class") for m in ("dice_reference", "iou_reference") if m in keys]
+    fields = ["method", "held_out_site", *keys, *[f"{m}_{c}" for c in per_class for m, _ in class_keys], "num_samples"]
 
     def line(method, site, scores, n):
         extra = []
         for i, _ in enumerate(per_class):
-            for key in ("dice_per_class", "iou_per_class"):
+            for _, key in class_keys:
                 values = scores.get(key) or []
                 extra.append(_csv(values[i] if i < len(values) else None))
-        return [method, site, *[_csv(scores.get(k)) for k in SUMMARY_KEYS], *extra, n]
+        return [method, site, *[_csv(scores.get(k)) for k in keys], *extra, n]
 
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -535,10 +572,25 @@ def _csv(v) -> str:
     return "" if v is None else f"{v:.6f}"
 
 
-def format_loso_table(rows: Sequence[Mapping], held_out: Sequence[str] | None = None) -> str:
-    """Paper's Table 1 layout: a row per method; Dice and IoU for each held-out site and their average."""
+def format_loso_table(rows: Sequence[Mapping], held_out: Sequence[str] | None = None, scoring: str = "honest") -> str:
+    """Paper's Table 1 layout: a row per method; Dice and IoU for each held-out site and their average.
+    ``scoring``: this project's rule (honest), the paper code's (reference, columns "ref Dice"/"ref IoU",
+    with the rule written under the table) or one table of each (both)."""
+    check_scoring(scoring)
     if not rows:
         return "(no finished folds)"
+    if scoring == "both":
+        return "\n\n".join(format_loso_table(rows, held_out, s) for s in ("honest", "reference"))
+    dice_key, iou_key = ("dice", "iou") if scoring == "honest" else ("dice_reference", "iou_reference")
+    table = _loso_table(rows, held_out, dice_key, iou_key)
+    if scoring == "reference":
+        variants = {(r.get("reference_on") or "logits") for row in rows for r in row["sites"].values()}
+        table = ("the paper code's rule (ref Dice, ref IoU)\n" + table + "\n"
+                 + scoring_notes("reference", variants.pop() if len(variants) == 1 else "logits")[0])
+    return table
+
+
+def _loso_table(rows: Sequence[Mapping], held_out, dice_key: str, iou_key: str) -> str:
     sites = list(held_out) if held_out else list(dict.fromkeys(s for r in rows for s in r["sites"]))
     groups = sites + ["average"]
     width = max([13] + [len(g) for g in groups])
@@ -550,7 +602,7 @@ def format_loso_table(rows: Sequence[Mapping], held_out: Sequence[str] | None = 
         cells = []
         for g in groups:
             src = r if g == "average" else r["sites"].get(g, {})
-            d, i = src.get("dice"), src.get("iou")
+            d, i = src.get(dice_key), src.get(iou_key)
             cells.append("  " + f"{_fmt(d):>{width // 2}}{_fmt(i):>{width - width // 2}}")
         lines.append(r["label"].ljust(label_w) + "".join(cells))
     return "\n".join(line.rstrip() for line in lines)

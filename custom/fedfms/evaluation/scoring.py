@@ -3,7 +3,9 @@
 The numbers are the ones the sites compute during federation (``LocalTrainer.evaluate``): the same
 reader, the same :class:`SegmentationMetric` (one threshold, empty-empty slices left out, 3D Dice from
 voxel counts summed per volume) and the same autocast rule, so a held-out score and an in-federation
-validation score differ only in the data they see.
+validation score differ only in the data they see. Every row also carries the paper code's rule
+(``dice_reference``, ``iou_reference`` and per class); ``scoring`` picks what a table shows:
+``"honest"`` (this project's rule), ``"reference"`` (the paper code's) or ``"both"``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,43 @@ from torch.utils.data import DataLoader
 from fedfms.data.site_dataset import SiteDataset
 from fedfms.errors import ConfigError
 from fedfms.models import ModelConfig
-from fedfms.training.metrics import SegmentationMetric
+from fedfms.models.unet import UNetSegmenter
+from fedfms.training.metrics import HONEST_RULE, SegmentationMetric, reference_rule
 from fedfms.training.predict import load_model
 from fedfms.training.trainer import pick_device
 
-SUMMARY_KEYS = ("dice", "iou", "volume_dice", "volume_iou")
+SUMMARY_KEYS = ("dice", "iou", "volume_dice", "volume_iou")  # this project's rule
+REFERENCE_KEYS = ("dice_reference", "iou_reference")  # the paper code's rule
+ALL_SUMMARY_KEYS = SUMMARY_KEYS + REFERENCE_KEYS
+PER_CLASS_KEYS = ("dice_per_class", "iou_per_class", "volume_dice_per_class", "volume_iou_per_class",
+                  "dice_reference_per_class", "iou_reference_per_class")
+SCORINGS = ("honest", "reference", "both")
+# what each rule's columns are called in tables: the paper code's are marked so they cannot be mistaken
+COLUMN_LABELS = {"dice": "Dice", "iou": "IoU", "volume_dice": "3D Dice", "volume_iou": "3D IoU",
+                 "dice_reference": "ref Dice", "iou_reference": "ref IoU"}
+
+
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise ConfigError(f"scoring is {scoring!r}; expected one of {', '.join(SCORINGS)}")
+    return scoring
+
+
+def scoring_keys(scoring: str) -> tuple[str, ...]:
+    """The summary keys a table shows under ``scoring``."""
+    check_scoring(scoring)
+    return {"honest": SUMMARY_KEYS, "reference": REFERENCE_KEYS, "both": ALL_SUMMARY_KEYS}[scoring]
+
+
+def scoring_notes(scoring: str, reference_on: str | None = "logits") -> list[str]:
+    """Caption lines saying which rule each column follows."""
+    check_scoring(scoring)
+    notes = []
+    if scoring in ("honest", "both"):
+        notes.append(f"Dice, IoU: {HONEST_RULE}; 3D Dice/IoU from voxel counts summed per volume")
+    if scoring in ("reference", "both"):
+        notes.append(f"ref Dice, ref IoU: {reference_rule(reference_on or 'logits')}")
+    return notes
 
 
 def resolve_model_config(model_cfg: ModelConfig | Mapping, checkpoint: str | None = None) -> ModelConfig:
@@ -63,7 +97,9 @@ def score_site(model: torch.nn.Module, site_dir: str | os.PathLike, batch_size: 
             f"{site_dir}: the site has {dataset.num_classes} class(es) {dataset.manifest.classes}; "
             f"the model predicts {model.num_classes}"
         )
-    metric = SegmentationMetric(dataset.manifest.classes)
+    # the authors thresholded their U-Net's sigmoid output, and SAM's raw logits (fedfms.training.metrics)
+    metric = SegmentationMetric(dataset.manifest.classes,
+                                reference_on="probabilities" if isinstance(model, UNetSegmenter) else "logits")
     model.eval()
     n = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
@@ -84,7 +120,8 @@ def evaluate_sites(
     checkpoint: str | None = None,
 ) -> list[dict]:
     """One row per site, each scored on all of its samples: slice Dice/IoU, 3D (per-volume) Dice/IoU,
-    the per-class lists, ``num_samples``, ``num_slices`` (slices actually scored) and ``num_volumes``."""
+    the paper code's slice Dice/IoU (``dice_reference``, ``iou_reference``), the per-class lists,
+    ``num_samples``, ``num_slices`` and ``num_volumes``."""
     if not site_dirs:
         raise ConfigError("no site folders to evaluate")
     cfg = resolve_model_config(model_cfg, checkpoint)
@@ -95,25 +132,48 @@ def evaluate_sites(
 def mean_row(rows: Sequence[Mapping], label: str = "average") -> dict:
     """Unweighted mean over sites of each summary metric (the paper's 'Avg'); NaN entries are skipped."""
     out: dict = {"site": label}
-    for key in SUMMARY_KEYS:
+    for key in ALL_SUMMARY_KEYS:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         out[key] = sum(values) / len(values) if values else math.nan
+    classes = rows[0].get("classes") if rows else None
+    if classes and all(r.get("classes") == classes for r in rows):
+        for key in PER_CLASS_KEYS:
+            lists = [r.get(key) or [None] * len(classes) for r in rows]
+            out[key] = [_finite_mean(values) for values in zip(*lists)]
+        out["classes"] = list(classes)
     out["num_samples"] = sum(int(r.get("num_samples") or 0) for r in rows)
     return out
 
 
-def format_site_rows(rows: Sequence[Mapping]) -> str:
-    """A plain table: site, Dice, IoU, 3D Dice, 3D IoU, per-class Dice (several classes), n; plus the average."""
+def _finite_mean(values) -> float:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def format_site_rows(rows: Sequence[Mapping], scoring: str = "honest") -> str:
+    """A plain table: site, the summary columns of ``scoring`` (honest: Dice, IoU, 3D Dice, 3D IoU; reference:
+    ref Dice, ref IoU; both: all six), per-class Dice (several classes), n; plus the average. With the paper
+    code's rule in it, the lines under the table say what "ref" means."""
+    keys = scoring_keys(scoring)
     classes = list(rows[0].get("classes") or []) if rows else []
     per_class = len(classes) > 1 and all(r.get("classes") == classes for r in rows)
-    header = ["site", "Dice", "IoU", "3D Dice", "3D IoU"] + ([f"Dice {c}" for c in classes] if per_class else []) + ["n"]
+    class_keys = [k for k, on in (("dice_per_class", "honest"), ("dice_reference_per_class", "reference")) if scoring in (on, "both")]
+    header = ["site"] + [COLUMN_LABELS[k] for k in keys]
+    if per_class:
+        header += [f"{'ref ' if k.startswith('dice_reference') else ''}Dice {c}" for k in class_keys for c in classes]
+    header.append("n")
     body = []
     for r in list(rows) + ([mean_row(rows)] if len(rows) > 1 else []):
-        cells = [str(r["site"])] + [_cell(r.get(k)) for k in SUMMARY_KEYS]
+        cells = [str(r["site"])] + [_cell(r.get(k)) for k in keys]
         if per_class:
-            cells += [_cell(v) for v in r.get("dice_per_class") or [None] * len(classes)]
+            for k in class_keys:
+                cells += [_cell(v) for v in r.get(k) or [None] * len(classes)]
         body.append(cells + [str(r.get("num_samples", "-"))])
-    return render_table(header, body)
+    table = render_table(header, body)
+    if scoring != "honest":
+        on = next((r.get("reference_on") for r in rows if r.get("reference_on")), "logits")
+        table += "\n" + "\n".join(scoring_notes(scoring, on))
+    return table
 
 
 def _cell(value) -> str:

@@ -9,10 +9,10 @@ import torch
 
 from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
-from fedfms.models.adapters import add_adapters
+from fedfms.models.adapters import ADAPTER_INITS, add_adapters
 from fedfms.models.attention import use_fused_attention
 from fedfms.models.checkpoint import load_sam_weights
-from fedfms.models.prompt_free import PromptFreeSAM
+from fedfms.models.prompt_free import DENSE_PROMPTS, HEADS, PromptFreeSAM
 from fedfms.models.registry import build_image_encoder, build_mask_decoder, build_prompt_encoder, get_variant
 from fedfms.models.travel import check_mode, set_trainable
 from fedfms.models.unet import UNetSegmenter
@@ -30,9 +30,12 @@ class ModelConfig:
     checkpoint: str | None = None  # official SAM .pth; required when pretrained
     pretrained: bool = True  # False: the paper's -PT ablation (random init)
     init_seed: int = 0  # every site must build the same random init (frozen encoder of FedMSA -PT)
-    normalize: bool = True  # SAM's pixel mean/std
+    normalize: bool = True  # SAM's pixel mean/std; False: the [0, 1] image straight in (the paper's code)
+    head: str = "multimask_conv"  # Conv2d(3, C) over the multimask outputs; "reference": the paper code's head
+    dense_prompt: str = "no_mask_embed"  # SAM's no-mask embedding; "none": nothing added (the paper's code)
     adapter_ratio: float = 0.25
     adapter_activation: str = "gelu"  # the MSA code uses GELU; the paper's text says ReLU
+    adapter_init: str = "zero_up"  # up-projections start at zero; "default": PyTorch's init (the paper's code)
     activation_checkpointing: bool = False
     fused_attention: bool = True  # same numbers as SAM's attention, far less memory (models/attention.py)
 
@@ -69,6 +72,10 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
         return build_unet(cfg)
     if cfg.adapter_activation not in ("gelu", "relu"):
         raise ConfigError(f"adapter_activation is {cfg.adapter_activation!r}; expected 'gelu' or 'relu'")
+    for field, value, allowed in (("head", cfg.head, HEADS), ("dense_prompt", cfg.dense_prompt, DENSE_PROMPTS),
+                                  ("adapter_init", cfg.adapter_init, ADAPTER_INITS)):
+        if value not in allowed:
+            raise ConfigError(f"model config: {field} is {value!r}; expected one of {', '.join(allowed)}")
     variant = get_variant(cfg.variant, cfg.image_size)
     if cfg.pretrained and not cfg.checkpoint:
         hint = f" (e.g. {variant.checkpoint_name})" if variant.checkpoint_name else ""
@@ -86,9 +93,11 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
             num_classes=cfg.num_classes,
             normalize=cfg.normalize,
             activation_checkpointing=cfg.activation_checkpointing,
+            head=cfg.head,
+            dense_prompt=cfg.dense_prompt,
         )
         if cfg.mode == "fedmsa":
-            add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation)
+            add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation, cfg.adapter_init)
         if cfg.fused_attention:
             use_fused_attention(model.image_encoder)
     if cfg.pretrained:

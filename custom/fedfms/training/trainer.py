@@ -19,7 +19,7 @@ from fedfms.data.site_dataset import SiteDataset, patient_split
 from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
 from fedfms.models import ModelConfig, build_model, travel_spec, travel_state_dict
-from fedfms.training.metrics import SegmentationMetric
+from fedfms.training.metrics import SegmentationMetric, reference_space
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     loss: str = "bce"  # "bce" (the paper) or "bce_dice"
-    pos_weight: float = 1.0  # the reference code used 2
+    pos_weight: float = 1.0  # BCE weight of positive pixels; the paper's code used 2 (flavour "reference")
     seed: int = 0
     val_fraction: float = 0.1  # patient-level train/val split of each site (paper 9:1)
     split_seed: int = 0
@@ -48,6 +48,9 @@ class TrainConfig:
         cfg = from_mapping(cls, {**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})}, where)
         if cfg.loss not in ("bce", "bce_dice"):
             raise ConfigError(f"{where}: field 'loss' is {cfg.loss!r}; expected 'bce' or 'bce_dice'")
+        if not isinstance(cfg.pos_weight, (int, float)) or isinstance(cfg.pos_weight, bool) or not cfg.pos_weight > 0:
+            raise ConfigError(f"{where}: field 'pos_weight' is {cfg.pos_weight!r}; expected a positive number (1: plain BCE; "
+                              "the paper's code used 2)")
         if cfg.batch_size < 1 or cfg.epochs < 1 or not cfg.lr > 0:
             raise ConfigError(f"{where}: batch_size, epochs and lr must be positive (got {cfg.batch_size}, {cfg.epochs}, {cfg.lr})")
         return cfg
@@ -198,8 +201,14 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict:
-        """Dice/IoU on ``split`` ("val", "train" or "all") plus the mean loss; NaN metrics if the split is empty."""
-        metric = SegmentationMetric(self.class_names)
+        """Dice/IoU on ``split`` ("val", "train" or "all") plus the mean loss; NaN metrics if the split is empty.
+
+        Keys (see ``fedfms.training.metrics``): this project's rule ``dice``, ``iou``, ``dice_per_class``,
+        ``iou_per_class``, ``volume_dice``, ``volume_iou``, ``volume_dice_per_class``, ``volume_iou_per_class``;
+        the paper code's rule ``dice_reference``, ``iou_reference``, ``dice_reference_per_class``,
+        ``iou_reference_per_class`` (with ``reference_thresholds`` and ``reference_on``); and ``classes``,
+        ``num_slices``, ``num_volumes``, ``num_samples``, ``loss``."""
+        metric = SegmentationMetric(self.class_names, reference_on=reference_space(self.model_cfg.variant))
         self.model.eval()
         total, n = 0.0, 0
         for batch in self._loader(split, shuffle=False):
