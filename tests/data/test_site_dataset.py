@@ -135,6 +135,9 @@ def test_missing_site_and_missing_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"manifest\.json: manifest is missing"):
         SiteDataset(tmp_path / "empty")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match=r"manifest\.json: is a file; expected a prepared site folder"):
+        SiteDataset(tmp_path / "manifest.json")
 
 
 @pytest.mark.parametrize(

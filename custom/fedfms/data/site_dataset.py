@@ -135,6 +135,8 @@ def read_manifest(site_dir: str | os.PathLike) -> SiteManifest:
     """Read and validate ``SITE/manifest.json``; raises DataError naming the file and field."""
     site_dir = Path(site_dir)
     path = site_dir / MANIFEST
+    if site_dir.exists() and not site_dir.is_dir():
+        raise DataError(f"{site_dir}: is a file; expected a prepared site folder (see docs/data-format.md)")
     if not site_dir.is_dir():
         raise DataError(f"{site_dir}: site folder does not exist; expected a prepared site (see docs/data-format.md)")
     if not path.is_file():

@@ -87,7 +87,7 @@ def prepare(
         raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
     if out.resolve() == raw.resolve():
         # site folders would land among the raw site folders and be read back as raw data next time
-        raise ConfigError(f"{out}: output folder is the raw folder; expected a separate output folder")
+        raise DataError(f"{out}: output folder is the raw folder; expected a separate output folder")
     made = _missing_folders(out)
     try:
         written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
