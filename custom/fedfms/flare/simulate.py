@@ -166,6 +166,12 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         raise ConfigError(f"--threads is {threads}; expected a positive number of sites to train at once")
     placement = placement_for(job_dir, len(clients), threads, gpus)
     echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
+    if data_root is not None:  # what check-site would warn about, before anything starts
+        from fedfms.site_check import site_warnings
+
+        for client in clients:
+            for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
+                echo(f"warning: {line}")
     prepare_sim_workspace(workspace)
     job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
     if data_root is not None:
