@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     from fedfms.cli_evaluate import add_evaluate_parsers
     add_evaluate_parsers(sub)
+    from fedfms.cli_tables import add_table_parsers
+    add_table_parsers(sub)
 
     job = sub.add_parser("job", help="FLARE job folders").add_subparsers(dest="job_command", required=True)
     p = job.add_parser("generate", help="rewrite every job variant under jobs/ from fedfms.flare.jobs")

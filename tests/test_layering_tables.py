@@ -1,0 +1,14 @@
+"""The flavour registry and the Table 1/Table 2 generators are ML core: importing them must not import nvflare."""
+
+import subprocess
+import sys
+
+MODULES = ["fedfms.flavours", "fedfms.tables", "fedfms.cli_tables", "fedfms.evaluation.scoring", "fedfms.training.metrics"]
+
+
+def test_flavours_and_tables_do_not_import_nvflare():
+    code = ";".join([f"import {m}" for m in MODULES] + [
+        "import fedfms.tables as t", "t.build_table2(['tiny'], gpu=False)",
+        "import sys", "print(sorted(m for m in sys.modules if m.startswith('nvflare')))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.splitlines()[-1] == "[]", f"FLARE was imported: {out}"
