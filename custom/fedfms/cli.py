@@ -102,7 +102,8 @@ def _report_outcome(workspace: Path, outcome) -> int:
     else:
         verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
         lines = (outcome.summary or "").splitlines() or [""]
-        print(f"error: simulation {verdict} ({lines[0]})", file=sys.stderr)
+        detail = lines[0].split(": ", 1)[-1]  # the summary's first line without its "federation <status>: "
+        print(f"error: simulation {verdict}: {detail}", file=sys.stderr)
         for line in lines[1:]:
             print(line, file=sys.stderr)
         print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
