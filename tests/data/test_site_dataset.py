@@ -427,3 +427,11 @@ def test_unwritable_parent_is_one_line(tmp_path, monkeypatch):
         with SiteWriter(tmp_path / "x" / "site", "s", "t", ["fg"]):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_named_like_the_work_folder_is_left_alone(tmp_path):
+    (tmp_path / "site.partial").write_text("someone's notes")
+    with pytest.raises(DataError, match=r"site\.partial: a file is where the work-in-progress folder goes"):
+        with SiteWriter(tmp_path / "site", "s", "t", ["fg"]):
+            pass
+    assert (tmp_path / "site.partial").read_text() == "someone's notes" and not (tmp_path / "site").exists()

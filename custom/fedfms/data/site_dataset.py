@@ -357,10 +357,11 @@ class SiteWriter:
         while not parent.exists() and parent != parent.parent:
             missing.append(parent)
             parent = parent.parent
+        if self.partial.exists() and not self.partial.is_dir():
+            raise DataError(f"{self.partial}: a file is where the work-in-progress folder goes; expected nothing there (the file is left alone)")
         try:
             if self.partial.exists():
-                # left by an interrupted earlier run; never a finished output
-                shutil.rmtree(self.partial) if self.partial.is_dir() else self.partial.unlink()
+                shutil.rmtree(self.partial)  # left by an interrupted earlier run; never a finished output
             for folder in reversed(missing):
                 folder.mkdir()
                 self._created.insert(0, folder)
