@@ -153,7 +153,14 @@ def _cmd_demo(args) -> int:
 
     out = Path(args.out)
     start = time.perf_counter()
-    sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32)
+    try:
+        sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32)
+    except FedFMSError as exc:
+        if not (out / "sites").is_dir():
+            raise
+        # the demo's sites are derived data of this demo folder (e.g. made by an older version): build them again
+        print(f"rebuilding the demo sites in {out / 'sites'} ({exc})", flush=True)
+        sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32, overwrite=True)
     run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")  # every run keeps its own folder
     job = write_job(args.variant, run / "job", num_rounds=args.rounds)
     print(f"running {args.variant} for {args.rounds} rounds on {len(sites)} simulated sites (log: {run / 'workspace'})", flush=True)
