@@ -126,13 +126,14 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from fedfms.report import find_run_dir, format_table, plot_report, site_table
+    from fedfms.report import SCORING_NOTE, find_run_dir, format_table, plot_report, site_table
 
     from fedfms.run_record import RUN_RECORD, exit_code, read_run_record, summarize
 
     run_dir = find_run_dir(args.run)
     rows = site_table(run_dir)
     print(format_table(rows))
+    print(SCORING_NOTE)
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
     if record is not None:
         print()

@@ -86,6 +86,7 @@ def site_table(run_dir: str | Path) -> list[dict]:
             "dice": final.get("dice"),
             "iou": final.get("iou"),
             "volume_dice": final.get("volume_dice"),
+            "dice_reference": final.get("dice_reference"),
             "best_dice": best.get("dice"),
             "best_iou": best.get("iou"),
             "num_samples": final.get("num_samples"),
@@ -104,9 +105,15 @@ def _mean(values):
     return sum(vals) / len(vals) if vals else None
 
 
+SCORING_NOTE = ("Dice/IoU: per slice at sigmoid > 0.5, slices empty in both ground truth and prediction left out; "
+                "3D Dice over each volume; 'paper rule': the FedFMS code's (empty/empty scores 1, 5 thresholds "
+                "averaged) - see docs/evaluation.md")
+
+
 def format_table(rows: list[dict]) -> str:
     cols = [("site", "site"), ("dice_round0", "Dice r0"), ("dice", "Dice"), ("iou", "IoU"),
-            ("volume_dice", "3D Dice"), ("best_dice", "best Dice"), ("best_iou", "best IoU"), ("num_samples", "n")]
+            ("volume_dice", "3D Dice"), ("dice_reference", "Dice (paper rule)"), ("best_dice", "best Dice"),
+            ("best_iou", "best IoU"), ("num_samples", "n")]
     if any("rounds" in r for r in rows):
         cols.append(("rounds", "rounds averaged"))
     def cell(v):

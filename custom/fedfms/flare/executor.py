@@ -163,10 +163,16 @@ class FedFMSExecutor(Executor):
             "iou": _finite_or_none(metrics.get("iou")),
             "volume_dice": _finite_or_none(metrics.get("volume_dice")),
             "volume_iou": _finite_or_none(metrics.get("volume_iou")),
+            # the paper code's rule beside the project's (docs/evaluation.md): per slice, empty/empty = 1
+            "dice_reference": _finite_or_none(metrics.get("dice_reference")),
+            "iou_reference": _finite_or_none(metrics.get("iou_reference")),
             "num_samples": metrics["num_samples"],
         }
         for name, d, i in zip(metrics["classes"], metrics.get("dice_per_class", []), metrics.get("iou_per_class", [])):
             report[f"dice_{name}"], report[f"iou_{name}"] = _finite_or_none(d), _finite_or_none(i)
+        for name, d, i in zip(metrics["classes"], metrics.get("dice_reference_per_class", []),
+                              metrics.get("iou_reference_per_class", [])):
+            report[f"dice_reference_{name}"], report[f"iou_reference_{name}"] = _finite_or_none(d), _finite_or_none(i)
         self.log_info(fl_ctx, f"validated model from {model_owner} on {self.validation_split}: {report}")
         return DXO(DataKind.METRICS, report).to_shareable()
 
