@@ -71,14 +71,15 @@ def recorded(out: Path, site: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, json.loads((out / f"{site}_r0.json").read_text())
 
 
-@pytest.mark.parametrize("variant,transfer", [("fedmsa_tiny", "float32"), ("fedsam_tiny", "float16")])
-def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant, transfer):
+@pytest.mark.parametrize("variant,transfer,flavour", [("fedmsa_tiny", "float32", None), ("fedsam_tiny", "float16", None),
+                                                     ("fedmsa_tiny", "float32", "reference")])
+def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant, transfer, flavour):
     data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})  # unequal sample counts
     out = tmp_path / "recorded"
     recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
     job = write_job(tmp_path / "job", variant, {"app_sites": {
         "sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor",
-        "args": {"out_dir": str(out)}, "filters": [recorder]}}, transfer=transfer)
+        "args": {"out_dir": str(out)}, "filters": [recorder]}}, transfer=transfer, flavour=flavour)
 
     assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
 
@@ -96,7 +97,7 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
     key = next(k for k in expected if not np.allclose(sent["site-1"][0][k], sent["site-2"][0][k]))
     assert not np.allclose(global_model[key], sent["site-1"][0][key])
 
-    model_cfg = render_job(variant)["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    model_cfg = render_job(variant, flavour=flavour)["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
     spec = expected_travel_spec(model_cfg)
     for site, (arrays, meta) in sent.items():
         assert set(arrays) == set(spec), f"{site} sent keys outside/short of the travel set"

@@ -22,6 +22,7 @@ from fedfms.errors import ConfigError
 from fedfms.flare.executor import KEY_METRIC
 from fedfms.flare.monitor import ON_MISSING_SITE, default_min_sites
 from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES
+from fedfms.flavours import apply_flavour
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
 from fedfms.training.trainer import TrainConfig
@@ -70,6 +71,7 @@ FEDERATION_DEFAULTS = {
     "norm_bound_action": "clip",
     "start_round": 0,
     "resume": None,  # set by resume_settings(): continue a stopped run
+    "flavour": None,  # "reference": head, input scaling, pos_weight, adapter init as the paper's code (fedfms.flavours)
 }
 AGGREGATIONS = ("fedavg", "mean", "median", "trimmed_mean")
 
@@ -166,6 +168,8 @@ def variant_settings(name: str, **overrides) -> dict:
             s[key] = list(value) if key == "sites" else value
         else:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
+    if s["flavour"] is not None:
+        s["model"], s["train"] = apply_flavour(s["flavour"], s["model"], s["train"], s["model"].get("variant"))
     # a typo must fail here, not at every site when the job starts
     ModelConfig.from_dict(s["model"], f"job {name}: model")
     TrainConfig.from_dict(s["train"], f"job {name}: train")
