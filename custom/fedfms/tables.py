@@ -177,7 +177,7 @@ def method_label(model: Mapping, centralized: bool) -> str:
 def _sort_key(model: Mapping, centralized: bool, flavour: str, index: int) -> tuple:
     variant = model.get("variant", "vit_b")
     return (variant != "unet", _SIZE_RANK.get(variant, 9), model.get("mode") != "fedsam", not model.get("pretrained", True),
-            centralized, {"project": 0, "reference": 1}.get(flavour, 2), index)
+            {"project": 0, "reference": 1}.get(flavour, 2), centralized, index)
 
 
 def dataset_name(sites: Sequence[str], data_root: str | None = None) -> str:

@@ -103,7 +103,7 @@ def test_table1_groups_datasets_and_shows_classes_flavours_and_gaps(tmp_path):
     assert [t.dataset for t in tables] == ["Fundus", "Prostate Cancer"]
     fundus_table = tables[0]
     assert [r["label"] for r in fundus_table.rows] == [
-        "FedMSA [project flavour]", "FedMSA [reference flavour]", "MSA (centralised) [project flavour]"]
+        "FedMSA [project flavour]", "MSA (centralised) [project flavour]", "FedMSA [reference flavour]"]
     header, rows, _ = table1_cells(fundus_table, "honest")
     assert header[1:5] == ["REFUGE disc Dice", "REFUGE disc IoU", "REFUGE cup Dice", "REFUGE cup IoU"]
     assert rows[0][1] == "0.500" and rows[0][3] == "0.510"  # per-class values
