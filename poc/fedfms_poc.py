@@ -37,6 +37,13 @@ PROJECT = "fedfms_poc"
 ADMIN = "admin@fedfms.poc"
 SERVER = "server"
 TERMINAL_OK = "FINISHED:COMPLETED"
+# A SIGKILLed site is noticed by the server only when its heartbeats stop for heart_beat_timeout (FLARE: 600 s);
+# the job's server process then waits dead_client_grace_period (60 s) before giving up on the site, and
+# checks tasks for dead sites only dead_client_check_lead_time (30 s) after they started. These values end a
+# round waiting for a killed site about a minute after the kill (docs: poc/README.md). The two job-process
+# variables are read from the job's config_fed_server.json first, then from these NVFLARE_* variables.
+HEART_BEAT_TIMEOUT = 45
+LIVENESS_ENV = {"NVFLARE_DEAD_CLIENT_GRACE_PERIOD": "15", "NVFLARE_DEAD_CLIENT_CHECK_LEAD_TIME": "10"}
 
 
 # --------------------------------------------------------------------------- state
@@ -122,6 +129,7 @@ def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = 
 
     # Job store and snapshots next to this run, not in the machine-wide /tmp/nvflare.
     rt.set_server_storage(prod / SERVER / "local", poc_ws)
+    rt.set_server_liveness(prod / SERVER / "local", HEART_BEAT_TIMEOUT)
     if allow_list:
         for kit in [SERVER, *names]:
             rt.add_class_allow_list(prod / kit / "local")
@@ -137,7 +145,7 @@ def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = 
     state = {
         "workspace": str(ws), "home": str(home), "poc_workspace": str(poc_ws), "prod_dir": str(prod),
         "port": port, "server": SERVER, "sites": names, "admin": ADMIN, "admin_kit": str(prod / ADMIN),
-        "data_root": str(Path(data_root).resolve()) if data_root else None, "env": dict(env or {}),
+        "data_root": str(Path(data_root).resolve()) if data_root else None, "env": {**LIVENESS_ENV, **(env or {})},
         "pids": {}, "logs": {}, "jobs": [],
     }
     save_state(state)
@@ -154,6 +162,9 @@ def start(workspace: str, timeout: float = 180.0) -> dict:
     logs = {n: str(ws / "logs" / f"{n}.log") for n in [state["server"], *state["sites"]]}
     procs = {}
     state["logs"] = logs
+    # FLARE 2.9 neither resumes nor closes a job whose server was killed: it would stay RUNNING for good.
+    for job_id, status in rt.stale_jobs(prod / state["server"], finish=True):
+        print(f"job {job_id} was {status} when the server last stopped: marked FINISHED:ABANDONED", flush=True)
     try:
         procs[state["server"]] = rt.start_kit(prod / state["server"], logs[state["server"]], env)
         state["pids"][state["server"]] = procs[state["server"]].pid

@@ -21,7 +21,8 @@ import psutil
 
 # Site configuration (allow-list, storage, fedfms_site.json) is the hospitals' tool; reuse it, don't copy it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "provisioning"))
-from site_setup import add_class_allow_list, set_server_storage, write_site_config  # noqa: E402,F401
+from site_setup import (  # noqa: E402,F401
+    add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs, write_site_config)
 
 GRACE_S = 15.0
 

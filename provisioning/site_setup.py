@@ -5,19 +5,31 @@
     python provisioning/site_setup.py site /opt/fedfms/hospital-a \
         --data-dir /data/fedfms/prepared --checkpoint /models/sam_vit_b_01ec64.pth
 
-    # server: allow fedfms components, keep job storage on a persistent disk instead of /tmp/nvflare
-    python provisioning/site_setup.py server /opt/fedfms/fl.fedfms.example.org --storage /srv/fedfms
+    # server: allow fedfms components, keep job storage on a persistent disk instead of /tmp/nvflare,
+    # drop a silent site after 60 s instead of FLARE's 600 s
+    python provisioning/site_setup.py server /opt/fedfms/fl.fedfms.example.org --storage /srv/fedfms \
+        --heart-beat-timeout 60
+
+    # server, after a crash: jobs the job store still calls RUNNING but no server process runs
+    python provisioning/site_setup.py stale-jobs /opt/fedfms/fl.fedfms.example.org --finish
 
 Everything written lives in the kit's ``local/`` folder, which re-provisioning never overwrites:
 ``resources.json`` (class_allow_list, storage), ``fedfms_site.json`` (data/checkpoint),
 ``authorization.json`` (who may send custom code). Only the standard library is used, so this runs
 before anything else is installed.
+
+``stale-jobs`` is the one maintenance command: FLARE 2.9 does not resume or close a job whose server was
+killed (its snapshot persistence is a no-op, ``ServerEngine.persist_components``), so after a restart the job
+stays RUNNING in the job store and neither ``abort_job`` ("not running") nor ``delete_job`` ("still running")
+accepts it. ``--finish`` marks such jobs ``FINISHED:ABANDONED``, what FLARE's own (never called)
+``JobRunner.update_unfinished_jobs`` would do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -90,6 +102,75 @@ def set_server_storage(kit: str | Path, root: str | Path) -> Path:
     return path
 
 
+def set_server_liveness(kit: str | Path, heart_beat_timeout: float) -> Path:
+    """How long the server waits for a site's heartbeat (sites send one every ~10 s) before it drops the site
+    and tells the site's running jobs it is dead: ``servers[0].heart_beat_timeout`` in ``local/resources.json``
+    (provisioned default 600 s). Only after that does a job stop waiting for a site that was killed."""
+    local = _local(kit)
+    resources = _load_local(local, "resources.json")
+    servers = resources.get("servers")
+    if not servers:
+        raise ValueError(f"{local}: no 'servers' section; is this a server kit?")
+    if heart_beat_timeout < 20:
+        raise ValueError(f"heart_beat_timeout {heart_beat_timeout} s: sites send a heartbeat every ~10 s; use >= 20")
+    servers[0]["heart_beat_timeout"] = heart_beat_timeout
+    path = local / "resources.json"
+    path.write_text(json.dumps(resources, indent=2) + "\n")
+    return path
+
+
+UNFINISHED = ("RUNNING", "DISPATCHED")
+ABANDONED = "FINISHED:ABANDONED"
+
+
+def _job_store(kit: str | Path) -> Path:
+    resources = _load_local(_local(kit), "resources.json")
+    jobs = [c for c in resources.get("components", []) if c.get("id") == "job_manager"]
+    if not jobs:
+        raise ValueError(f"{kit}: no job_manager component; is this a server kit?")
+    # SimpleJobDefManager's own default and override, as FLARE reads them.
+    return Path(os.environ.get("NVFL_JOB_STORE_ROOT") or jobs[0].get("args", {}).get("uri_root", "jobs"))
+
+
+def _live_job_ids(job_ids: Iterable[str]) -> set[str]:
+    """Job ids named on the command line of a running process (a server job process carries its job id)."""
+    wanted, live = set(job_ids), set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        live |= {j for j in wanted if j in cmd}
+    return live
+
+
+def stale_jobs(kit: str | Path, finish: bool = False) -> list[tuple[str, str]]:
+    """Jobs the server kit's job store calls RUNNING/DISPATCHED although no process on this machine runs them
+    (left behind by a killed server). With ``finish`` they are marked FINISHED:ABANDONED, after which the
+    admin commands (list, download, delete) treat them as any finished job. Run it on the server machine."""
+    store = _job_store(kit)
+    unfinished = {}
+    for meta_path in sorted(store.glob("*/meta")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("status") in UNFINISHED:
+            unfinished[meta_path.parent.name] = (meta_path, meta)
+    live = _live_job_ids(unfinished) if unfinished else set()
+    stale = []
+    for job_id, (meta_path, meta) in unfinished.items():
+        if job_id in live:
+            continue
+        stale.append((job_id, meta["status"]))
+        if finish:
+            meta["status"] = ABANDONED
+            tmp = meta_path.with_name("meta.tmp")
+            tmp.write_text(json.dumps(meta))
+            tmp.replace(meta_path)
+    return stale
+
+
 def write_site_config(kit: str | Path, **settings) -> Path:
     """``local/fedfms_site.json``: this site's data folder, SAM checkpoint, device, threads. The executor
     reads it at job start and it wins over the job's defaults, so one job runs unchanged everywhere."""
@@ -136,8 +217,20 @@ def main(argv=None) -> int:
     v.add_argument("kit")
     v.add_argument("--storage", help="folder for the job store and snapshots")
     v.add_argument("--no-allow-list", action="store_true")
+    v.add_argument("--heart-beat-timeout", type=float, metavar="S",
+                   help="drop a site after S seconds without heartbeat (FLARE default 600; 60 recommended)")
+    j = sub.add_parser("stale-jobs", help="list (--finish: close) jobs left RUNNING by a killed server")
+    j.add_argument("kit", help="the server's startup kit folder")
+    j.add_argument("--finish", action="store_true", help=f"mark them {ABANDONED}")
     args = ap.parse_args(argv)
 
+    if args.cmd == "stale-jobs":
+        found = stale_jobs(args.kit, finish=args.finish)
+        for job_id, status in found:
+            print(f"{job_id}  {status}{'  -> ' + ABANDONED if args.finish else ''}")
+        if not found:
+            print("no stale jobs")
+        return 0
     if not args.no_allow_list:
         print(f"wrote {add_class_allow_list(args.kit)}")
     if args.cmd == "site":
@@ -147,8 +240,11 @@ def main(argv=None) -> int:
             print(f"wrote {write_site_config(args.kit, **settings)}")
         if args.byoc_roles is not None:
             print(f"wrote {set_byoc(args.kit, args.byoc_roles)}")
-    elif args.storage:
-        print(f"wrote {set_server_storage(args.kit, args.storage)}")
+    else:
+        if args.storage:
+            print(f"wrote {set_server_storage(args.kit, args.storage)}")
+        if args.heart_beat_timeout is not None:
+            print(f"wrote {set_server_liveness(args.kit, args.heart_beat_timeout)}")
     return 0
 
 

@@ -39,6 +39,9 @@ def test_poc_cycle_byoc(tmp_path):
         server_res = json.loads((prod / "server" / "local" / "resources.json").read_text())
         job_store = next(c for c in server_res["components"] if c["id"] == "job_manager")["args"]["uri_root"]
         assert job_store.startswith(str(ws.resolve()))
+        # A killed site is dropped after 45 s without heartbeat, not FLARE's 600 s.
+        assert server_res["servers"][0]["heart_beat_timeout"] == 45
+        assert state["env"]["NVFLARE_DEAD_CLIENT_GRACE_PERIOD"] == "15"
         assert str(data_1) in (prod / "site-1" / "local" / "fedfms_site.json").read_text()
         assert not (prod / "site-2" / "local" / "fedfms_site.json").exists()
 
