@@ -204,6 +204,8 @@ def _component(cid: str, path: str, args: dict | None = None) -> dict:
     return {"id": cid, "path": path, "args": args or {}}
 
 
+DEAD_CLIENT_GRACE_S = 15  # above the sites' 10 s job heartbeat, so a live site is never given up on
+DEAD_CLIENT_LEAD_S = 10
 STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
 ROBUST_AGGREGATOR = "fedfms.flare.robust_aggregator.RobustAggregator"
 
@@ -246,6 +248,11 @@ def server_config(s: dict) -> dict:
         "format_version": 2,
         "num_rounds": s["num_rounds"] - s["start_round"],
         "min_clients": min_sites(s) or 1,
+        # FLARE's dead-site handling (read from the job's config): once the server has dropped a site (no
+        # heartbeat for the kit's heart_beat_timeout), a round stops waiting for it after this grace period
+        # (default 60 s), checked from this long after a task starts (default 30 s)
+        "dead_client_grace_period": DEAD_CLIENT_GRACE_S,
+        "dead_client_check_lead_time": DEAD_CLIENT_LEAD_S,
         "server": {"task_request_interval": s["task_request_interval"]},
         "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _quantize(s)),
         # every result is checked (after float16 is restored) before the workflow, the model selector or the

@@ -88,6 +88,7 @@ class FederationMonitor(Widget):
         self._round_start = 0.0
         self._previous_global: dict | None = None
         self._path: Path | None = None
+        self.dead_sites: list[str] = []
 
     # ------------------------------------------------------------------ events
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -114,6 +115,10 @@ class FederationMonitor(Widget):
             elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
                 self.record["best"] = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
                                        "metric": as_float(fl_ctx.get_prop(AppConstants.VALIDATION_RESULT))}
+            elif event_type == EventType.CLIENT_DISCONNECTED:
+                self._disconnected(fl_ctx)
+            elif event_type == EventType.START_WORKFLOW:
+                self._workflow_started(fl_ctx)
             elif event_type == EventType.FATAL_SYSTEM_ERROR:
                 if not self.record.get("reason"):
                     self.record["reason"] = str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal error"))
@@ -174,6 +179,27 @@ class FederationMonitor(Widget):
             shutil.copyfile(best_model, target)
         self.log_info(fl_ctx, f"continuing the run recorded in {previous} ({len(self.record['rounds'])} rounds done, "
                               f"best {self.record['best']})")
+
+    def _disconnected(self, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME)
+        if site and site not in self.dead_sites:
+            self.dead_sites.append(site)
+            self.record.setdefault("disconnected", {})[site] = (self._round or {}).get("round")
+            self.log_error(fl_ctx, f"site {site} is gone (no heartbeat): the job goes on without it")
+            self._write()
+
+    def _workflow_started(self, fl_ctx: FLContext) -> None:
+        # FLARE tells only the workflow running at the time that a site died; a later workflow (cross-site
+        # evaluation) would wait its full timeouts for it. Tell the new one too.
+        if not self.dead_sites:
+            return
+        controller = fl_ctx.get_engine().get_component(fl_ctx.get_prop(FLContextKey.WORKFLOW))
+        communicator = getattr(controller, "communicator", None)
+        if communicator is None or not hasattr(communicator, "process_dead_client_report"):
+            return
+        for site in self.dead_sites:
+            communicator.process_dead_client_report(site, fl_ctx)
+        self.log_warning(fl_ctx, f"told workflow {fl_ctx.get_prop(FLContextKey.WORKFLOW)} that {self.dead_sites} are gone")
 
     def _training_started(self, fl_ctx: FLContext) -> None:
         start = fl_ctx.get_prop(AppConstants.START_ROUND)
