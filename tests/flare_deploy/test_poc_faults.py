@@ -1,0 +1,155 @@
+"""Faults as they happen in a POC federation (real server and site processes on loopback, mutual TLS):
+a site killed with SIGKILL in the middle of a job, and the server killed and restarted. Both bounded in time;
+every process started here is killed by PID at the end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import fedfms_poc as poc
+import flare_runtime as rt
+from deploy_support import logs_digest, make_site_data
+
+pytestmark = pytest.mark.integration
+SITES = ["site-1", "site-2", "site-3"]
+ROUNDS = 8
+
+
+def _server_job_dir(state: dict, job_id: str) -> Path:
+    return Path(state["prod_dir"]) / state["server"] / job_id
+
+
+def _wait_for_round(state: dict, job_id: str, round_: int, timeout: float) -> None:
+    log = _server_job_dir(state, job_id) / "log.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.is_file() and f"Round {round_} started." in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"round {round_} of {job_id} not reached in {timeout:.0f} s:\n{logs_digest(state['logs'])}")
+
+
+def _sigkill_tree(pid: int, also_under: Path | None = None) -> list[int]:
+    """SIGKILL a participant and everything it started (its job processes), as a power cut would."""
+    procs = {}
+    try:
+        parent = psutil.Process(pid)
+        procs[parent.pid] = parent
+        procs.update({c.pid: c for c in parent.children(recursive=True)})
+    except psutil.Error:
+        pass
+    if also_under is not None:
+        procs.update({p.pid: p for p in rt.processes_under([also_under])})
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=10)
+    return sorted(procs)
+
+
+def _finished_result(state: dict, job_id: str, out: Path) -> Path:
+    """A finished job's server workspace (FLARE moves it from the kit into its job store; download it)."""
+    return poc.download(state["workspace"], job_id, str(out))
+
+
+def _record(folder: Path) -> dict:
+    return json.loads(next(folder.rglob("fedfms_run.json")).read_text())
+
+
+@pytest.fixture
+def federation(tmp_path):
+    ws = tmp_path / "poc"
+    data = {s: make_site_data(tmp_path / "data" / s, s, seed=i) for i, s in enumerate(SITES)}
+    poc.prepare(str(ws), SITES, site_data=data, threads=1)
+    try:
+        yield poc.start(str(ws), timeout=300)
+    finally:
+        state = poc.load_state(str(ws))
+        rt.kill_all(state.get("pids", {}).values(), paths=[state["poc_workspace"]])
+        assert rt.processes_under([state["poc_workspace"]]) == []
+
+
+def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_path):
+    state = federation
+    from fedfms.flare.jobs import write_job
+
+    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
+    job_id = poc.submit(state["workspace"], str(job))
+    _wait_for_round(state, job_id, 2, timeout=300)
+    killed_at = time.time()
+    _sigkill_tree(state["pids"]["site-3"], Path(state["prod_dir"]) / "site-3")
+
+    meta = poc.wait(state["workspace"], job_id, timeout=600)
+    after_kill = time.time() - killed_at
+    print(f"site-3 killed in round 2: the job ended {after_kill:.0f} s later ({meta['status']})")
+    assert meta["status"] == "FINISHED:COMPLETED", logs_digest(state["logs"])
+    result = _finished_result(state, job_id, tmp_path / "results")
+    record = _record(result)
+    assert record["status"] == "completed_with_gaps" and record["disconnected"].keys() == {"site-3"}
+    assert [r["round"] for r in record["rounds"]] == list(range(ROUNDS))
+    for site in ("site-1", "site-2"):
+        assert record["sites"][site]["contributed"] == list(range(ROUNDS))
+    missed = record["sites"]["site-3"]["missed"]
+    assert set(missed) >= {str(r) for r in range(3, ROUNDS)} and all(r not in missed for r in ("0", "1"))
+    # about a minute to give up on the dead site (heartbeat 45 s + FLARE's grace 15 s), then normal rounds and a
+    # cross-site evaluation that is told the site is gone instead of waiting its timeouts
+    assert after_kill < 200, after_kill
+    scores = json.loads(next(result.rglob("cross_val_results.json")).read_text())
+    assert {"site-1", "site-2"} <= set(scores)
+
+
+def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(federation, tmp_path):
+    state = federation
+    from fedfms.flare.jobs import write_job
+
+    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
+    job_id = poc.submit(state["workspace"], str(job))
+    _wait_for_round(state, job_id, 3, timeout=300)
+    server_kit = Path(state["prod_dir"]) / state["server"]
+    _sigkill_tree(state["pids"][state["server"]])
+
+    proc = rt.start_kit(server_kit, state["logs"][state["server"]], poc._env(state))
+    state["pids"][state["server"]] = proc.pid
+    poc.save_state(state)
+    sess = rt.admin_session(state["admin"], state["admin_kit"], timeout=120)
+    try:
+        rt.wait_for_clients(sess, SITES, 180)
+        # FLARE 2.9 cannot restore a running job: the restarted server tells the sites to drop theirs, and the
+        # job stays RUNNING in its store with nothing running it until the guide's clean-up marks it
+        deadline = time.time() + 120
+        while time.time() < deadline and not rt.stale_jobs(server_kit):
+            time.sleep(2)
+        assert rt.stale_jobs(server_kit, finish=True) == [(job_id, "RUNNING")]
+        assert sess.get_job_meta(job_id)["status"] == "FINISHED:ABANDONED"
+    finally:
+        sess.close()
+
+    run = _server_job_dir(state, job_id)
+    before = json.loads((run / "fedfms_run.json").read_text())
+    saved = before["persisted_round"]
+    assert saved is not None and saved >= 2
+    resumed = tmp_path / "job_resumed"
+    out = subprocess.run([sys.executable, "-m", "fedfms.cli", "job", "resume", str(job), str(run), str(resumed)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"continues from round {saved + 1}" in out.stdout
+
+    job_id2 = poc.submit(state["workspace"], str(resumed))
+    meta = poc.wait(state["workspace"], job_id2, timeout=600)
+    assert meta["status"] == "FINISHED:COMPLETED", logs_digest(state["logs"])
+    result = _finished_result(state, job_id2, tmp_path / "results")
+    record = _record(result)
+    assert record["status"] == "completed" and record["start_round"] == saved + 1
+    assert [r["round"] for r in record["rounds"]] == list(range(ROUNDS))  # continuous round numbers, none repeated
+    assert record["resumed_from"] == str((run / "fedfms_run.json").resolve())
+    assert next(result.rglob("FL_global_model.pt")).is_file()
