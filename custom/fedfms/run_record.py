@@ -56,8 +56,12 @@ def summarize(record: dict) -> str:
     status = record.get("status")
     done = [r for r in record.get("rounds", []) if r.get("seconds") is not None]
     planned = (record.get("last_round") + 1) if record.get("last_round") is not None else None
+    reason = record.get("reason")
+    if status == RUNNING and not reason:
+        reason = ("the record was never closed: the job is still running, or its server process was killed "
+                  "(fedfms job resume continues it from the last saved round)")
     lines = [f"federation {status}: {len(done)}{f' of {planned}' if planned else ''} round(s) finished"
-             + (f"; {record['reason']}" if record.get("reason") else "")]
+             + (f"; {reason}" if reason else "")]
     for site, info in sorted(site_summary(record).items()):
         missed = info["missed"]
         if not missed:
