@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedfms.config import parse_json_object
 from fedfms.errors import ConfigError
+from fedfms.config import positive_int_arg
 
 LOSO_EPILOG = """\
 examples:
@@ -22,15 +23,6 @@ Each fold lives in WORKSPACE/<held-out site>/ and is never replaced without --ov
 separate calls with --holdout and the results files gather every finished fold (docs/evaluation.md).
 """
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def _model_config(args) -> dict:
@@ -115,7 +107,7 @@ def _cmd_centralized(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="SAM checkpoint for pretrained models (replaces $FEDFMS_SAM_CHECKPOINT)")
-    p.add_argument("--batch-size", type=_positive_int, default=6, help="evaluation batch size (default 6)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=6, help="evaluation batch size (default 6)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (cuda if available), cpu, cuda:0, ...")
     p.add_argument("--scoring", choices=["honest", "reference", "both"], default="honest",
                    help="which rule the table (and loso's CSV) shows: honest = this project's (sigmoid > 0.5, empty/empty "
@@ -148,7 +140,7 @@ def add_evaluate_parsers(sub) -> None:
     p.add_argument("--data-root", required=True, help="folder with one prepared site folder per site")
     p.add_argument("--sites", help="comma-separated site names (default: every site folder under --data-root)")
     p.add_argument("--workspace", required=True, help="one sub-folder per fold, plus loso_results.json/.csv")
-    p.add_argument("--rounds", type=_positive_int, help="federated rounds (default: the job's)")
+    p.add_argument("--rounds", type=positive_int_arg, help="federated rounds (default: the job's)")
     p.add_argument("--holdout", action="append", metavar="SITE", help="run only this fold (repeatable; default: all)")
     p.add_argument("--centralized", action="store_true",
                    help="also train the same model on the pooled training sites (rounds x local epochs epochs)")
@@ -163,7 +155,7 @@ def add_evaluate_parsers(sub) -> None:
     p.add_argument("sites", nargs="+", metavar="SITE_DIR", help="training site folders (each split 9:1 by patient, pooled)")
     p.add_argument("--test", nargs="+", metavar="SITE_DIR", help="held-out site folders to score")
     p.add_argument("--job", required=True, help="job variant or folder whose model and train settings to use")
-    p.add_argument("--epochs", type=_positive_int, help="default: the job's rounds x local epochs")
+    p.add_argument("--epochs", type=positive_int_arg, help="default: the job's rounds x local epochs")
     p.add_argument("--train", help="JSON of train settings to change")
     p.add_argument("--model", help="JSON of model settings to change")
     p.add_argument("--out", required=True, help="folder for model.pt (selected epoch), model_last.pt, model.json")

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
+from fedfms.config import positive_int_arg
 
 DATASET_HELP = {
     "prostate": "6-site prostate T2 MRI (BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL)",
@@ -46,15 +47,6 @@ DATASET_OPTIONS = {
     "skip_bad_cases": "--skip-bad-cases",
 }
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def _percent(text: str) -> float:
@@ -100,8 +92,8 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=list(PREPARERS), help="which dataset to prepare")
     p.add_argument("--raw", required=True, type=Path, help="folder holding the raw download (layout: docs/datasets.md)")
     p.add_argument("--out", required=True, type=Path, help="output folder; one sub-folder per site")
-    p.add_argument("--image-size", type=_positive_int, default=1024, help="image side in pixels, bilinear (default 1024)")
-    p.add_argument("--mask-size", type=_positive_int, default=256, help="mask side in pixels, nearest (default 256)")
+    p.add_argument("--image-size", type=positive_int_arg, default=1024, help="image side in pixels, bilinear (default 1024)")
+    p.add_argument("--mask-size", type=positive_int_arg, default=256, help="mask side in pixels, nearest (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace site outputs that already exist")
     p.add_argument("--sites", nargs="+", metavar="SITE", help="only these sites (space or comma separated; default all)")
     p.add_argument(

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from fedfms.errors import ConfigError
+from fedfms.config import positive_int_arg
 
 TABLE1_EPILOG = """\
 examples:
@@ -77,15 +78,6 @@ def _cmd_table2(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
 
 def add_table_parsers(sub) -> None:
     p = sub.add_parser("table1", help="the paper's Table 1 (LOSO Dice/IoU per held-out site) from 'fedfms loso' runs",
@@ -104,14 +96,14 @@ def add_table_parsers(sub) -> None:
     p = sub.add_parser("table2", help="the paper's Table 2: parameters, bytes per round, FLOPs (and GPU times) per site",
                        epilog=TABLE2_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="tiny,vit_b,vit_l,unet", help="comma-separated: tiny, vit_b, vit_l, unet")
-    p.add_argument("--num-classes", type=_positive_int, default=1, help="classes of the head (default 1)")
+    p.add_argument("--num-classes", type=positive_int_arg, default=1, help="classes of the head (default 1)")
     p.add_argument("--attention", choices=["fused", "stock"], default="fused",
                    help="SAM attention to count: fused (default, what the jobs run) or stock (segment-anything's, "
                         "what the paper's code ran)")
     p.add_argument("--flavour", choices=["project", "reference"], default="project", help="model flavour (default project)")
     p.add_argument("--gpu", action="store_true", help="require the GPU timings (default: measured when CUDA is present)")
-    p.add_argument("--batch-size", type=_positive_int, default=6, help="training batch of the step timing (default 6)")
-    p.add_argument("--steps", type=_positive_int, default=5, help="timed steps and predictions after warm-up (default 5)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=6, help="training batch of the step timing (default 6)")
+    p.add_argument("--steps", type=positive_int_arg, default=5, help="timed steps and predictions after warm-up (default 5)")
     p.add_argument("--out", help="write the Markdown here (e.g. table2.md); a CSV goes beside it")
     p.add_argument("--csv", help="write the CSV here instead")
     p.set_defaults(func=_cmd_table2)

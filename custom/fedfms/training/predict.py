@@ -32,6 +32,7 @@ from fedfms.errors import CheckpointError, ConfigError, DataError
 from fedfms.models import ModelConfig, build_model, travel_keys
 from fedfms.models.checkpoint import read_state_dict
 from fedfms.training.trainer import pick_device
+from fedfms.config import missing_folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -146,13 +147,6 @@ def _output_names(path: Path, stem: str, names: Sequence[str]) -> list[str]:
     return [f"{stem}_{name}{suffix}" for name in names]
 
 
-def _missing_folders(path: Path) -> list[Path]:
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
 
 def predict_cases(
     model_cfg: ModelConfig | Mapping,
@@ -218,7 +212,7 @@ def predict_cases(
         raise DataError(f"{bad[0]}{more}; nothing was written")
 
     model = load_model(cfg, weights_path).to(pick_device(device))
-    made = _missing_folders(out_dir)
+    made = missing_folders(out_dir)
     staging = out_dir / f".fedfms-predict-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

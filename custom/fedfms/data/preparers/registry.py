@@ -18,6 +18,7 @@ from fedfms.data.preparers.mni_demo import prepare_demo
 from fedfms.data.preparers.nuclei import prepare_nuclei
 from fedfms.data.preparers.prostate import prepare_prostate
 from fedfms.errors import ConfigError, DataError
+from fedfms.config import missing_folders
 
 PREPARERS: dict[str, Callable[..., list[Path]]] = {
     "prostate": prepare_prostate,
@@ -88,7 +89,7 @@ def prepare(
     if out.resolve() == raw.resolve():
         # site folders would land among the raw site folders and be read back as raw data next time
         raise DataError(f"{out}: output folder is the raw folder; expected a separate output folder")
-    made = _missing_folders(out)
+    made = missing_folders(out)
     try:
         written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
     except OSError as exc:
@@ -101,14 +102,6 @@ def prepare(
         common.print_summary(dataset, written)
     return written
 
-
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and its parents that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _remove_empty(folders: list[Path]) -> None:
