@@ -17,7 +17,7 @@ from fedfms.config import positive_int_arg
 
 DATASET_HELP = {
     "prostate": "6-site prostate T2 MRI (BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL)",
-    "fets": "FeTS2022 brain tumour, T1ce -> enhancing tumour (label 4), clients 1,6,18,21",
+    "fets": "FeTS2022 brain tumour, T1ce -> enhancing tumour (label 4; reference preset: labels 1+4), clients 1,6,18,21",
     "fundus": "optic disc/cup: REFUGE, ORIGA, G1020, Drishti-GS1",
     "nuclei": "nuclei: PanNuke Adrenal_gland/Esophagus/Bile-duct/Uterus, MoNuSAC, TNBC, MoNuSeg",
 }
@@ -28,6 +28,11 @@ examples:
   fedfms prepare fets --raw data/raw/FeTS2022 --out data/fets --two-and-half-d --empty-slices-keep 0.1
   fedfms prepare fundus --raw data/raw/fundus --out data/fundus --sites REFUGE ORIGA
   fedfms prepare nuclei --raw data/raw/nuclei --out data/nuclei --image-size 512 --mask-size 128
+  fedfms prepare fets --raw data/raw/FeTS2022 --out data/fets_ref --preset reference
+
+Presets: --preset project (default) is this project's preprocessing, which the options change; --preset
+reference is the paper code's (LIU-YUXI/FedFMS) for every point where it differs (docs/datasets.md, "Presets");
+an option that contradicts it is refused. The manifest records the preset.
 
 Raw folder layouts and public sources: docs/datasets.md. Re-running is safe: sites already prepared
 with the same settings from the same raw files are skipped; different settings, or raw cases added,
@@ -40,6 +45,11 @@ DATASET_OPTIONS = {
     "high_pct": "--high-pct",
     "empty_slices_keep": "--empty-slices-keep",
     "two_and_half_d": "--two-and-half-d",
+    "skip_end_slices": "--skip-end-slices",
+    "target_labels": "--target-labels",
+    "pannuke_folds": "--pannuke-folds",
+    "monuseg_subset": "--monuseg-subset",
+    "preset": "--preset",
     "partition_csv": "--partition-csv",
     "clients": "--clients",
     "disc_includes_cup": "--disc-includes-cup",
@@ -78,6 +88,25 @@ def _empty_keep(text: str) -> str:
     return text
 
 
+def _target_labels(text: str) -> list[int]:
+    from fedfms.data.preparers.fets import parse_target_labels
+
+    try:
+        return parse_target_labels(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pannuke_folds(text: str) -> str:
+    from fedfms.data.preparers.nuclei import parse_pannuke_folds
+
+    try:
+        parse_pannuke_folds(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     from fedfms.data.preparers.registry import PREPARERS
 
@@ -101,6 +130,12 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         help="warn about and leave out unreadable/inconsistent cases instead of stopping (listed in the manifest)",
     )
 
+    p.add_argument(
+        "--preset", choices=["project", "reference"], default=None,
+        help="project: this project's preprocessing (default; options change it); reference: the paper code's "
+        "preprocessing for this dataset (docs/datasets.md, 'Presets'); the manifest records it",
+    )
+
     g = p.add_argument_group("3D volumes (prostate, fets)")
     g.add_argument("--low-pct", type=_percent, default=None, help="lower intensity-window percentile per volume (default 1)")
     g.add_argument("--high-pct", type=_percent, default=None, help="upper intensity-window percentile per volume (default 99)")
@@ -111,12 +146,22 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--empty-slices-keep", type=_empty_keep, default=None, metavar="N|F|all",
         help="slices without target to keep per volume: 'all' (default), an integer count N, "
-        "or a fraction F in [0,1] written with a decimal point (0.1 = 10%%); picked evenly through the volume",
+        "or a fraction F in [0,1] written with a decimal point (0.1 = 10%%), picked evenly through the volume; "
+        "or every:N, the slices whose index is a multiple of N (the paper code's FeTS rule: every:5)",
+    )
+    g.add_argument(
+        "--skip-end-slices", action="store_true", default=None,
+        help="never keep the first and last slice of a volume (the paper code's FeTS rule)",
     )
 
     f = p.add_argument_group("fets")
     f.add_argument("--partition-csv", default=None, help="partitioning CSV (name or path; default partitioning_1.csv)")
     f.add_argument("--clients", default=None, help="partition ids to prepare (default 1,6,18,21)")
+    f.add_argument(
+        "--target-labels", type=_target_labels, default=None, metavar="L[,L]",
+        help="segmentation labels that form the target: 4 = enhancing tumour (default), 1,4 = tumour core "
+        "(the paper code's target), 1,2,4 = whole tumour",
+    )
 
     u = p.add_argument_group("fundus")
     u.add_argument(
@@ -126,6 +171,16 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     u.add_argument(
         "--mask-coding", choices=["refuge", "index"], default=None,
         help="mask values: refuge = 0 cup/128 rim/255 background (default); index = 0 background/1 rim/2 cup",
+    )
+    n = p.add_argument_group("nuclei")
+    n.add_argument(
+        "--pannuke-folds", type=_pannuke_folds, default=None, metavar="SPEC",
+        help="PanNuke folds to read: all (default), fold numbers for every tissue (2 or 2+3), or TISSUE=FOLD items "
+        "(the paper code: Adrenal_gland=2,Esophagus=2,Bile-duct=3,Uterus=3)",
+    )
+    n.add_argument(
+        "--monuseg-subset", choices=["all", "train"], default=None,
+        help="MoNuSeg images: all (default) or train (the 14 MoNuSeg 2018 test images left out, as the paper code)",
     )
     p.set_defaults(func=partial(run_prepare, parser=p))
     return p

@@ -168,17 +168,22 @@ def iter_slices_2p5d(volume: np.ndarray, context: int = 1) -> Iterator[tuple[int
         yield k, neighbour_stack(volume, k, context)
 
 
-def parse_empty_keep(value) -> int | float | None:
+EVERY_PREFIX = "every:"
+
+
+def parse_empty_keep(value) -> int | float | str | None:
     """Parse how many target-free slices to keep per volume.
 
     ``None``/"all"  -> keep all;
     an integer ("0", "5", 5) -> at most that many per volume;
-    a number with a decimal point in [0, 1] ("0.1", 0.25) -> that fraction of the volume's empty slices.
+    a number with a decimal point in [0, 1] ("0.1", 0.25) -> that fraction of the volume's empty slices;
+    "every:N" -> an empty slice is kept when its index is a multiple of N (the paper code's FeTS rule, N = 5),
+    returned as the canonical string ``"every:N"``.
     """
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ConfigError(f"empty-slices-keep is {value!r}; expected 'all', a count (e.g. 5) or a fraction (e.g. 0.1)")
+        raise ConfigError(f"empty-slices-keep is {value!r}; expected 'all', a count (e.g. 5), a fraction (e.g. 0.1) or every:N")
     if isinstance(value, int):
         parsed: int | float = value
     elif isinstance(value, float):
@@ -187,10 +192,16 @@ def parse_empty_keep(value) -> int | float | None:
         text = str(value).strip().lower()
         if text == "all":
             return None
+        if text.startswith(EVERY_PREFIX):
+            step = text[len(EVERY_PREFIX):].strip()
+            if not step.isdigit() or int(step) < 1:
+                raise ConfigError(f"empty-slices-keep is {value!r}; expected every:N with N a positive integer "
+                                  f"(every:5 keeps the empty slices whose index is a multiple of 5)")
+            return f"{EVERY_PREFIX}{int(step)}"
         try:
             parsed = float(text) if any(c in text for c in ".e") else int(text)
         except ValueError:
-            raise ConfigError(f"empty-slices-keep is {value!r}; expected 'all', a count (e.g. 5) or a fraction (e.g. 0.1)") from None
+            raise ConfigError(f"empty-slices-keep is {value!r}; expected 'all', a count (e.g. 5), a fraction (e.g. 0.1) or every:N") from None
     if isinstance(parsed, float):
         if not 0.0 <= parsed <= 1.0:
             raise ConfigError(f"empty-slices-keep fraction is {parsed}; expected a value in [0, 1] (or an integer count)")
@@ -200,13 +211,22 @@ def parse_empty_keep(value) -> int | float | None:
     return parsed
 
 
-def select_slices(has_target: np.ndarray, empty_keep: int | float | None) -> list[int]:
+def select_slices(has_target: np.ndarray, empty_keep: int | float | str | None, skip_end_slices: bool = False) -> list[int]:
     """Indices of the slices to keep: every slice with target, plus empty ones per ``empty_keep``
-    (see :func:`parse_empty_keep`). Empty slices are picked evenly spaced through the volume, which
-    is deterministic (re-runs give the same files) and samples the whole depth range."""
+    (see :func:`parse_empty_keep`). Counts and fractions pick empty slices evenly spaced through the volume,
+    which is deterministic (re-runs give the same files) and samples the whole depth range; ``"every:N"`` keeps
+    the empty slices whose index is a multiple of N. ``skip_end_slices``: the first and the last slice are never
+    kept (the paper code's FeTS rule; its 2.5D input then always has two real neighbours)."""
     has_target = np.asarray(has_target, dtype=bool)
-    positive = np.flatnonzero(has_target)
-    empty = np.flatnonzero(~has_target)
+    candidates = np.arange(len(has_target))
+    if skip_end_slices:
+        candidates = candidates[1:-1]
+    positive = candidates[has_target[candidates]]
+    empty = candidates[~has_target[candidates]]
+    if isinstance(empty_keep, str):
+        step = int(parse_empty_keep(empty_keep)[len(EVERY_PREFIX):])
+        chosen = empty[empty % step == 0]
+        return sorted(set(positive.tolist()) | set(chosen.tolist()))
     if empty_keep is None:
         keep_n = len(empty)
     elif isinstance(empty_keep, float):

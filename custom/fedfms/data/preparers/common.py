@@ -231,6 +231,25 @@ def _normalise(obj):
     return json.loads(json.dumps(obj))
 
 
+# Settings that manifests written before presets existed lack, and the value that was then implied: such an output
+# was made under the project preset, with both slice ends and every PanNuke fold / MoNuSeg image kept.
+IMPLIED_BEFORE_PRESETS = {"preset": "project", "skip_end_slices": False, "pannuke_folds": "all", "monuseg_subset": "all"}
+
+
+def _from_before_presets(old: dict, new: dict) -> dict:
+    """``old`` settings of a manifest written before presets existed, in today's form, so an unchanged preparation
+    is still "already prepared" (FeTS then recorded ``target_label: 4`` for today's ``target_labels: [4]``)."""
+    if "preset" in old or "preset" not in new:
+        return old
+    old = dict(old)
+    if "target_label" in old and "target_labels" not in old:
+        old["target_labels"] = [old.pop("target_label")]
+    for key, value in IMPLIED_BEFORE_PRESETS.items():
+        if key in new and key not in old:
+            old[key] = value
+    return old
+
+
 def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, settings: dict,
                       source: SiteSource, overwrite: bool) -> bool:
     if not site_dir.exists() or overwrite:
@@ -241,8 +260,8 @@ def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: i
         raise DataError(f"{site_dir}: output exists but is not a complete prepared site ({exc}); pass --overwrite to replace it") from None
     old = {"dataset": m.dataset, "classes": m.classes, "image_size": m.image_size, "mask_size": m.mask_size}
     new = {"dataset": dataset, "classes": classes, "image_size": image_size, "mask_size": mask_size}
-    old_settings = {k: v for k, v in m.settings.items() if k != PROVENANCE_KEY}
     new_settings = {k: v for k, v in _normalise(settings).items() if k != PROVENANCE_KEY}
+    old_settings = _from_before_presets({k: v for k, v in m.settings.items() if k != PROVENANCE_KEY}, new_settings)
     diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
     diffs += [
         f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
@@ -289,12 +308,14 @@ def volume_samples(
     high_pct: float,
     empty_keep,
     two_and_half_d: bool,
+    skip_end_slices: bool = False,
     path: Path | str = "volume",
 ) -> list[Sample]:
-    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume. A volume without
-    contrast (constant, a label map, an empty window) is refused naming ``path``."""
+    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume. Which slices are kept:
+    :func:`fedfms.data.volumes.select_slices`. A volume without contrast (constant, a label map, an empty window)
+    is refused naming ``path``."""
     windowed = vol.window_volume(image, low_pct, high_pct, path)
-    keep = vol.select_slices(target.any(axis=(0, 1)), empty_keep)
+    keep = vol.select_slices(target.any(axis=(0, 1)), empty_keep, skip_end_slices)
     samples = []
     for k in keep:
         img = vol.neighbour_stack(windowed, k) if two_and_half_d else windowed[:, :, k]

@@ -7,7 +7,9 @@ Raw layout (docs/datasets.md)::
     RAW/MICCAI_FeTS2022_TrainingData/<Subject_ID>/<Subject_ID>_seg.nii.gz
 
 ``RAW`` may also be the training-data folder itself, and the CSVs may sit in ``RAW``. Input is T1ce,
-target the enhancing tumour (label 4); the other tumour labels (1 necrosis, 2 oedema) are background.
+target the enhancing tumour (label 4) by default; the other tumour labels (1 necrosis, 2 oedema) are background.
+``target_labels`` chooses other labels: ``[1, 4]`` is the tumour core, the paper code's target
+(``--preset reference``, :mod:`fedfms.data.preparers.presets`).
 """
 
 from __future__ import annotations
@@ -17,18 +19,52 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from fedfms.data import volumes as vol
-from fedfms.data.preparers import common
+from fedfms.data.preparers import common, presets
 from fedfms.errors import ConfigError, DataError
 
 DATASET = "fets"
-CLASSES = ["enhancing_tumour"]
+CLASSES = ["enhancing_tumour"]  # with the default target; class_name() for others
 TRAINING_DIR = "MICCAI_FeTS2022_TrainingData"
 DEFAULT_PARTITION_CSV = "partitioning_1.csv"
 DEFAULT_CLIENTS = (1, 6, 18, 21)
 MODALITY = "t1ce"
 TARGET_LABEL = 4
 ALLOWED_LABELS = (0, 1, 2, 4)
+TUMOUR_LABELS = (1, 2, 4)  # 1 necrosis / non-enhancing core, 2 oedema, 4 enhancing tumour
+# the BraTS regions by their labels; another combination is named after its labels
+REGION_NAMES = {(4,): "enhancing_tumour", (1, 4): "tumour_core", (1, 2, 4): "whole_tumour"}
+
+
+def parse_target_labels(value) -> list[int]:
+    """The segmentation labels that form the target, as a sorted list: default ``[4]`` (enhancing tumour);
+    ``"1,4"`` / ``[1, 4]`` is the tumour core (the paper code's target); any non-empty subset of 1, 2, 4."""
+    if value is None:
+        return [TARGET_LABEL]
+    items = str(value).replace(",", " ").replace("+", " ").split() if isinstance(value, (str, int)) else value
+    expected = ("expected a non-empty subset of 1 (necrosis), 2 (oedema), 4 (enhancing tumour), "
+                "such as 4 (default) or 1,4 (tumour core, the paper code's target)")
+    try:
+        if isinstance(value, bool) or any(isinstance(v, bool) for v in items):
+            raise ValueError
+        labels = sorted({int(str(v).strip()) for v in items})
+    except (TypeError, ValueError):
+        raise ConfigError(f"target labels are {value!r}; {expected}") from None
+    if not labels or not set(labels) <= set(TUMOUR_LABELS):
+        raise ConfigError(f"target labels are {value!r}; {expected}")
+    return labels
+
+
+def class_name(labels: list[int]) -> str:
+    return REGION_NAMES.get(tuple(labels), "tumour_labels_" + "_".join(str(v) for v in labels))
+
+
+def _label_map(labels: list[int]) -> str:
+    rest = [v for v in (0, *TUMOUR_LABELS) if v not in labels]
+    return (f"seg {'== ' + str(labels[0]) if len(labels) == 1 else 'in {' + ','.join(map(str, labels)) + '}'} -> {class_name(labels)}; "
+            f"{'/'.join(map(str, rest))} -> background")
 
 
 def site_name(client: int) -> str:
@@ -113,15 +149,16 @@ def _nifti(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _load_case(image_path: Path, seg_path: Path, subject: str, *, low_pct, high_pct, empty_keep, two_and_half_d) -> list[common.Sample]:
+def _load_case(image_path: Path, seg_path: Path, subject: str, *, low_pct, high_pct, empty_keep, two_and_half_d,
+               skip_end_slices=False, target_labels=(TARGET_LABEL,)) -> list[common.Sample]:
     image, seg = vol.load_nifti_pair(image_path, seg_path)
     common.check_labels(
         seg, ALLOWED_LABELS, seg_path,
         "FeTS2022 coding: 1 necrosis, 2 oedema, 4 enhancing tumour; BraTS 2023 data codes enhancing tumour as 3",
     )
     return common.volume_samples(
-        image, seg == TARGET_LABEL, subject, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
-        path=image_path,
+        image, np.isin(seg, list(target_labels)), subject, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep,
+        two_and_half_d=two_and_half_d, skip_end_slices=skip_end_slices, path=image_path,
     )
 
 
@@ -155,16 +192,33 @@ def prepare_fets(
     clients=None,
     two_and_half_d: bool = False,
     empty_slices_keep="all",
+    skip_end_slices: bool = False,
+    target_labels=None,
     skip_bad_cases: bool = False,
+    preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare one site per FeTS client (``out/client<ID>``).
 
-    ``two_and_half_d``: the reference code's 2.5D input — slices k-1, k, k+1 as the three channels
-    instead of slice k copied three times. ``empty_slices_keep``: slices without enhancing tumour kept
-    per volume — 'all' (default), an integer count, or a fraction in [0, 1] written with a decimal point."""
+    ``target_labels``: the segmentation labels that form the one class — ``[4]`` enhancing tumour (default),
+    ``[1, 4]`` tumour core (the paper code). ``two_and_half_d``: the reference code's 2.5D input — slices k-1, k,
+    k+1 as the three channels instead of slice k copied three times. ``empty_slices_keep``: slices without target
+    kept per volume — 'all' (default), an integer count, a fraction in [0, 1] written with a decimal point, or
+    'every:N' (index a multiple of N). ``skip_end_slices``: never keep the first and last slice.
+    ``preset='reference'`` requires the paper code's values for all of these (:mod:`~fedfms.data.preparers.presets`)."""
     raw, out = Path(raw), Path(out)
     vol.check_percentiles(low_pct, high_pct)
     empty_keep = vol.parse_empty_keep(empty_slices_keep)
+    labels = parse_target_labels(target_labels)
+    options = {
+        "preset": presets.check_name(preset),
+        "target_labels": labels,
+        "low_pct": float(low_pct),
+        "high_pct": float(high_pct),
+        "empty_slices_keep": "all" if empty_keep is None else empty_keep,
+        "two_and_half_d": bool(two_and_half_d),
+        "skip_end_slices": bool(skip_end_slices),
+    }
+    presets.check(DATASET, preset, options)
     client_ids = parse_clients(clients)
     data_dir = find_data_dir(raw)
     csv_path = find_partition_csv(raw, data_dir, partition_csv)
@@ -178,18 +232,15 @@ def prepare_fets(
     )
     settings = {
         "modality": MODALITY,
-        "target_label": TARGET_LABEL,
         "partition_csv": csv_path.name,
-        "low_pct": float(low_pct),
-        "high_pct": float(high_pct),
-        "empty_slices_keep": "all" if empty_keep is None else empty_keep,
-        "two_and_half_d": bool(two_and_half_d),
-        "label_map": "seg == 4 -> enhancing_tumour; 0/1/2 -> background",
+        **options,
+        "label_map": _label_map(labels),
     }
-    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d)
+    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
+                   skip_end_slices=bool(skip_end_slices), target_labels=tuple(labels))
     return common.write_sites(
         ((find_cases(site, data_dir, partitions[names[site]], csv_path, load), {**settings, "partition_id": names[site]})
          for site in chosen),
-        out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
+        out=out, dataset=DATASET, classes=[class_name(labels)], image_size=image_size, mask_size=mask_size,
         overwrite=overwrite, skip_bad_cases=skip_bad_cases,
     )

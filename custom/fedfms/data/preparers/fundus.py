@@ -11,7 +11,8 @@ Masks use the REFUGE grey-level coding by default (0 = cup, 128 = disc rim, 255 
 
 Output classes: channel 0 ``disc``, channel 1 ``cup``. By default the disc channel is the whole optic
 disc *including* the cup (the clinical definition used for the cup-to-disc ratio and by the REFUGE
-evaluation); ``disc_includes_cup=False`` makes it the rim only, so the two channels do not overlap.
+evaluation); ``disc_includes_cup=False`` makes it the rim only, so the two channels do not overlap. The paper's
+code used the rim (``--preset reference``, :mod:`fedfms.data.preparers.presets`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfms.data.preparers import common
+from fedfms.data.preparers import common, presets
 from fedfms.errors import ConfigError, DataError
 
 DATASET = "fundus"
@@ -85,14 +86,17 @@ def prepare_fundus(
     disc_includes_cup: bool = True,
     mask_coding: str = "refuge",
     skip_bad_cases: bool = False,
+    preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare the fundus sites; classes ``["disc", "cup"]`` (see the module docstring)."""
     raw, out = Path(raw), Path(out)
     if mask_coding not in CODINGS:
         raise ConfigError(f"mask_coding is {mask_coding!r}; expected one of {sorted(CODINGS)}")
+    presets.check(DATASET, presets.check_name(preset), {"disc_includes_cup": bool(disc_includes_cup)})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
     settings = {
+        "preset": preset,
         "mask_coding": mask_coding,
         "disc_includes_cup": bool(disc_includes_cup),
         "intensity": "RGB / 255",

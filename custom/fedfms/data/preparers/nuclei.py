@@ -12,6 +12,10 @@ Raw layout (docs/datasets.md)::
 
 The native TNBC (``Slide_XX/`` + ``GT_XX/``) and MoNuSeg (``Tissue Images/*.tif`` + ``Annotations/*.xml``)
 releases are read as they are. Every mask becomes one binary ``nuclei`` channel (instance id > 0).
+
+By default every PanNuke fold and every MoNuSeg image is used. ``pannuke_folds`` restricts the folds per tissue
+and ``monuseg_subset='train'`` leaves out the 14 images of the official MoNuSeg 2018 test set; the paper's code
+did both (``--preset reference``, :mod:`fedfms.data.preparers.presets`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from fedfms.data import intensity
-from fedfms.data.preparers import common
-from fedfms.errors import DataError
+from fedfms.data.preparers import common, presets
+from fedfms.errors import ConfigError, DataError
 
 DATASET = "nuclei"
 CLASSES = ["nuclei"]
@@ -35,6 +39,15 @@ SITES = (*PANNUKE_TISSUES, *OTHER_SITES)
 PANNUKE_NUCLEUS_CHANNELS = 5  # neoplastic, inflammatory, connective, dead, epithelial; channel 5 is background
 _TCGA = re.compile(r"(TCGA-[A-Za-z0-9]{2}-[A-Za-z0-9]{4})")
 _TNBC = re.compile(r"(\d+)_\d+")
+MONUSEG_SUBSETS = ("all", "train")
+# The official MoNuSeg 2018 test set (MoNuSegTestData): 14 tissue images of 7 organs. Everything else released
+# for MoNuSeg 2018 is its training set ("MoNuSeg 2018 Training Data", 30 images).
+MONUSEG_TEST_IMAGES = (
+    "TCGA-2Z-A9J9-01A-01-TS1", "TCGA-44-2665-01B-06-BS6", "TCGA-69-7764-01A-01-TS1", "TCGA-A6-6782-01A-01-BS1",
+    "TCGA-AC-A2FO-01A-01-TS1", "TCGA-AO-A0J2-01A-01-BSA", "TCGA-CU-A0YN-01A-02-BSB", "TCGA-EJ-A46H-01A-03-TSC",
+    "TCGA-FG-A4MU-01B-01-TS1", "TCGA-GL-6846-01A-01-BS1", "TCGA-HC-7209-01A-01-TS1", "TCGA-HT-8564-01Z-00-DX1",
+    "TCGA-IZ-8196-01A-01-BS1", "TCGA-ZF-A9R5-01A-01-TS1",
+)
 
 
 RULE_TCGA, RULE_TNBC, RULE_CSV, RULE_OWN = "TCGA barcode", "TNBC slide number", "patients.csv", "own image"
@@ -132,7 +145,71 @@ def _load_pannuke(fold: PanNukeFold, i: int, sample_id: str) -> list[common.Samp
     return [common.Sample(rgb, nuclei, sample_id, None, sample_id)]
 
 
-def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path) -> common.SiteSource:
+def parse_pannuke_folds(value) -> str | dict[str, list[int] | str]:
+    """Which PanNuke folds each tissue is read from: ``"all"`` (default), or a dict with every tissue of
+    :data:`PANNUKE_TISSUES` mapped to its sorted fold numbers or ``"all"``.
+
+    Accepted: ``None``/``"all"``; a string of comma-separated items, ``K`` (folds for every tissue) or
+    ``TISSUE=K`` (that tissue; tissue names ignore case and punctuation), several folds joined by ``+``
+    (``"Uterus=2+3"``); or such a dict. The paper code's choice:
+    ``"Adrenal_gland=2,Esophagus=2,Bile-duct=3,Uterus=3"``."""
+    expected = ("expected 'all', fold numbers such as 2 or 2+3, or TISSUE=FOLD items such as "
+                "Adrenal_gland=2,Esophagus=2,Bile-duct=3,Uterus=3")
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return "all"
+    by_key = {common.norm_name(t): t for t in PANNUKE_TISSUES}
+
+    def folds_of(item) -> list[int] | str:
+        if isinstance(item, str) and item.strip().lower() == "all":
+            return "all"
+        parts = item.split("+") if isinstance(item, str) else ([item] if isinstance(item, int) else item)
+        try:
+            if isinstance(item, bool) or any(isinstance(x, bool) for x in parts):
+                raise ValueError
+            numbers = sorted({int(str(x).strip()) for x in parts})
+        except (TypeError, ValueError):
+            raise ConfigError(f"PanNuke folds {value!r}: {item!r} is not a fold number; {expected}") from None
+        if not numbers or numbers[0] < 1:
+            raise ConfigError(f"PanNuke folds {value!r}: {item!r} is not a fold number (1, 2, 3); {expected}")
+        return numbers
+
+    def tissue_of(name) -> str:
+        tissue = by_key.get(common.norm_name(str(name)))
+        if tissue is None:
+            raise ConfigError(f"PanNuke folds {value!r}: unknown tissue {name!r}; expected some of {', '.join(PANNUKE_TISSUES)}")
+        return tissue
+
+    default: list[int] | str = "all"
+    chosen: dict[str, list[int] | str] = {}
+    if isinstance(value, dict):
+        for name, item in value.items():
+            chosen[tissue_of(name)] = folds_of(item)
+    elif isinstance(value, str):
+        for item in (x.strip() for x in value.split(",")):
+            if not item:
+                continue
+            if "=" in item:
+                name, _, folds = item.partition("=")
+                tissue = tissue_of(name.strip())
+                add = folds_of(folds.strip())
+                old = chosen.get(tissue, [])
+                chosen[tissue] = "all" if "all" in (add, old) else sorted(set(old) | set(add))
+            else:
+                default = folds_of(item) if default == "all" else sorted(set(default) | set(folds_of(item)))
+    else:
+        raise ConfigError(f"PanNuke folds {value!r}; {expected}")
+    out = {t: chosen.get(t, default) for t in PANNUKE_TISSUES}
+    return "all" if all(v == "all" for v in out.values()) else out
+
+
+def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path, wanted: list[int] | str = "all") -> common.SiteSource:
+    if wanted != "all":
+        present = sorted(f.number for f in folds)
+        missing = [k for k in wanted if k not in present]
+        if missing:
+            raise DataError(f"{root}: no PanNuke fold {', '.join(map(str, missing))} (PanNuke folds for {tissue}: "
+                            f"{'+'.join(map(str, wanted))}); found folds {present}; expected 'Fold k' folders as in docs/datasets.md")
+        folds = [f for f in folds if f.number in wanted]
     cases = []
     for fold in folds:
         for i in np.flatnonzero(fold.types == tissue):
@@ -141,7 +218,8 @@ def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path) -> common.
                                      (fold.images_path, fold.masks_path)))
     if not cases:
         found = sorted({t for f in folds for t in f.types.tolist()})
-        raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}; found tissues {found}")
+        only = "" if wanted == "all" else f" (PanNuke folds for {tissue}: {'+'.join(map(str, wanted))})"
+        raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}{only}; found tissues {found}")
     extra = {f"fold {f.number} types.npy": f.types_path for f in folds}
     return common.SiteSource(tissue, root, cases, extra_files=extra, notes={"patient_ids": {"own patch": len(cases)}})
 
@@ -202,7 +280,12 @@ def _pairs_xml(site_dir: Path):
     return pairs, problems
 
 
-def find_image_cases(site: str, site_dir: Path) -> common.SiteSource:
+def is_monuseg_test_image(stem: str) -> bool:
+    """Whether ``stem`` names an image (or a tile of one) of the official MoNuSeg 2018 test set."""
+    return stem.upper().startswith(MONUSEG_TEST_IMAGES)
+
+
+def find_image_cases(site: str, site_dir: Path, monuseg_subset: str = "all") -> common.SiteSource:
     subdirs = {common.norm_name(p.name): p for p in site_dir.iterdir() if p.is_dir() and common.visible(p)}
     if "images" in subdirs:
         pairs, problems = _pairs_normalised(site_dir, subdirs)
@@ -215,6 +298,19 @@ def find_image_cases(site: str, site_dir: Path) -> common.SiteSource:
             f"{site_dir}: subfolders are {sorted(p.name for p in subdirs.values()) or 'none'}; expected images/ + masks/ "
             f"(or TNBC Slide_XX/ + GT_XX/, or MoNuSeg Tissue Images/ + Annotations/), see docs/datasets.md"
         )
+    left_out = []
+    if monuseg_subset == "train":
+        left_out = sorted(stem for stem, *_ in pairs if is_monuseg_test_image(stem))
+        if left_out and len(left_out) == len(pairs):
+            raise DataError(
+                f"{site_dir}: all {len(pairs)} image(s) are in the MoNuSeg 2018 test set ({', '.join(left_out[:3])}"
+                f"{', ...' if len(left_out) > 3 else ''}), which --monuseg-subset train leaves out; expected the training "
+                f"images ('MoNuSeg 2018 Training Data')"
+            )
+        pairs = [p for p in pairs if not is_monuseg_test_image(p[0])]
+        problems = [p for p in problems if not is_monuseg_test_image(p.path.stem)]
+        if left_out:
+            common.info(f"{DATASET}/{site}: left out {len(left_out)} image(s) of the MoNuSeg 2018 test set (monuseg subset train)")
     stems = {}
     for stem, img, *_ in pairs:
         if stem in stems:
@@ -235,7 +331,10 @@ def find_image_cases(site: str, site_dir: Path) -> common.SiteSource:
             f"and val); add {site_dir / common.PATIENTS_CSV} (columns image,patient) to group them"
         )
     extra = {common.PATIENTS_CSV: site_dir / common.PATIENTS_CSV} if (site_dir / common.PATIENTS_CSV).is_file() else {}
-    return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes={"patient_ids": dict(sorted(rules.items()))})
+    notes = {"patient_ids": dict(sorted(rules.items()))}
+    if monuseg_subset == "train":
+        notes["monuseg_test_images_left_out"] = left_out
+    return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes=notes)
 
 
 def prepare_nuclei(
@@ -246,19 +345,35 @@ def prepare_nuclei(
     mask_size: int = 256,
     overwrite: bool = False,
     sites=None,
+    pannuke_folds=None,
+    monuseg_subset: str = "all",
     skip_bad_cases: bool = False,
+    preset: str = presets.PROJECT,
 ) -> list[Path]:
-    """Prepare the nuclei sites (four PanNuke tissues, MoNuSAC, TNBC, MoNuSeg); one binary class."""
+    """Prepare the nuclei sites (four PanNuke tissues, MoNuSAC, TNBC, MoNuSeg); one binary class.
+
+    ``pannuke_folds``: the PanNuke folds each tissue is read from (:func:`parse_pannuke_folds`; default all).
+    ``monuseg_subset``: ``"all"`` (default) or ``"train"``, leaving out the official MoNuSeg 2018 test images.
+    ``preset='reference'`` requires the paper code's values for both (:mod:`~fedfms.data.preparers.presets`)."""
     raw, out = Path(raw), Path(out)
+    folds_by_tissue = parse_pannuke_folds(pannuke_folds)
+    if monuseg_subset not in MONUSEG_SUBSETS:
+        raise ConfigError(f"monuseg subset is {monuseg_subset!r}; expected one of {', '.join(MONUSEG_SUBSETS)}")
+    presets.check(DATASET, presets.check_name(preset), {"pannuke_folds": folds_by_tissue, "monuseg_subset": monuseg_subset})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     # Resolve every folder before writing anything, so a layout mistake fails fast.
     pannuke_root, folds = find_pannuke_folds(raw) if any(s in PANNUKE_TISSUES for s in chosen) else (None, [])
     site_dirs = {s: common.find_site_dir(raw, s, OTHER_SITES[s], DATASET) for s in chosen if s in OTHER_SITES}
-    settings = {"intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
+    settings = {"preset": preset, "intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
+
     def sources():
         for site in chosen:
             if site in PANNUKE_TISSUES:
-                yield pannuke_source(site, folds, pannuke_root), {**settings, "pannuke_tissue": site}
+                wanted = "all" if folds_by_tissue == "all" else folds_by_tissue[site]
+                yield (pannuke_source(site, folds, pannuke_root, wanted),
+                       {**settings, "pannuke_tissue": site, "pannuke_folds": wanted})
+            elif site == "MoNuSeg":
+                yield find_image_cases(site, site_dirs[site], monuseg_subset), {**settings, "monuseg_subset": monuseg_subset}
             else:
                 yield find_image_cases(site, site_dirs[site]), settings
 

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from fedfms.data import volumes as vol
-from fedfms.data.preparers import common
+from fedfms.data.preparers import common, presets
 from fedfms.errors import DataError
 
 DATASET = "prostate"
@@ -60,7 +60,8 @@ def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
     return common.SiteSource(site, site_dir, cases, problems)
 
 
-def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_pct, empty_keep, two_and_half_d) -> list[common.Sample]:
+def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_pct, empty_keep, two_and_half_d,
+               skip_end_slices) -> list[common.Sample]:
     image, seg = vol.load_nifti_pair(image_path, seg_path)
     common.check_labels(seg, ALLOWED_LABELS, seg_path, "0 background, 1 and 2 prostate (zones)")
     target = seg > 0
@@ -68,7 +69,7 @@ def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_
         common.warn(f"{seg_path}: segmentation is empty (no prostate voxels)")
     return common.volume_samples(
         image, target, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
-        path=image_path,
+        skip_end_slices=skip_end_slices, path=image_path,
     )
 
 
@@ -84,24 +85,31 @@ def prepare_prostate(
     high_pct: float = 99.0,
     empty_slices_keep="all",
     two_and_half_d: bool = False,
+    skip_end_slices: bool = False,
     skip_bad_cases: bool = False,
+    preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare the prostate sites; returns ``out/<site>`` for each. Every depth slice is kept by default
-    (``empty_slices_keep='all'``), as in the paper."""
+    (``empty_slices_keep='all'``), as in the paper. ``preset='reference'`` requires the paper code's values
+    (:mod:`fedfms.data.preparers.presets`: window from the volume's minimum to its 99th percentile)."""
     raw, out = Path(raw), Path(out)
     vol.check_percentiles(low_pct, high_pct)
     empty_keep = vol.parse_empty_keep(empty_slices_keep)
-    chosen = common.select_sites(sites, list(SITES), DATASET)
-    # Resolve every folder before writing anything, so a layout mistake fails fast.
-    site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
     settings = {
+        "preset": presets.check_name(preset),
         "low_pct": float(low_pct),
         "high_pct": float(high_pct),
         "empty_slices_keep": "all" if empty_keep is None else empty_keep,
         "two_and_half_d": bool(two_and_half_d),
+        "skip_end_slices": bool(skip_end_slices),
         "label_map": "seg in {1,2} -> prostate",
     }
-    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d)
+    presets.check(DATASET, preset, settings)
+    chosen = common.select_sites(sites, list(SITES), DATASET)
+    # Resolve every folder before writing anything, so a layout mistake fails fast.
+    site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
+    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
+                   skip_end_slices=bool(skip_end_slices))
     return common.write_sites(
         ((find_cases(site, site_dirs[site], load), settings) for site in chosen),
         out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,

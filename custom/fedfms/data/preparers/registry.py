@@ -1,7 +1,9 @@
 """Dataset name -> preparer, and :func:`prepare`, the entry point behind ``fedfms prepare``.
 
 A preparer is ``fn(raw, out, *, image_size, mask_size, overwrite, sites, **dataset_options) -> list[Path]``
-returning the site folders ``out/<site>`` it wrote or found already prepared.
+returning the site folders ``out/<site>`` it wrote or found already prepared. The public datasets' preparers
+take a ``preset`` option too (:mod:`fedfms.data.preparers.presets`): :func:`prepare` fills in the options the
+preset sets, and the preparer refuses options that contradict it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Callable
 
-from fedfms.data.preparers import common
+from fedfms.data.preparers import common, presets
 from fedfms.data.preparers.fets import prepare_fets
 from fedfms.data.preparers.fundus import prepare_fundus
 from fedfms.data.preparers.mni_demo import build_raw as build_demo_raw
@@ -66,11 +68,14 @@ def prepare(
     """Prepare ``dataset`` from the download in ``raw`` into ``out/<site>/`` folders; returns them.
 
     Sites already prepared with the same settings are skipped; other existing outputs are an error
-    unless ``overwrite``. A summary table (sites, volumes, samples, positive fraction) is printed."""
+    unless ``overwrite``. ``preset="reference"`` (an option of the public datasets) adds the paper code's values
+    of the options it sets (:mod:`fedfms.data.preparers.presets`). A summary table (sites, volumes, samples,
+    positive fraction) is printed."""
     fn = _lookup(dataset)
     unknown = sorted(set(options) - set(dataset_options(dataset)))
     if unknown:
         raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to dataset {dataset}; expected some of {', '.join(dataset_options(dataset)) or 'none'}")
+    options = presets.fill(dataset, options.get("preset"), options)
     for name, value in (("image_size", image_size), ("mask_size", mask_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} is {value!r}; expected a positive integer (paper: image 1024, mask 256)")
