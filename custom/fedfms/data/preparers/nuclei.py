@@ -41,7 +41,7 @@ _TCGA = re.compile(r"(TCGA-[A-Za-z0-9]{2}-[A-Za-z0-9]{4})")
 _TNBC = re.compile(r"(\d+)_\d+")
 MONUSEG_SUBSETS = ("all", "train")
 # The official MoNuSeg 2018 test set (MoNuSegTestData): 14 tissue images of 7 organs. Everything else released
-# for MoNuSeg 2018 is its training set ("MoNuSeg 2018 Training Data", 30 images).
+# for MoNuSeg 2018 is its training set ("MoNuSeg 2018 Training Data", 37 images).
 MONUSEG_TEST_IMAGES = (
     "TCGA-2Z-A9J9-01A-01-TS1", "TCGA-44-2665-01B-06-BS6", "TCGA-69-7764-01A-01-TS1", "TCGA-A6-6782-01A-01-BS1",
     "TCGA-AC-A2FO-01A-01-TS1", "TCGA-AO-A0J2-01A-01-BSA", "TCGA-CU-A0YN-01A-02-BSB", "TCGA-EJ-A46H-01A-03-TSC",
