@@ -59,6 +59,7 @@ def _federation_settings(args) -> dict:
         max_samples=args.max_samples, site_samples=_site_counts(args.site_samples, "--site-samples"),
         round_timeout=args.round_timeout, aggregation=args.aggregation, trim_fraction=args.trim_fraction,
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
+        tracking=args.tracking,
     )
 
 
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help='JSON of train settings, e.g. \'{"lr": 1e-4, "batch_size": 4}\'')
     p.add_argument("--model", help='JSON of model settings, e.g. \'{"activation_checkpointing": true}\'')
     p.add_argument("--transfer", choices=["float32", "float16"], help="precision of the models on the wire (float16: half the bytes)")
+    p.add_argument("--tracking", choices=["tensorboard", "mlflow"],
+                   help="experiment tracking at the server: TensorBoard (default) or MLflow too (SQLite store in the run folder)")
     p.add_argument("--flavour", choices=["project", "reference"],
                    help="reference: head, input scaling, pos_weight and adapter init as in the paper's code (docs/evaluation.md)")
     fed = p.add_argument_group("federation (docs/federation.md)")

@@ -171,3 +171,26 @@ def test_bad_contributions_are_rejected_and_the_job_completes_with_gaps(tmp_path
     assert "NaN" in missed["site-2"] and "unexpected tensor" in missed["site-3"]
     assert "travel-set filter refused" in missed["site-4"] and "frozen weights differ" in missed["site-5"]
     assert record["sites"]["site-1"]["contributed"] == [0]
+
+
+def test_mlflow_tracking_records_every_site_and_round(tmp_path):
+    from mlflow.tracking.client import MlflowClient
+
+    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 3})
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
+                    tracking="mlflow")
+    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
+
+    stores = list((tmp_path / "ws").rglob("mlflow.db"))
+    assert len(stores) == 1, stores
+    client = MlflowClient(tracking_uri=f"sqlite:///{stores[0]}")
+    experiment = client.get_experiment_by_name("fedfms")
+    runs = client.search_runs([experiment.experiment_id])
+    by_site = {r.info.run_name.split("-")[0] + "-" + r.info.run_name.split("-")[1]: r for r in runs}
+    assert set(by_site) == {"site-1", "site-2"}
+    for site, run in by_site.items():
+        for metric in ("train_loss", "val_dice", "val_iou", "lr", "samples", "seconds", "upload_mb", "val_dice_disc"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == [0, 1], (site, metric, history)
+        samples = {m.value for m in client.get_metric_history(run.info.run_id, "samples")}
+        assert len(samples) == 1 and samples.pop() > 0

@@ -47,7 +47,8 @@ class FedFMSExecutor(Executor):
         data_dir: default location of this site's prepared data; ``{site_name}`` and ``$VARS`` are expanded.
             The site's ``local/fedfms_site.json`` overrides it (and ``checkpoint``, ``device``, ...).
         validation_split: which part of the site's data ``validate`` scores ("val" or "all").
-        tb_writer_id: optional ``TBWriter`` component for streaming loss and Dice to the server.
+        tb_writer_id: optional ``TBWriter`` component for streaming per-round metrics to the server.
+        transfer: "float32" or "float16": how the job sends models (for the bytes-sent figure it tracks).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class FedFMSExecutor(Executor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        transfer: str = "float32",
     ):
         super().__init__()
         self.model_config = dict(model_config)
@@ -67,6 +69,7 @@ class FedFMSExecutor(Executor):
         self.data_dir = data_dir
         self.validation_split = validation_split
         self.tb_writer_id = tb_writer_id
+        self.bytes_factor = 0.5 if transfer == "float16" else 1.0
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
         self.setup_error: str | None = None
@@ -137,7 +140,8 @@ class FedFMSExecutor(Executor):
             return make_reply(ReturnCode.TASK_ABORTED)
         val = result.metrics.get("val_before", {})
         initial = {KEY_METRIC: _finite_or_none(val.get("dice")), "val_iou": _finite_or_none(val.get("iou"))}
-        self._stream(current_round, result.metrics["train"]["loss"], initial)
+        weights = tensors_to_numpy(result.weights)
+        self._stream(current_round, result, weights)
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,  # FedAvg weight n_k (see aggregator)
             MetaKey.INITIAL_METRICS: {k: v for k, v in initial.items() if v is not None},
@@ -145,7 +149,7 @@ class FedFMSExecutor(Executor):
         }
         self.log_info(fl_ctx, f"round {current_round}: loss {result.metrics['train']['loss']:.4f}, "
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
-        reply = DXO(DataKind.WEIGHTS, tensors_to_numpy(result.weights), meta=meta).to_shareable()
+        reply = DXO(DataKind.WEIGHTS, weights, meta=meta).to_shareable()
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
         return reply
 
@@ -176,9 +180,21 @@ class FedFMSExecutor(Executor):
         self.log_info(fl_ctx, f"validated model from {model_owner} on {self.validation_split}: {report}")
         return DXO(DataKind.METRICS, report).to_shareable()
 
-    def _stream(self, step: int, loss: float, initial: dict) -> None:
+    def _stream(self, step: int, result, weights: dict) -> None:
+        """Per-round tracking through FLARE's writer (TensorBoard or MLflow at the server): the training loss,
+        the received global model's validation Dice/IoU (overall and per class), the learning rate, the
+        samples, the round's local seconds and the megabytes this result puts on the wire."""
         if self.writer is None:
             return
-        self.writer.add_scalar("train_loss", float(loss), global_step=int(step))
-        if initial.get(KEY_METRIC) is not None:
-            self.writer.add_scalar(KEY_METRIC, initial[KEY_METRIC], global_step=int(step))
+        step = int(step)
+        train, val = result.metrics.get("train", {}), result.metrics.get("val_before", {})
+        scalars = {"train_loss": train.get("loss"), "seconds": train.get("seconds"), "steps": train.get("steps"),
+                   "samples": result.num_samples, "lr": self.trainer.optimizer.param_groups[0]["lr"],
+                   KEY_METRIC: val.get("dice"), "val_iou": val.get("iou"),
+                   "upload_mb": sum(v.nbytes for v in weights.values()) * self.bytes_factor / 1e6}
+        for name, d, i in zip(val.get("classes", []), val.get("dice_per_class", []), val.get("iou_per_class", [])):
+            scalars[f"val_dice_{name}"], scalars[f"val_iou_{name}"] = d, i
+        for tag, value in scalars.items():
+            value = _finite_or_none(value)
+            if value is not None:
+                self.writer.add_scalar(tag, value, global_step=step)

@@ -72,7 +72,9 @@ FEDERATION_DEFAULTS = {
     "start_round": 0,
     "resume": None,  # set by resume_settings(): continue a stopped run
     "flavour": None,  # "reference": head, input scaling, pos_weight, adapter init as the paper's code (fedfms.flavours)
+    "tracking": "tensorboard",  # or "mlflow": FLARE's MLflow receiver too (a SQLite store in the server's run folder)
 }
+TRACKING = ("tensorboard", "mlflow")
 AGGREGATIONS = ("fedavg", "mean", "median", "trimmed_mean")
 
 # Seconds per training sample (forward + backward) at a slow site, to derive timeouts from the workload:
@@ -131,6 +133,8 @@ def _check_federation(s: dict, where: str) -> None:
         raise ConfigError(f"{where}: norm_bound is {s['norm_bound']!r}; expected a positive number (e.g. 3)")
     if s["norm_bound_action"] not in NORM_BOUND_ACTIONS:
         raise ConfigError(f"{where}: norm_bound_action is {s['norm_bound_action']!r}; expected one of {NORM_BOUND_ACTIONS}")
+    if s["tracking"] not in TRACKING:
+        raise ConfigError(f"{where}: tracking is {s['tracking']!r}; expected one of {TRACKING}")
     if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
         raise ConfigError(f"{where}: start_round is {s['start_round']!r}; expected a round before num_rounds "
                           f"({s['num_rounds']}): nothing is left to run")
@@ -146,6 +150,7 @@ def variant_settings(name: str, **overrides) -> dict:
     if name not in VARIANTS:
         raise ConfigError(f"job variant is {name!r}; expected one of {sorted(VARIANTS)}")
     s = copy.deepcopy(VARIANTS[name])
+    s["name"] = name
     s.setdefault("data_dir", DEFAULT_DATA_DIR)
     s.setdefault("transfer", "float32")
     s.setdefault("task_request_interval", 2.0)  # FLARE's default wait of a site between two tasks
@@ -206,6 +211,7 @@ def _component(cid: str, path: str, args: dict | None = None) -> dict:
 
 DEAD_CLIENT_GRACE_S = 15  # above the sites' 10 s job heartbeat, so a live site is never given up on
 DEAD_CLIENT_LEAD_S = 10
+MLFLOW_RECEIVER = "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver"
 STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
 ROBUST_AGGREGATOR = "fedfms.flare.robust_aggregator.RobustAggregator"
 
@@ -241,6 +247,16 @@ def _monitor(s: dict) -> dict:
     return _component("federation_monitor", "fedfms.flare.monitor.FederationMonitor", args)
 
 
+def _mlflow(s: dict) -> list[dict]:
+    if s["tracking"] != "mlflow":
+        return []
+    # no tracking_uri: FLARE's receiver writes a SQLite store (mlflow.db) into the job's result folder, offline
+    return [_component("mlflow_receiver", MLFLOW_RECEIVER, {
+        "events": ["fed.analytix_log_stats"],
+        "kw_args": {"experiment_name": "fedfms", "run_name": s.get("name", "run"),
+                    "experiment_tags": {"mlflow.note.content": "FedFMS on NVIDIA FLARE"}}})]
+
+
 def server_config(s: dict) -> dict:
     model = s["model"]
     timeouts = round_timeouts(s)
@@ -273,6 +289,7 @@ def server_config(s: dict) -> dict:
             _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
             _component("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                        {"events": ["fed.analytix_log_stats"]}),
+            *_mlflow(s),
         ],
         "workflows": [
             _component("scatter_and_gather", "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", {
@@ -304,7 +321,7 @@ def client_config(s: dict) -> dict:
         "executors": [{
             "tasks": ["train", "validate", "submit_model"],
             "executor": _component("executor", "fedfms.flare.executor.FedFMSExecutor", {
-                "model_config": model, "train_config": s["train"], "data_dir": s["data_dir"],
+                "model_config": model, "train_config": s["train"], "data_dir": s["data_dir"], "transfer": s["transfer"],
             }),
         }],
         # the travel-set check runs first, on the float32 weights the site computed
@@ -478,5 +495,6 @@ def class_allow_list() -> list[str]:
     stock = set()
     for name in VARIANTS:
         for transfer in TRANSFER_TYPES:
-            stock |= {p for p in component_paths(render_job(name, transfer=transfer)) if not p.startswith("fedfms.")}
+            stock |= {p for p in component_paths(render_job(name, transfer=transfer, tracking="mlflow"))
+                      if not p.startswith("fedfms.")}
     return sorted(stock) + ["fedfms."]
