@@ -70,6 +70,7 @@ class RecordingExecutor(FedFMSExecutor):
         rnd = shareable.get_header("current_round")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{fl_ctx.get_identity_name()}_in_r{rnd}.json").write_text(json.dumps(weights_digest(incoming)))
+        np.savez(self.out_dir / f"{fl_ctx.get_identity_name()}_in_r{rnd}.npz", **{k: np.asarray(v) for k, v in incoming.items()})
         before = _frozen_digest(self.trainer.model, mode)
         result = super()._train(shareable, fl_ctx, abort_signal)
         after = _frozen_digest(self.trainer.model, mode)

@@ -55,6 +55,8 @@ class ContributionCheckFilter(Filter):
     A result that passes goes on with its float arrays in float64, so FLARE's stock weighted sum
     (``InTimeAccumulateWeightedAggregator``) accumulates in float64; the monitor casts the average back.
     A result that fails becomes ``BAD_TASK_DATA`` with the reason in the ``fedfms_reason`` header.
+    ``data_kinds``: what a training result must be (``["WEIGHT_DIFF"]`` when the job sends updates as
+    differences to the global model; the same keys, shapes, dtypes and finiteness apply).
     """
 
     def __init__(self, model_config: dict, max_samples: int = DEFAULT_MAX_SAMPLES, site_samples: dict | None = None,
@@ -119,8 +121,9 @@ class ContributionCheckFilter(Filter):
             dxo = from_shareable(shareable)
         except Exception as exc:
             return [f"not a DXO ({type(exc).__name__}: {exc})"], None, None
-        if dxo.data_kind not in self.data_kinds:
-            return [f"data kind is {dxo.data_kind}, expected {' or '.join(self.data_kinds)}"], dxo, None
+        expected = self.data_kinds if training else [DataKind.WEIGHTS]  # submitted models are whole models
+        if dxo.data_kind not in expected:
+            return [f"data kind is {dxo.data_kind}, expected {' or '.join(expected)}"], dxo, None
         problems = find_problems(dxo.data, self.spec)
         if not training:
             return problems, dxo, None

@@ -49,6 +49,8 @@ class FedFMSExecutor(Executor):
         validation_split: which part of the site's data ``validate`` scores ("val" or "all").
         tb_writer_id: optional ``TBWriter`` component for streaming per-round metrics to the server.
         transfer: "float32" or "float16": how the job sends models (for the bytes-sent figure it tracks).
+        update: "weights" (the trained travel set) or "weight_diff" (its difference to the received global model,
+            which FLARE's differential-privacy filters work on).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FedFMSExecutor(Executor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         transfer: str = "float32",
+        update: str = "weights",
     ):
         super().__init__()
         self.model_config = dict(model_config)
@@ -70,6 +73,9 @@ class FedFMSExecutor(Executor):
         self.validation_split = validation_split
         self.tb_writer_id = tb_writer_id
         self.bytes_factor = 0.5 if transfer == "float16" else 1.0
+        if update not in ("weights", "weight_diff"):
+            raise ValueError(f"update is {update!r}; expected 'weights' or 'weight_diff'")
+        self.update_kind = DataKind.WEIGHT_DIFF if update == "weight_diff" else DataKind.WEIGHTS
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
         self.setup_error: str | None = None
@@ -135,12 +141,16 @@ class FedFMSExecutor(Executor):
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        result = self.trainer.train_round(self._incoming(shareable), should_abort=lambda: abort_signal.triggered)
+        incoming = self._incoming(shareable)
+        result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         val = result.metrics.get("val_before", {})
         initial = {KEY_METRIC: _finite_or_none(val.get("dice")), "val_iou": _finite_or_none(val.get("iou"))}
         weights = tensors_to_numpy(result.weights)
+        if self.update_kind == DataKind.WEIGHT_DIFF:
+            start = tensors_to_numpy(incoming)
+            weights = {k: v - start[k] for k, v in weights.items()}
         self._stream(current_round, result, weights)
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,  # FedAvg weight n_k (see aggregator)
@@ -149,7 +159,7 @@ class FedFMSExecutor(Executor):
         }
         self.log_info(fl_ctx, f"round {current_round}: loss {result.metrics['train']['loss']:.4f}, "
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
-        reply = DXO(DataKind.WEIGHTS, weights, meta=meta).to_shareable()
+        reply = DXO(self.update_kind, weights, meta=meta).to_shareable()
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
         return reply
 

@@ -73,7 +73,12 @@ FEDERATION_DEFAULTS = {
     "resume": None,  # set by resume_settings(): continue a stopped run
     "flavour": None,  # "reference": head, input scaling, pos_weight, adapter init as the paper's code (fedfms.flavours)
     "tracking": "tensorboard",  # or "mlflow": FLARE's MLflow receiver too (a SQLite store in the server's run folder)
+    "update": "weights",  # or "weight_diff": sites send their change to the global model
+    "privacy": None,  # "percentile" or "svt": FLARE's differential-privacy result filters (imply weight_diff)
+    "privacy_args": None,  # the filter's arguments, e.g. {"percentile": 10, "gamma": 0.01}
 }
+PRIVACY_FILTERS = {"percentile": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+                   "svt": "nvflare.app_common.filters.svt_privacy.SVTPrivacy"}
 TRACKING = ("tensorboard", "mlflow")
 AGGREGATIONS = ("fedavg", "mean", "median", "trimmed_mean")
 
@@ -133,6 +138,12 @@ def _check_federation(s: dict, where: str) -> None:
         raise ConfigError(f"{where}: norm_bound is {s['norm_bound']!r}; expected a positive number (e.g. 3)")
     if s["norm_bound_action"] not in NORM_BOUND_ACTIONS:
         raise ConfigError(f"{where}: norm_bound_action is {s['norm_bound_action']!r}; expected one of {NORM_BOUND_ACTIONS}")
+    if s["update"] not in ("weights", "weight_diff"):
+        raise ConfigError(f"{where}: update is {s['update']!r}; expected 'weights' or 'weight_diff'")
+    if s["privacy"] is not None and s["privacy"] not in PRIVACY_FILTERS:
+        raise ConfigError(f"{where}: privacy is {s['privacy']!r}; expected one of {sorted(PRIVACY_FILTERS)}")
+    if s["privacy_args"] is not None and not isinstance(s["privacy_args"], dict):
+        raise ConfigError(f"{where}: privacy_args is {s['privacy_args']!r}; expected a JSON object of the filter's arguments")
     if s["tracking"] not in TRACKING:
         raise ConfigError(f"{where}: tracking is {s['tracking']!r}; expected one of {TRACKING}")
     if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
@@ -173,6 +184,8 @@ def variant_settings(name: str, **overrides) -> dict:
             s[key] = list(value) if key == "sites" else value
         else:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
+    if s.get("privacy"):
+        s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
     if s["flavour"] is not None:
         s["model"], s["train"] = apply_flavour(s["flavour"], s["model"], s["train"], s["model"].get("variant"))
     # a typo must fail here, not at every site when the job starts
@@ -222,15 +235,19 @@ def min_sites(s: dict) -> int | None:
     return default_min_sites(len(s["sites"])) if s["sites"] else None
 
 
+def _update_kind(s: dict) -> str:
+    return "WEIGHT_DIFF" if s["update"] == "weight_diff" else "WEIGHTS"
+
+
 def _aggregator(s: dict) -> dict:
     if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
         # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
         # training samples, so the result is sum(n_k w_k) / sum(n_k)
-        return _component("aggregator", STOCK_FEDAVG, {"expected_data_kind": "WEIGHTS", "weigh_by_local_iter": True})
+        return _component("aggregator", STOCK_FEDAVG, {"expected_data_kind": _update_kind(s), "weigh_by_local_iter": True})
     method = "mean" if s["aggregation"] == "fedavg" else s["aggregation"]
     return _component("aggregator", ROBUST_AGGREGATOR, {
         "method": method, "trim_fraction": s["trim_fraction"], "norm_bound": s["norm_bound"],
-        "norm_bound_action": s["norm_bound_action"]})
+        "norm_bound_action": s["norm_bound_action"], "expected_data_kind": _update_kind(s)})
 
 
 def _persistor(s: dict) -> dict:
@@ -275,7 +292,8 @@ def server_config(s: dict) -> dict:
         # aggregator reads it; a bad one turns into an error reply naming the reason
         "task_result_filters": _filter_chain(MODEL_TASKS_BACK, [*_dequantize(s), {
             "path": "fedfms.flare.contribution_filter.ContributionCheckFilter",
-            "args": {"model_config": model, "max_samples": s["max_samples"], "site_samples": s["site_samples"]}}]),
+            "args": {"model_config": model, "max_samples": s["max_samples"], "site_samples": s["site_samples"],
+                     **({"data_kinds": [_update_kind(s)]} if s["update"] != "weights" else {})}}]),
         "components": [
             _persistor(s),
             _component("shareable_generator",
@@ -314,6 +332,19 @@ def server_config(s: dict) -> dict:
     }
 
 
+def _site_result_filters(s: dict) -> list[dict]:
+    """The travel-set check first, on the float32 weights the site computed; then (training updates only)
+    differential privacy; then quantisation. FLARE allows one chain per task, so with privacy the training
+    task gets its own chain."""
+    model = s["model"]
+    travel = {"path": "fedfms.flare.filters.TravelSetFilter", "args": {"mode": model["mode"], "model_config": model}}
+    if not s["privacy"]:
+        return _filter_chain(MODEL_TASKS_BACK, [travel, *_quantize(s)])
+    privacy = {"path": PRIVACY_FILTERS[s["privacy"]], "args": dict(s["privacy_args"] or {})}
+    return [*_filter_chain(["train"], [travel, privacy, *_quantize(s)]),
+            *_filter_chain([t for t in MODEL_TASKS_BACK if t != "train"], [travel, *_quantize(s)])]
+
+
 def client_config(s: dict) -> dict:
     model = s["model"]
     return {
@@ -322,13 +353,11 @@ def client_config(s: dict) -> dict:
             "tasks": ["train", "validate", "submit_model"],
             "executor": _component("executor", "fedfms.flare.executor.FedFMSExecutor", {
                 "model_config": model, "train_config": s["train"], "data_dir": s["data_dir"], "transfer": s["transfer"],
+                **({"update": s["update"]} if s["update"] != "weights" else {}),
             }),
         }],
         # the travel-set check runs first, on the float32 weights the site computed
-        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, [
-            {"path": "fedfms.flare.filters.TravelSetFilter", "args": {"mode": model["mode"], "model_config": model}},
-            *_quantize(s),
-        ]),
+        "task_result_filters": _site_result_filters(s),
         "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _dequantize(s)),
         "components": [
             _component("tb_writer", "nvflare.app_opt.tracking.tb.tb_writer.TBWriter"),
@@ -495,6 +524,7 @@ def class_allow_list() -> list[str]:
     stock = set()
     for name in VARIANTS:
         for transfer in TRANSFER_TYPES:
-            stock |= {p for p in component_paths(render_job(name, transfer=transfer, tracking="mlflow"))
-                      if not p.startswith("fedfms.")}
+            for privacy in (None, *PRIVACY_FILTERS):
+                stock |= {p for p in component_paths(render_job(name, transfer=transfer, tracking="mlflow", privacy=privacy))
+                          if not p.startswith("fedfms.")}
     return sorted(stock) + ["fedfms."]

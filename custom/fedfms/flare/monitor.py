@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -297,8 +297,9 @@ class FederationMonitor(Widget):
             self._round["aggregate"] = "; ".join(problems)
             self.log_error(fl_ctx, f"round {self._round['round']}: the aggregate is not used ({'; '.join(problems)}); "
                                    "the global model stays as it was")
-            if dxo is not None:
-                dxo.data = dict(reference)
+            if dxo is not None:  # the workflow then leaves the global model as it was
+                dxo.data = ({k: np.zeros_like(v) for k, v in reference.items()} if dxo.data_kind == DataKind.WEIGHT_DIFF
+                            else dict(reference))
                 dxo.update_shareable(shareable)
             return
         dxo.data = {k: np.asarray(v).astype(np.asarray(reference[k]).dtype, copy=False) for k, v in dxo.data.items()}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -80,6 +82,8 @@ class RobustAggregator(Aggregator):
         if self.norm_bound:
             global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             reference = global_model[ModelLearnableKey.WEIGHTS]
+            if self.expected_data_kind == DataKind.WEIGHT_DIFF:  # an update is already its distance from the model
+                reference = {k: np.zeros_like(np.asarray(v)) for k, v in reference.items()}
             bounded, distances, bound = bound_update_norms(weights, reference, self.norm_bound, self.norm_bound_action)
             for site, d, b in zip(sites, distances, bounded):
                 if d > bound and d > 0:
