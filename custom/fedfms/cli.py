@@ -59,7 +59,8 @@ def _federation_settings(args) -> dict:
         max_samples=args.max_samples, site_samples=_site_counts(args.site_samples, "--site-samples"),
         round_timeout=args.round_timeout, aggregation=args.aggregation, trim_fraction=args.trim_fraction,
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
-        tracking=args.tracking,
+        tracking=args.tracking, update=args.update, privacy=args.privacy,
+        privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
     )
 
 
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--trim-fraction", type=float, help="trimmed_mean: share cut at each end per coordinate (0.2)")
     fed.add_argument("--norm-bound", type=float, help="clip updates farther than K x the round's median distance")
     fed.add_argument("--norm-bound-action", choices=["clip", "reject"])
+    priv = p.add_argument_group("privacy (docs/federation.md#privacy-options)")
+    priv.add_argument("--update", choices=["weights", "weight_diff"], help="what a site sends: its weights (default) or "
+                                                                          "their change to the global model")
+    priv.add_argument("--privacy", choices=["percentile", "svt"], help="FLARE's differential-privacy filter on every "
+                                                                       "training update (implies --update weight_diff)")
+    priv.add_argument("--privacy-args", help='JSON arguments of the filter, e.g. \'{"percentile": 10, "gamma": 0.01}\'')
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_job_new)
     p = job.add_parser("resume", help="continue a stopped run as a new job from its last saved global model")
