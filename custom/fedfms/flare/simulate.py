@@ -158,7 +158,7 @@ def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = Non
 
 def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,
              threads: int | None = None, quiet: bool = False, gpus: list[int] | None = None, echo=print) -> Outcome:
-    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
+    from nvflare import SimulatorRunner  # FLARE's public simulator entry (nvflare/__init__.py)
 
     if not clients:
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
