@@ -147,6 +147,24 @@ def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str
     return simulate(job_dir, workspace, clients, data_root, threads, quiet).exit_code
 
 
+# Seconds a simulated site process may take to start and reach the server. FLARE's default (60 s) is too short
+# when many site processes start at once on a few cores: the site's task is then lost ("cannot sync with
+# server Runner after 60.0 seconds") and the round misses it.
+SITE_START_TIMEOUT_S = 600
+
+
+def _simulator_runner_class():
+    from nvflare import SimulatorRunner  # FLARE's public simulator entry (nvflare/__init__.py)
+
+    class Runner(SimulatorRunner):
+        def _generate_args(self, *args, **kwargs):
+            parsed = super()._generate_args(*args, **kwargs)
+            parsed.set = [*getattr(parsed, "set", []), f"simulator_worker_timeout={SITE_START_TIMEOUT_S}"]
+            return parsed
+
+    return Runner
+
+
 def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None) -> Placement:
     """How many of the job's sites train at once, and on which GPUs (see fedfms.capacity)."""
     model, train = job_model_config(job_dir), job_train_config(job_dir)
@@ -158,7 +176,7 @@ def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = Non
 
 def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,
              threads: int | None = None, quiet: bool = False, gpus: list[int] | None = None, echo=print) -> Outcome:
-    from nvflare import SimulatorRunner  # FLARE's public simulator entry (nvflare/__init__.py)
+    _Runner = _simulator_runner_class()
 
     if not clients:
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
@@ -176,7 +194,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
-    runner = SimulatorRunner(
+    runner = _Runner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
         threads=placement.simulator_threads, gpu=placement.gpu_arg,
         log_config=str(quiet_log_config(workspace)) if quiet else None,
