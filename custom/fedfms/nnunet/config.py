@@ -136,3 +136,11 @@ def check_model_config(model: Mapping, where: str = "model config") -> dict:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"{where}: num_classes is {n!r}; expected a positive integer")
     return model
+
+
+# The FednnU-Net job variants (``fedfms.flare.jobs.VARIANTS`` entries, docs/nnunet.md "Wiring"): the paper's 100
+# rounds of one nnU-Net epoch at every site, and a CPU variant for tests, the demo and POC checks.
+JOB_VARIANTS: dict[str, dict] = {
+    "fednnunet": {"model": MODEL_CONFIG, "train": PAPER_TRAIN, "num_rounds": 100},
+    "fednnunet_tiny": {"model": MODEL_CONFIG, "train": TINY_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
+}
