@@ -215,6 +215,7 @@ class SiteDataset(torch.utils.data.Dataset):
         transform=None,
     ):
         self.site_dir = Path(site_dir)
+        self._decoded: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
         self.manifest = read_manifest(self.site_dir)
         self.indices = list(range(len(self.manifest.samples))) if indices is None else list(indices)
         self.image_size = image_size or self.manifest.image_size
@@ -241,11 +242,25 @@ class SiteDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def decoded_bytes(self) -> int:
+        """Memory the decoded images and masks of this dataset take (uint8, before any resize)."""
+        m = self.manifest
+        return len(self.indices) * (3 * m.image_size**2 + m.mask_size**2)
+
+    def preload(self) -> None:
+        """Decode every PNG once and keep the uint8 arrays: later epochs skip the decoding (DataLoader workers
+        started after this share the arrays with the main process instead of decoding again)."""
+        self._decoded = {i: self._read(i) for i in self.indices}
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rec = self.manifest.samples[index]
+        return _load_png(self.site_dir / rec.image, "RGB"), _load_png(self.site_dir / rec.mask, "L")
+
     def __getitem__(self, item: int) -> dict:
-        rec = self.manifest.samples[self.indices[item]]
+        index = self.indices[item]
+        rec = self.manifest.samples[index]
         image_path, mask_path = self.site_dir / rec.image, self.site_dir / rec.mask
-        image = _load_png(image_path, "RGB")
-        packed = _load_png(mask_path, "L")
+        image, packed = self._decoded[index] if self._decoded is not None and index in self._decoded else self._read(index)
         m = self.manifest
         if image.shape[:2] != (m.image_size, m.image_size):
             raise DataError(f"{image_path}: shape is {image.shape[:2]}; expected ({m.image_size}, {m.image_size}) from the manifest's image_size")

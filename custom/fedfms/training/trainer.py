@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from monai.losses import DiceLoss
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
 from fedfms.data.site_dataset import SiteDataset, patient_split
@@ -38,7 +38,8 @@ class TrainConfig:
     split_seed: int = 0
     device: str = "auto"  # "auto": cuda if available
     amp: str = "auto"  # "auto": bf16 autocast on CUDA, off on CPU; "bf16"; "off"
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # "auto": on CUDA min(8, CPUs - 1) loader processes, on CPU none (they compete with training)
+    cache_decoded: bool | str = "auto"  # "auto": keep decoded images in RAM when they fit (a quarter of free memory, 16 GiB at most)
     max_steps_per_epoch: int | None = None  # smoke runs
     threads: int | None = None  # torch CPU threads (several sites sharing a CPU)
     progress: bool | None = None  # None: a progress bar only on a terminal
@@ -68,6 +69,37 @@ class RoundResult:
 
 class WeightsMismatch(ValueError):
     """Incoming weights do not match this model's travel set."""
+
+
+def resolve_num_workers(setting: int | str, device: torch.device) -> int:
+    """DataLoader processes: a number, or "auto" (on CUDA one per spare CPU core up to 8, so decoding keeps up
+    with the GPU; on CPU none, since loader processes would take cores from training)."""
+    if setting == "auto":
+        return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigError(f"train config: field 'num_workers' is {setting!r}; expected a non-negative integer or 'auto'")
+    return setting
+
+
+CACHE_BUDGET_FRACTION = 0.25
+CACHE_BUDGET_MAX = 16 * 2**30
+
+
+def should_cache(setting: bool | str, needed_bytes: int, available_bytes: int | None = None) -> bool:
+    """Keep decoded images in RAM: True/False, or "auto" when they take at most a quarter of the free memory
+    (and 16 GiB)."""
+    if setting == "auto":
+        if available_bytes is None:
+            try:
+                import psutil
+
+                available_bytes = psutil.virtual_memory().available
+            except ImportError:  # pragma: no cover
+                available_bytes = 0
+        return needed_bytes <= min(CACHE_BUDGET_FRACTION * available_bytes, CACHE_BUDGET_MAX)
+    if not isinstance(setting, bool):
+        raise ConfigError(f"train config: field 'cache_decoded' is {setting!r}; expected true, false or 'auto'")
+    return setting
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,6 +139,12 @@ class LocalTrainer:
         self.class_names = parts["all"][0].manifest.classes
         self.site = "+".join(f.manifest.site for f in parts["all"])
         self.datasets = {k: v[0] if len(v) == 1 else ConcatDataset(v) for k, v in parts.items()}
+        self.num_workers = resolve_num_workers(train_cfg.num_workers, self.device)
+        self.cached = should_cache(train_cfg.cache_decoded, sum(f.decoded_bytes() for f in parts["all"]))
+        if self.cached:
+            for full in parts["all"]:
+                full.preload()
+        self._loaders: dict[str, tuple[DataLoader, torch.Generator]] = {}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
         self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(train_cfg.pos_weight, device=self.device))
@@ -144,15 +182,28 @@ class LocalTrainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.rounds_done)
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            num_workers=self.cfg.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        """One DataLoader per split for the trainer's life (its worker processes persist across epochs and
+        rounds); the shuffle order is re-seeded from (seed, round) before each pass, so it does not depend on
+        the number of workers."""
+        key = f"{split}:{shuffle}"
+        if key not in self._loaders:
+            generator = torch.Generator()
+            # the sampler owns the generator: a DataLoader given one also draws its workers' base seed from it,
+            # but only when it makes a new iterator, which a persistent loader does once
+            sampler = RandomSampler(self.datasets[split], generator=generator) if shuffle else None
+            loader = DataLoader(
+                self.datasets[split],
+                batch_size=self.cfg.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.num_workers > 0,
+                prefetch_factor=4 if self.num_workers > 0 else None,
+            )
+            self._loaders[key] = (loader, generator)
+        loader, generator = self._loaders[key]
+        generator.manual_seed(self.cfg.seed * 100_003 + self.rounds_done)
+        return loader
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
