@@ -13,7 +13,7 @@ from fedfms.models import ModelConfig
 from fedfms.nnunet.config import MODEL_CONFIG, TINY_TRAIN, NnUNetConfig, PlanError
 from fedfms.nnunet.evaluate import PLAN_FILE, evaluate_sites, find_plan, train_centralized, write_plan
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
-from fedfms.nnunet.plan import make_plan
+from fedfms.nnunet.plan import make_plan, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
 from fedfms.nnunet.trainer import NnUNetSiteTrainer
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
@@ -46,7 +46,7 @@ def test_evaluate_returns_what_the_local_trainer_returns_and_rounds_learn(site):
     for r in range(4):
         result = trainer.train_round(trainer.travel_weights(), round_index=r)
         assert result.num_samples == 24 and result.metrics["train"]["steps"] == TINY["iterations_per_epoch"]
-        assert set(result.weights) == set(trainer.network.state_dict())
+        assert set(result.weights) == set(travel_state(trainer.network)) and "encoder.stages.0.0.convs.0.conv.weight" in result.weights
         assert all(v.dtype == torch.float32 for v in result.weights.values())
         dice.append(result.metrics["val_before"]["dice"])
     after = trainer.evaluate("val")
@@ -95,6 +95,12 @@ def test_weights_of_another_plan_are_refused(site):
     other = NnUNetSiteTrainer(_plan_for(site, base_num_features=4, max_num_features=32), TINY, site)
     with pytest.raises(WeightsMismatch, match="shape"):
         trainer.load_travel_weights(other.travel_weights())
+    # loading the travel set sets the decoder's aliases of the encoder too
+    weights = other = NnUNetSiteTrainer(_plan_for(site), {**TINY, "seed": 1}, site).travel_weights()
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    other[key] = other[key] + 1.0
+    trainer.load_travel_weights(other)
+    assert torch.equal(trainer.network.state_dict()["decoder.encoder." + key[len("encoder."):]], other[key])
     weights = trainer.travel_weights()
     weights.pop(sorted(weights)[0])
     with pytest.raises(WeightsMismatch, match="1 missing"):

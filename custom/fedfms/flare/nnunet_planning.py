@@ -37,7 +37,7 @@ from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, write_plan
 from fedfms.nnunet.fingerprint import fingerprint_problems, merge_fingerprints
-from fedfms.nnunet.plan import build_network, describe, make_plan, plan_digest
+from fedfms.nnunet.plan import build_network, describe, make_plan, plan_digest, travel_state
 
 FINGERPRINT_TASK = "nnunet_fingerprint"
 PLAN_TASK = "nnunet_plan"
@@ -72,18 +72,18 @@ class NnUNetGlobalModel(nn.Module):
         """key -> (shape, dtype) of the planned network; None before the plan."""
         if self.network is None:
             return None
-        return {k: (tuple(v.shape), v.dtype) for k, v in self.network.state_dict().items()}
+        return {k: (tuple(v.shape), v.dtype) for k, v in travel_state(self.network).items()}
 
     def state_dict(self, *args, **kwargs):
         if self.network is None:
             raise PlanError("the global nnU-Net model has no plan yet: the job's nnunet_planning workflow must run "
                             "before scatter_and_gather")
-        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        return {k: v.cpu().clone() for k, v in travel_state(self.network).items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.network is None:
             raise PlanError("the global nnU-Net model has no plan yet")
-        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+        return self.network.load_state_dict(state_dict, strict=False, assign=assign)  # aliases load with their tensors
 
 
 class NnUNetContributionCheckFilter(ContributionCheckFilter):

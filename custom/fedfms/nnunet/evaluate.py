@@ -21,7 +21,7 @@ import torch
 from fedfms.errors import CheckpointError, ConfigError
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
-from fedfms.nnunet.plan import build_network, check_plan, make_plan
+from fedfms.nnunet.plan import build_network, check_plan, make_plan, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
 
 PLAN_FILE = "nnunet_plan.json"
@@ -64,7 +64,7 @@ def load_network(plan: Mapping, weights_path: str | os.PathLike) -> torch.nn.Mod
 
     network = build_network(plan, deep_supervision=False)
     weights = load_weights(weights_path)
-    state = network.state_dict()
+    state = travel_state(network)
     missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
     if missing or unexpected:
         raise CheckpointError(f"{weights_path}: does not match the planned nnU-Net network: {len(missing)} missing key(s) "
@@ -73,7 +73,7 @@ def load_network(plan: Mapping, weights_path: str | os.PathLike) -> torch.nn.Mod
         if tuple(value.shape) != tuple(state[key].shape):
             raise CheckpointError(f"{weights_path}: tensor '{key}' has shape {tuple(value.shape)}; the plan's network "
                                   f"has {tuple(state[key].shape)}")
-    network.load_state_dict(weights, strict=True)
+    network.load_state_dict(weights, strict=False)  # every tensor once; the decoder's aliases load with them
     return network.eval()
 
 

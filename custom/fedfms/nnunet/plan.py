@@ -254,10 +254,24 @@ def build_network(plan: Mapping, deep_supervision: bool = True, device: str | to
                                           deep_supervision=deep_supervision)
 
 
+def travel_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state dict without aliases: every tensor once, under its first name. (nnU-Net's U-Net decoder
+    keeps a reference to the encoder, so ``state_dict()`` lists every encoder tensor twice, as ``encoder.*`` and
+    ``decoder.encoder.*``; sending both would nearly triple the bytes of a round for nothing.) Loading these keys
+    sets the aliases too: they are the same tensors."""
+    seen, out = set(), {}
+    for key, value in network.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value.detach()
+    return out
+
+
 def travel_spec(plan: Mapping) -> dict:
-    """key -> (shape, dtype) of every tensor of the planned network (all of them travel), built on the meta device."""
+    """key -> (shape, dtype) of what travels (:func:`travel_state`: every tensor of the planned network, once),
+    built on the meta device."""
     network = build_network(plan, device="meta")
-    return {k: (tuple(v.shape), v.dtype) for k, v in network.state_dict().items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in travel_state(network).items()}
 
 
 def describe(plan: Mapping) -> str:

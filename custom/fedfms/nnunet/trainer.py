@@ -37,7 +37,7 @@ import torch
 
 from fedfms.nnunet.config import NnUNetConfig, PlanError
 from fedfms.nnunet.inference import MIRROR_AXES, NnUNetInference
-from fedfms.nnunet.plan import build_network, check_plan, describe, managers, plan_digest
+from fedfms.nnunet.plan import build_network, check_plan, describe, managers, plan_digest, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
 from fedfms.training.trainer import RoundResult, WeightsMismatch, pick_device
 
@@ -90,7 +90,7 @@ class NnUNetSiteTrainer:
         self.network = build_network(self.plan, deep_supervision=self.enable_deep_supervision).to(self.device)
         self.model = self.network
         self.mode = "fedsam"  # every tensor trains and travels
-        self._spec = {k: (tuple(v.shape), v.dtype) for k, v in self.network.state_dict().items()}
+        self._spec = {k: (tuple(v.shape), v.dtype) for k, v in travel_state(self.network).items()}
         self.class_names = list(self.data.classes)
         self.site = self.data.site
         self.datasets = {k: list(v) for k, v in self.data.splits.items()}
@@ -126,7 +126,8 @@ class NnUNetSiteTrainer:
         return len(self.datasets["train"])
 
     def travel_weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        """Every tensor of the network, once (``fedfms.nnunet.plan.travel_state``), as CPU copies."""
+        return {k: v.cpu().clone() for k, v in travel_state(self.network).items()}
 
     def load_travel_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load global weights: exactly this plan's network (same keys and shapes)."""
@@ -139,7 +140,8 @@ class NnUNetSiteTrainer:
             if tuple(v.shape) != self._spec[k][0]:
                 raise WeightsMismatch(f"global weight '{k}' has shape {tuple(v.shape)}; expected {self._spec[k][0]} "
                                       "(another plan?)")
-        self.network.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+        # the decoder's aliases of the encoder's tensors are the same tensors: they load with them
+        self.network.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
 
     # ------------------------------------------------------------------ training
     def _train_loader(self):
