@@ -5,8 +5,9 @@ simulated sites (tiny FedMSA, CPU), with the concurrency `fedfms simulate` choos
     python bench/bench_many_sites.py                 # 4, 8, 16, 32 sites, 2 rounds each
     python bench/bench_many_sites.py --sites 4 8 --rounds 3 --threads 4
 
-Each run is `fedfms simulate` in a child process; the peak is the largest sum of RSS over that process and
-all its descendants (the server and every site process), sampled every 0.2 s. Per-round seconds come from the
+Each run is `fedfms simulate` in a child process; the peaks are the largest sums of RSS and of PSS over that
+process and all its descendants (the server and every site process), sampled every 0.5 s. PSS is the honest
+figure: the libraries every process maps (torch alone is about 0.5 GB) are counted once, not once per site. Per-round seconds come from the
 run record (`fedfms_run.json`), so FLARE's start-up and cross-site evaluation are not in them.
 """
 
@@ -26,14 +27,19 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over the process and its descendants. RSS counts the shared pages (torch's
+    libraries, a memory-mapped checkpoint) once per process; PSS splits them among the processes sharing them,
+    so its sum is what the machine really spends."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
 def run(num_sites: int, rounds: int, threads: int | None, work: Path) -> dict:
@@ -52,7 +58,7 @@ def run(num_sites: int, rounds: int, threads: int | None, work: Path) -> dict:
            "--clients", ",".join(sites), "--data-root", str(data), "--quiet"]
     if threads:
         cmd += ["--threads", str(threads)]
-    peak = [0]
+    peak = [0, 0]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
@@ -60,8 +66,9 @@ def run(num_sites: int, rounds: int, threads: int | None, work: Path) -> dict:
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(ps))
-            time.sleep(0.2)
+            rss, pss = tree_memory(ps)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -74,7 +81,8 @@ def run(num_sites: int, rounds: int, threads: int | None, work: Path) -> dict:
     per_round = [r["seconds"] for r in record.get("rounds", []) if r.get("seconds") is not None]
     all_averaged = all(len(r.get("accepted", {})) == num_sites for r in record.get("rounds", []))
     return {"sites": num_sites, "exit": proc.returncode, "status": record.get("status"), "all_sites_every_round": all_averaged,
-            "peak_host_gib": round(peak[0] / 2**30, 2), "per_site_gib": round(peak[0] / 2**30 / num_sites, 2),
+            "peak_rss_gib": round(peak[0] / 2**30, 2), "peak_pss_gib": round(peak[1] / 2**30, 2),
+            "pss_per_site_gib": round(peak[1] / 2**30 / num_sites, 2),
             "s_per_round": round(sum(per_round) / len(per_round), 1) if per_round else None,
             "wall_s": round(wall, 1), "concurrency": chosen}
 
@@ -93,12 +101,12 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| sites | sites at once | peak host GiB | GiB per site | s per round | wall s | every site every round |")
-    print("|---|---|---|---|---|---|---|")
+    print("| sites | sites at once | peak RSS GiB (sum) | peak PSS GiB (sum) | PSS GiB per site | s per round | wall s | every site every round |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         at_once = r["concurrency"].split(",")[1].strip().split(" ")[0] if "," in r["concurrency"] else "?"
-        print(f"| {r['sites']} | {at_once} | {r['peak_host_gib']} | {r['per_site_gib']} | {r['s_per_round']} | "
-              f"{r['wall_s']} | {r['all_sites_every_round']} |")
+        print(f"| {r['sites']} | {at_once} | {r['peak_rss_gib']} | {r['peak_pss_gib']} | {r['pss_per_site_gib']} | "
+              f"{r['s_per_round']} | {r['wall_s']} | {r['all_sites_every_round']} |")
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return 0 if all(r["exit"] == 0 for r in rows) else 1

@@ -30,7 +30,14 @@ def read_state_dict(
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found; expected {expected}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # memory-mapped: the tensors are read from the file's pages as the model copies them, instead of a
+            # second full copy in RAM (every simulated site process loads the checkpoint)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         size = path.stat().st_size
         raise CheckpointError(
