@@ -25,3 +25,60 @@ def test_format_table_aligns_and_marks_missing_values():
     assert header.split()[:3] == ["site", "Dice", "r0"]
     assert "0.812" in row and "-" in row and row.endswith("12")
     assert len(rule) == len(header)
+
+
+def _run(tmp_path, rounds, best, start_round=0):
+    run = tmp_path / "server" / "simulate_job"
+    run.mkdir(parents=True)
+    record = {"status": "completed", "expected_sites": ["a", "b"], "start_round": start_round, "best": best,
+              "rounds": [{"round": start_round + i, "seconds": 1.0, "updated_model": True, "accepted": {"a": 10, "b": 30},
+                          "val_dice": dict(zip("ab", dice)), "failed": {}, "missing": []} for i, dice in enumerate(rounds)]}
+    (run / "fedfms_run.json").write_text(json.dumps(record))
+    return run
+
+
+def test_best_model_note_says_how_trained_the_best_model_is(tmp_path):
+    from fedfms.report import best_model_note
+
+    run = _run(tmp_path, [(0.2, 0.2), (0.5, 0.7), (0.6, 0.6)], {"round": 1, "metric": 0.65})
+    lines = best_model_note(run)
+    assert lines == ["best global model: the one after 1 of 3 round(s) of training (sites' validation Dice 0.650); "
+                     "the final global model is the one after 3"]
+
+
+def test_best_model_note_says_when_the_untrained_start_beat_every_trained_model(tmp_path):
+    from fedfms.report import best_model_note
+
+    # round 0 scores the initial model: 0.48 (weighted 10:30) beats both trained ones
+    run = _run(tmp_path, [(0.42, 0.5), (0.3, 0.4), (0.2, 0.1)], {"round": 1, "metric": 0.375})
+    lines = best_model_note(run)
+    assert len(lines) == 2 and "untrained initial model scored 0.480" in lines[1] and "best 0.375" in lines[1]
+    assert "not the initial model" in lines[1]
+
+
+def test_best_model_note_for_a_run_without_a_best_model(tmp_path):
+    from fedfms.report import best_model_note
+
+    run = _run(tmp_path, [(0.4, 0.4)], None)
+    assert best_model_note(run)[0].startswith("best global model: none chosen")
+
+
+def test_pick_samples_is_even_and_stable():
+    from fedfms.report import pick_samples
+
+    assert pick_samples([5, 6, 7, 8, 9], 2) == [5, 9]
+    assert pick_samples([5, 6, 7, 8, 9], 3) == [5, 7, 9]
+    assert pick_samples([1], 2) == [1] and pick_samples([4, 2], 1) == [4]
+
+
+def test_run_configs_come_from_the_job_or_the_workspace_and_are_named_when_missing(tmp_path):
+    from fedfms.report import run_configs
+
+    run = _run(tmp_path, [(0.4, 0.4)], None)
+    with pytest.raises(DataError, match="pass --job"):
+        run_configs(run)
+    config = tmp_path / "a" / "simulate_job" / "app_a" / "config" / "config_fed_client.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"executors": [{"executor": {"args": {"model_config": {"variant": "tiny"},
+                                                                        "train_config": {"val_fraction": 0.3}}}}]}))
+    assert run_configs(run) == ({"variant": "tiny"}, {"val_fraction": 0.3})

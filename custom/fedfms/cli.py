@@ -7,13 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from fedfms.errors import FedFMSError
-
-DEMO_SITES = ("site-1", "site-2", "site-3")
-
 
 def _cmd_job_generate(args) -> int:
     from fedfms.flare.jobs import generate_all
@@ -123,12 +119,12 @@ def _cmd_simulate(args) -> int:
         except ValueError:
             raise FedFMSError(f"--gpu: {args.gpu!r} is not a list of GPU ids; expected e.g. 0 or 0,1") from None
     outcome = simulate(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads,
-                       quiet=args.quiet, gpus=gpus)
+                       quiet=not args.verbose, gpus=gpus)
     return _report_outcome(Path(args.workspace), outcome)
 
 
 def _cmd_report(args) -> int:
-    from fedfms.report import SCORING_NOTE, find_run_dir, format_table, plot_report, site_table
+    from fedfms.report import SCORING_NOTE, best_model_note, find_run_dir, format_table, plot_report, run_pictures, site_table
 
     from fedfms.run_record import RUN_RECORD, exit_code, read_run_record, summarize
 
@@ -142,41 +138,38 @@ def _cmd_report(args) -> int:
         print(summarize(record))
     if args.json:
         Path(args.json).write_text(json.dumps({"sites": rows, "federation": record}, indent=2))
+    for line in best_model_note(run_dir):
+        print(line)
     if args.png:
-        print(f"figure: {plot_report(run_dir, args.png)}")
+        pictures = None
+        if args.data_root:
+            pictures = run_pictures(run_dir, args.data_root, job=args.job, checkpoint=args.checkpoint, samples=args.samples)
+        print(f"figure: {plot_report(run_dir, args.png, pictures=pictures)}")
+        if not args.data_root:
+            print("(pass --data-root with the sites' prepared folders to add pictures of the predictions)")
+    elif args.data_root:
+        raise FedFMSError("--data-root draws pictures into the figure; pass --png too")
     return exit_code(record)
 
 
 def _cmd_demo(args) -> int:
-    """Prepare the offline MNI152 demo, federate FedMSA (tiny SAM) over three simulated sites, report."""
-    from fedfms.data.preparers.registry import prepare
-    from fedfms.flare.jobs import write_job
-    from fedfms.flare.simulate import server_job_dir, simulate
-    from fedfms.report import format_table, plot_report, site_table
+    """Prepare the offline MNI152 demo sites, then compare a threshold, each site alone, FedMSA (pretrained and -PT),
+    FedSAM (all three through FLARE's simulator) and centralised training on the same validation slices."""
+    from fedfms.demo import run_demo
 
-    out = Path(args.out)
-    start = time.perf_counter()
-    try:
-        sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32)
-    except FedFMSError as exc:
-        if not (out / "sites").is_dir():
-            raise
-        # the demo's sites are derived data of this demo folder (e.g. made by an older version): build them again
-        print(f"rebuilding the demo sites in {out / 'sites'} ({exc})", flush=True)
-        sites = prepare("mni-demo", out / "raw", out / "sites", image_size=128, mask_size=32, overwrite=True)
-    run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")  # every run keeps its own folder
-    job = write_job(args.variant, run / "job", num_rounds=args.rounds)
-    print(f"running {args.variant} for {args.rounds} rounds on {len(sites)} simulated sites (log: {run / 'workspace'})", flush=True)
-    outcome = simulate(job, run / "workspace", list(DEMO_SITES), data_root=out / "sites", quiet=not args.verbose)
-    rc = _report_outcome(run / "workspace", outcome)
-    if rc != 0:
-        return rc
-    rows = site_table(server_job_dir(run / "workspace"))
-    (run / "report.json").write_text(json.dumps(rows, indent=2))
-    png = plot_report(server_job_dir(run / "workspace"), run / "report.png", title=f"{args.variant} on the MNI152 demo")
-    print()
-    print(format_table(rows))
-    print(f"\nwall time {time.perf_counter() - start:.0f} s; figure {png}; table {run / 'report.json'}")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    kwargs = {"methods": methods} if methods else {}
+    return run_demo(args.out, rounds=args.rounds, epochs=args.epochs, verbose=args.verbose, **kwargs)
+
+
+def _cmd_pretrain(args) -> int:
+    from fedfms.training.pretrain import pretrain
+
+    command = " ".join(["fedfms pretrain", "--out", str(args.out), "--steps", str(args.steps), "--batch-size",
+                        str(args.batch_size), "--lr", f"{args.lr:g}", "--seed", str(args.seed)]
+                       + (["--threads", str(args.threads)] if args.threads else []))
+    pretrain(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+             overwrite=args.overwrite, log=lambda msg: print(msg, flush=True), log_every=args.log_every, command=command)
     return 0
 
 
@@ -205,7 +198,7 @@ def _cmd_predict(args) -> int:
         cfg.checkpoint = args.checkpoint
     written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes,
                             two_and_half_d=args.two_and_half_d, overwrite=args.overwrite,
-                            allow_label_like=args.allow_label_like)
+                            allow_label_like=args.allow_label_like, overlay=args.overlay)
     for path in written:
         print(path)
     return 0
@@ -295,21 +288,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="sites that train at the same time (default: as many as fit in free "
                                                  "GPU or host memory; the others wait their turn each round)")
     p.add_argument("--gpu", help="GPU ids to spread the simulated sites over, e.g. 0 or 0,1 (default: every visible GPU)")
-    p.add_argument("--quiet", action="store_true", help="console: warnings and per-round progress only (full logs in the workspace)")
+    p.add_argument("--verbose", action="store_true", help="console: FLARE's full INFO log (default: one line per round, "
+                                                          "warnings and errors; the full logs are always in the workspace)")
+    p.add_argument("--quiet", action="store_true", help="the default (kept for scripts written for older versions)")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("demo", help="offline demo: MNI152 white matter, 3 simulated sites, FedMSA on CPU")
+    from fedfms.config import positive_int_arg
+
+    p = sub.add_parser("demo", help="offline demo: MNI152 white matter at 3 simulated sites (one scarce); a threshold, "
+                                    "each site alone, FedMSA (pretrained, -PT), FedSAM and centralised side by side")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--variant", default="fedmsa_tiny", choices=["fedmsa_tiny", "fedsam_tiny"])
-    p.add_argument("--verbose", action="store_true", help="show FLARE's full console log")
+    p.add_argument("--rounds", type=positive_int_arg, default=10, help="federated rounds (default 10)")
+    p.add_argument("--epochs", type=positive_int_arg, default=3, help="local epochs per round (default 3); "
+                                                                      "alone and centralised train rounds x epochs epochs")
+    p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_pt,fedsam,central "
+                                     "(default: all)")
+    p.add_argument("--verbose", action="store_true", help="show FLARE's full console log (INFO) instead of one line per round")
     p.set_defaults(func=_cmd_demo)
+
+    from fedfms.training.pretrain import DEFAULTS as PRETRAIN
+
+    p = sub.add_parser("pretrain", help="pretrain the tiny SAM offline on generated scenes (no dataset, no download) and "
+                                        "save it in the official SAM checkpoint layout")
+    p.add_argument("--out", required=True, help="checkpoint file to write (a .json with its provenance goes beside it)")
+    p.add_argument("--steps", type=positive_int_arg, default=PRETRAIN["steps"], help=f"default {PRETRAIN['steps']}")
+    p.add_argument("--batch-size", type=positive_int_arg, default=PRETRAIN["batch_size"],
+                   help=f"generated scenes per step (default {PRETRAIN['batch_size']})")
+    p.add_argument("--lr", type=float, default=PRETRAIN["lr"], help=f"peak learning rate (default {PRETRAIN['lr']:g})")
+    p.add_argument("--seed", type=int, default=PRETRAIN["seed"], help="seeds the scenes and the initial weights (default 0)")
+    p.add_argument("--threads", type=positive_int_arg, help="torch CPU threads (the same thread count reproduces the file)")
+    p.add_argument("--log-every", type=positive_int_arg, default=100, help="steps between two progress lines")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("report", help="per-site Dice/IoU table (and figure) of a finished run; exit 0 only when "
                                       "every round averaged every site (3: some site missed rounds, 1: the run stopped)")
     p.add_argument("run", help="simulator workspace, downloaded job result or server job folder")
     p.add_argument("--png", help="write the figure here")
     p.add_argument("--json", help="write the table here")
+    p.add_argument("--data-root", help="folder with the sites' prepared data (one folder per site): the figure gets "
+                                       "image / ground truth / prediction pictures of a few validation samples per site")
+    p.add_argument("--job", help="the job folder the run used (default: the sites' config found in the run's workspace)")
+    p.add_argument("--checkpoint", help="SAM checkpoint for a pretrained model's frozen parts (replaces $FEDFMS_SAM_CHECKPOINT)")
+    p.add_argument("--samples", type=positive_int_arg, default=2, help="validation samples pictured per site (default 2)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("check-site", help="pre-flight: can this site run this job? (data, checkpoint, device, fingerprint)")
@@ -330,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-and-half-d", action="store_true",
                    help="volumes: slices k-1, k, k+1 as the channels (for models trained on sites prepared with --two-and-half-d)")
     p.add_argument("--overwrite", action="store_true", help="replace predictions that already exist in --out")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <name>_<class>_overlay.png: the input with the prediction drawn on it (red), the picture "
+                        "`fedfms report --data-root` draws (a volume: a few slices side by side)")
     p.add_argument("--allow-label-like", action="store_true",
                    help="predict on inputs that look like masks (a handful of whole-number values), which are refused by default")
     p.set_defaults(func=_cmd_predict)

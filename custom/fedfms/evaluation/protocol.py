@@ -12,7 +12,7 @@ Layout under ``workspace``::
     <holdout>/fold.json          settings, status, held-out scores of every method
     <holdout>/job/               the FLARE job the fold ran (min_clients = number of training sites)
     <holdout>/simulator/         FLARE simulator workspace; global models in server/simulate_job/app_server/
-    <holdout>/simulator.log      everything the simulator printed
+    <holdout>/simulator.log      what `fedfms simulate --quiet` printed (FLARE's full logs: simulator/*/log.txt)
     <holdout>/centralized/       model.pt (selected epoch), model_last.pt, model.json (history)
     loso_results.json, loso_results.csv   every finished fold of this experiment, rebuilt after each run
 
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -235,15 +236,27 @@ def _env(**values):
                 os.environ[k] = v
 
 
+PROGRESS_LINE = re.compile(r"^round \d+(/\d+)?  ")  # the federation monitor's one line per round
+_PROGRESS_SAY: ContextVar[Callable[[str], None] | None] = ContextVar("fedfms_loso_progress", default=None)
+
+
 def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path, log_path: Path) -> int:
-    """Run the FLARE simulator in a child process (``fedfms simulate``) with its output in ``log_path``:
-    each fold starts from a clean FLARE state, and the console shows progress instead of FLARE's log."""
+    """Run the FLARE simulator in a child process (``fedfms simulate --quiet``) with its output in ``log_path``:
+    each fold starts from a clean FLARE state. The console (the run's ``log``) gets the federation's one line per
+    round; FLARE's full logs are in the workspace (``server/log.txt`` and each site's ``log.txt``)."""
+    say = _PROGRESS_SAY.get()
     cmd = [sys.executable, "-m", "fedfms.cli", "simulate", str(job), "--workspace", str(workspace),
-           "--clients", ",".join(clients), "--data-root", str(data_root)]
+           "--clients", ",".join(clients), "--data-root", str(data_root), "--quiet"]
     with open(log_path, "w") as out:
         # its own process group, so an interrupt also ends the client processes the simulator starts
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                text=True, errors="replace", bufsize=1)
         try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if say and PROGRESS_LINE.match(line):
+                    say(f"  {line.rstrip()}")
             return proc.wait()
         except BaseException:
             _stop_group(proc)
@@ -422,7 +435,11 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
                   flavour=flavour_of(settings["model"], settings["train"]))
     test_dir = data_root / holdout
     log_path = fold / "simulator.log"
-    rc = simulate(job, fold / "simulator", train_sites, data_root, log_path)
+    token = _PROGRESS_SAY.set(say)
+    try:
+        rc = simulate(job, fold / "simulator", train_sites, data_root, log_path)
+    finally:
+        _PROGRESS_SAY.reset(token)
     app = server_job_dir(fold / "simulator") / "app_server"
     problem = f"exit code {rc}" if rc != 0 else None
     run_record = read_run_record(server_job_dir(fold / "simulator"))
@@ -444,6 +461,10 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
     fed = record["results"]["federated"]
     say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {_fmt(fed['dice'])}, IoU {_fmt(fed['iou'])}"
         + (f" (best global model: Dice {_fmt(record['results']['federated_best']['dice'])})" if "federated_best" in record["results"] else ""))
+    from fedfms.report import best_model_note
+
+    for line in best_model_note(server_job_dir(fold / "simulator")):  # which model "best" is, and whether training helped
+        say(f"  {line}")
     record["federated_seconds"] = federated_seconds
 
     if centralized:

@@ -18,15 +18,17 @@ It only listens to FLARE's own events around the stock ``ScatterAndGather`` work
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from nvflare.apis.analytix import TrackConst
 from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
@@ -48,6 +50,32 @@ from fedfms.run_record import (  # noqa: F401  (RUN_RECORD and read_run_record r
 )
 
 ON_MISSING_SITE = ("continue", "stop")
+# One concise line per round for the console (fedfms.flare.simulate.quiet_log_config shows this logger alone,
+# without FLARE's context prefix); it reaches the log files too.
+PROGRESS_LOGGER = "fedfms.progress"
+TRAIN_LOSS_TAG = "train_loss"  # what the executor streams each round (fedfms.flare.executor)
+ANALYTICS_EVENT = "fed.analytix_log_stats"  # the sites' streamed metrics, as the server receives them
+
+
+def progress_line(round_info: dict, last_round: int | None, sites: list[str], losses: dict | None = None) -> str:
+    """``round 3/10  site-1 loss 0.412 Dice 0.712 | site-2 ... | 4.1 s``: per site, the loss of its local training
+    in this round and the validation Dice of the global model it started the round from; a site without a
+    contribution says why in one word (failed, missing)."""
+    r = round_info["round"]
+    head = f"round {r + 1}/{last_round + 1}" if last_round is not None else f"round {r + 1}"
+    parts = []
+    for site in sites:
+        if site in round_info.get("accepted", {}):
+            loss = (losses or {}).get(site)
+            dice = round_info.get("val_dice", {}).get(site)
+            parts.append(f"{site} loss {'-' if loss is None else f'{loss:.3f}'} Dice {'-' if dice is None else f'{dice:.3f}'}")
+        elif site in round_info.get("failed", {}):
+            parts.append(f"{site} failed")
+        else:
+            parts.append(f"{site} missing")
+    seconds = round_info.get("seconds")
+    tail = "" if round_info.get("updated_model", True) else "  (global model not updated)"
+    return f"{head}  " + " | ".join(parts) + (f" | {seconds:.1f} s" if seconds is not None else "") + tail
 
 
 def default_min_sites(num_sites: int) -> int:
@@ -89,6 +117,8 @@ class FederationMonitor(Widget):
         self._previous_global: dict | None = None
         self._path: Path | None = None
         self.dead_sites: list[str] = []
+        self._losses: dict = {}  # (site, round) -> training loss streamed by the site (for the progress line)
+        self._progress = logging.getLogger(PROGRESS_LOGGER)
 
     # ------------------------------------------------------------------ events
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -124,6 +154,8 @@ class FederationMonitor(Widget):
                     self.record["reason"] = str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal error"))
             elif event_type == EventType.END_RUN:
                 self._end(fl_ctx)
+            elif event_type == ANALYTICS_EVENT:
+                self._streamed(fl_ctx)
         except Exception as exc:  # the monitor must never be what breaks a run
             self.log_exception(fl_ctx, f"federation monitor: {type(exc).__name__}: {exc}")
 
@@ -306,6 +338,21 @@ class FederationMonitor(Widget):
         dxo.update_shareable(shareable)
         self._round["updated_model"] = True
 
+    def _streamed(self, fl_ctx: FLContext) -> None:
+        """Keep each site's streamed training loss per round, for the progress line only."""
+        data = fl_ctx.get_prop(FLContextKey.EVENT_DATA)
+        try:
+            dxo = from_shareable(data)
+            if dxo.data.get(TrackConst.TRACK_KEY) != TRAIN_LOSS_TAG:
+                return
+            site = data.get_peer_prop(ReservedKey.IDENTITY_NAME, None)
+            step = dxo.data.get(TrackConst.GLOBAL_STEP_KEY)
+            if site is None or step is None:
+                return
+            self._losses[(site, int(step))] = float(dxo.data[TrackConst.TRACK_VALUE])
+        except Exception:
+            return  # an unreadable stream only leaves a '-' in the progress line
+
     def _round_done(self, fl_ctx: FLContext) -> None:
         if self._round is None:
             return
@@ -314,6 +361,9 @@ class FederationMonitor(Widget):
         complete = r["updated_model"] and set(r["accepted"]) >= set(self.record["expected_sites"])
         r["status"] = "ok" if complete else ("degraded" if r["updated_model"] else "failed")
         self._write()
+        sites = sorted(set(self.record.get("expected_sites") or []) | set(r["accepted"]) | set(r["failed"]))
+        losses = {site: self._losses.pop((site, r["round"]), None) for site in sites}
+        self._progress.info(progress_line(r, self.record.get("last_round"), sites, losses))
 
     def _stop(self, fl_ctx: FLContext, reason: str) -> None:
         if self._round is not None:

@@ -36,25 +36,22 @@ def prepare_sim_workspace(workspace: str | Path) -> Path:
     return Path(workspace)
 
 
-class BelowWarning:
-    """Log filter: the package's own console handler shows INFO only; warnings and errors reach the console
-    once, through FLARE's console handler."""
-
-    def filter(self, record) -> bool:
-        return record.levelno < 30
-
-
 def quiet_log_config(workspace: str | Path) -> Path:
-    """FLARE's own logging with the console limited to warnings, errors and this package's progress lines;
-    the full INFO logs still go to each participant's ``log.txt`` in the workspace."""
+    """FLARE's own logging with a quiet console: one progress line per round from the server's federation monitor
+    (logger ``fedfms.progress``, the bare message), and warnings and errors without FLARE's context prefix. The full
+    INFO logs still go to each participant's ``log.txt`` in the workspace."""
     from nvflare.fuel.utils.log_utils import default_log_dict
 
+    from fedfms.flare.monitor import PROGRESS_LOGGER
+
     config = copy.deepcopy(default_log_dict)
-    config["handlers"]["consoleHandler"]["level"] = "WARNING"
-    config.setdefault("filters", {})["fedfms_below_warning"] = {"()": f"{__name__}.BelowWarning"}
-    config["handlers"]["fedfmsConsole"] = {**config["handlers"]["consoleHandler"], "level": "INFO",
-                                           "filters": ["fedfms_below_warning"]}
-    config["loggers"]["fedfms"] = {"level": "INFO", "handlers": ["fedfmsConsole"], "propagate": True}
+    config["formatters"]["fedfmsConcise"] = {"format": "%(levelname)s %(name)s: %(message)s"}
+    config["formatters"]["fedfmsBare"] = {"format": "%(message)s"}
+    config["handlers"]["consoleHandler"].update(level="WARNING", formatter="fedfmsConcise")
+    config["handlers"]["fedfmsProgress"] = {"class": "logging.StreamHandler", "level": "INFO", "formatter": "fedfmsBare",
+                                            "stream": "ext://sys.stdout"}
+    # propagates to the root's file handlers too (its console handler stops INFO: the line is printed once)
+    config["loggers"][PROGRESS_LOGGER] = {"level": "INFO", "handlers": ["fedfmsProgress"], "propagate": True}
     # FedAvg here weighs by sample counts, not by per-site aggregation_weights: FLARE's notice about them is noise
     config["loggers"]["nvflare.app_common.aggregators.dxo_aggregator"] = {"level": "ERROR"}
     path = Path(workspace) / "local" / "fedfms_quiet_log_config.json"

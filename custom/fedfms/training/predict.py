@@ -142,9 +142,25 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, threshold: float 
     return np.concatenate(out)
 
 
-def _output_names(path: Path, stem: str, names: Sequence[str]) -> list[str]:
+def _output_names(path: Path, stem: str, names: Sequence[str], overlay: bool = False) -> list[str]:
     suffix = ".png" if _kind(path) == "image" else ".nii.gz"
-    return [f"{stem}_{name}{suffix}" for name in names]
+    masks = [f"{stem}_{name}{suffix}" for name in names]
+    return masks + ([f"{stem}_{name}_overlay.png" for name in names] if overlay else [])
+
+
+OVERLAY_SLICES = 6  # slices a volume's overlay picture shows
+
+
+def _overlay_picture(slices: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The input with one class's prediction drawn on it (fedfms.overlays: red fill and outline). A volume shows
+    up to OVERLAY_SLICES slices side by side, evenly spaced among those with a prediction (or all slices)."""
+    from fedfms.overlays import montage, overlay
+
+    if len(slices) == 1:
+        return overlay(slices[0], masks[0])
+    candidates = [k for k in range(len(slices)) if masks[k].any()] or list(range(len(slices)))
+    picks = sorted({candidates[int(round(j))] for j in np.linspace(0, len(candidates) - 1, min(OVERLAY_SLICES, len(candidates)))})
+    return montage([overlay(slices[k], masks[k]) for k in picks], columns=len(picks))
 
 
 
@@ -160,6 +176,7 @@ def predict_cases(
     two_and_half_d: bool = False,
     overwrite: bool = False,
     allow_label_like: bool = False,
+    overlay: bool = False,
 ) -> list[Path]:
     """Segment every input; returns the files written, input by input, class by class.
 
@@ -170,7 +187,10 @@ def predict_cases(
     CheckpointError / ConfigError) and leaves ``out_dir`` as it was.
 
     ``two_and_half_d``: feed volume slices k-1, k, k+1 as the three channels, as the preparers'
-    ``two_and_half_d`` setting did for the training data (it must match how the model was trained)."""
+    ``two_and_half_d`` setting did for the training data (it must match how the model was trained).
+
+    ``overlay``: also ``<stem>_<class>_overlay.png`` per input and class, the picture ``fedfms report`` draws: the
+    input with the prediction as a red fill and outline (a volume: a few slices side by side)."""
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(dict(model_cfg))
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -193,7 +213,7 @@ def predict_cases(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: output is a file; expected a folder for the predictions (the file is left alone)")
-    planned = [[out_dir / n for n in _output_names(p, s, names)] for p, s in zip(inputs, stems)]
+    planned = [[out_dir / n for n in _output_names(p, s, names, overlay)] for p, s in zip(inputs, stems)]
     existing = [t for targets in planned for t in targets if t.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -219,7 +239,14 @@ def predict_cases(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         for path, targets in zip(inputs, planned):
-            masks = predict_slices(model, _read_input(path, two_and_half_d, allow_label_like), threshold, batch_size)
+            slices = _read_input(path, two_and_half_d, allow_label_like)
+            masks = predict_slices(model, slices, threshold, batch_size)
+            if overlay:
+                pictures, targets = targets[len(names):], targets[: len(names)]
+                for k, target in enumerate(pictures):
+                    # 2.5D inputs: the middle channel is the slice itself, the others its neighbours
+                    shown = slices[..., 1] if two_and_half_d and _kind(path) != "image" else slices
+                    Image.fromarray(_overlay_picture(shown, masks[:, k])).save(staging / target.name)
             if _kind(path) == "image":
                 for target, m in zip(targets, masks[0]):  # (C, H, W)
                     Image.fromarray(m * 255, "L").save(staging / target.name)
