@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup demo test test-fast jobs bench
+.PHONY: setup demo test test-fast lint jobs bench
 
 setup:
 	$(PIP) install -q -r requirements.txt
@@ -17,6 +17,10 @@ test: setup
 # ML core, data and unit tests only (no FLARE processes): about a minute
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not integration"
+
+# syntax errors, pyflakes, long lines and invalid escapes (rules in ruff.toml)
+lint: setup
+	$(PYTHON) -m ruff check custom tests bench poc provisioning
 
 jobs:
 	$(PYTHON) -m fedfms.cli job generate --jobs-dir jobs

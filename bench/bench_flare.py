@@ -98,7 +98,8 @@ def upload_bytes(root: Path, data: Path) -> None:
         at256 = travel_bytes(travel_spec(build_model_on_meta(ModelConfig(variant="vit_b", mode=mode, image_size=256)), mode))
         at1024 = travel_bytes(travel_spec(build_model_on_meta(ModelConfig(variant="vit_b", mode=mode)), mode))
         rows.append((mode, measured[0] if measured else None, at256, at1024))
-    print("| mode | site-1's round result as FLARE sent it (256 px) | travel set fp32 (256 px) | travel set fp32 (1024 px) | 16-bit (1024 px) |")
+    print("| mode | site-1's round result as FLARE sent it (256 px) | travel set fp32 (256 px) | "
+          "travel set fp32 (1024 px) | 16-bit (1024 px) |")
     print("|---|---|---|---|---|")
     for mode, measured, at256, at1024 in rows:
         sent = f"{measured / 1e6:.1f} MB" if measured else "not found in log"

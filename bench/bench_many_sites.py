@@ -101,7 +101,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| sites | sites at once | peak RSS GiB (sum) | peak PSS GiB (sum) | PSS GiB per site | s per round | wall s | every site every round |")
+    print("| sites | sites at once | peak RSS GiB (sum) | peak PSS GiB (sum) | PSS GiB per site | s per round | wall s | "
+          "every site every round |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         at_once = r["concurrency"].split(",")[1].strip().split(" ")[0] if "," in r["concurrency"] else "?"

@@ -57,7 +57,8 @@ def bound_update_norms(updates: Sequence[Weights], reference: Weights, k: float,
             out.append(None)
         else:
             scale = bound / d
-            out.append({key: (np.asarray(reference[key], np.float64) + (np.asarray(v, np.float64) - np.asarray(reference[key], np.float64)) * scale)
+            out.append({key: (np.asarray(reference[key], np.float64)
+                              + (np.asarray(v, np.float64) - np.asarray(reference[key], np.float64)) * scale)
                         if np.asarray(v).dtype.kind == "f" else v for key, v in update.items()})
     return out, distances, bound
 

@@ -269,7 +269,8 @@ def _draw_pictures(fig, grid, pictures: dict[str, list[dict]]) -> None:
     for row, (site, samples) in enumerate(pictures.items()):
         col = 0
         for s, sample in enumerate(samples):
-            panels = [("image", overlay(sample["image"])), ("ground truth", overlay(sample["image"], truth=sample["truth"], fill_truth=True))]
+            panels = [("image", overlay(sample["image"])),
+                      ("ground truth", overlay(sample["image"], truth=sample["truth"], fill_truth=True))]
             for label, mask in sample["predictions"].items():
                 d = dice(mask, sample["truth"])
                 panels.append((f"{label}\nDice {'-' if d is None else f'{d:.2f}'}",

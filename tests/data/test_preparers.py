@@ -53,7 +53,8 @@ def assert_nothing_written(out, site):
     assert not (out / f"{site}.partial").exists()
 
 
-def prostate_case(site_dir, name, depth=5, seg_suffix="_segmentation", labels=((1, 1), (2, 1), (3, 2)), seed=0, affine=None, seg_shape=None):
+def prostate_case(site_dir, name, depth=5, seg_suffix="_segmentation", labels=((1, 1), (2, 1), (3, 2)), seed=0, affine=None,
+                  seg_shape=None):
     """A 16x16xdepth T2 volume; ``labels`` = (slice, label value) painted as a 6x7 box."""
     rng = np.random.default_rng(seed)
     img = rng.uniform(0, 1000, size=(16, 16, depth)).astype(np.float32)
@@ -793,7 +794,8 @@ def test_rerun_after_cases_added_removed_or_edited_says_what_changed(prostate_ra
     before = (out / "BIDMC" / "manifest.json").read_text()
 
     prostate_case(raw / "BIDMC", "Case02", depth=4, seed=9)
-    with pytest.raises(DataError, match=r"BIDMC: raw inputs differ from the ones it was prepared from \(.*BIDMC: 1 case\(s\) added \(Case02\)\); pass --overwrite"):
+    with pytest.raises(DataError, match=r"BIDMC: raw inputs differ from the ones it was prepared from "
+                                        r"\(.*BIDMC: 1 case\(s\) added \(Case02\)\); pass --overwrite"):
         _prostate_cmd(raw, out)
     for f in (raw / "BIDMC").glob("Case02*"):
         f.unlink()
@@ -875,7 +877,8 @@ def test_constant_volume_is_refused_or_skipped_and_listed(prostate_raw, tmp_path
     nii(raw / "BIDMC" / "Case09.nii.gz", np.zeros((16, 16, 3), np.float32))
     nii(raw / "BIDMC" / "Case09_segmentation.nii.gz", seg)
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"Case09\.nii\.gz: volume is constant \(every voxel is 0\); expected an image with contrast \(use --skip-bad-cases"):
+    with pytest.raises(DataError, match=r"Case09\.nii\.gz: volume is constant \(every voxel is 0\); "
+                                        r"expected an image with contrast \(use --skip-bad-cases"):
         _prostate_cmd(raw, out)
     assert_nothing_written(out, "BIDMC")
     _prostate_cmd(raw, out, skip_bad_cases=True)
@@ -906,8 +909,10 @@ def test_fundus_constant_photo_16bit_photo_and_mask_in_images_are_refused(tmp_pa
     fundus_case(raw / "REFUGE", "a", ext=".png")
     cases = [
         (np.zeros((20, 24, 3), np.uint8), r"images/a\.png: image is constant \(every pixel is 0\)"),
-        (np.random.default_rng(0).integers(0, 4096, (20, 24)).astype(np.uint16), r"images/a\.png: image mode I;16 \(16-bit or float\); expected an 8-bit"),
-        (np.where(np.eye(20, 24) > 0, 128, 255).astype(np.uint8), r"images/a\.png: image has only 2 distinct values \[128, 255\], like a mask"),
+        (np.random.default_rng(0).integers(0, 4096, (20, 24)).astype(np.uint16),
+         r"images/a\.png: image mode I;16 \(16-bit or float\); expected an 8-bit"),
+        (np.where(np.eye(20, 24) > 0, 128, 255).astype(np.uint8),
+         r"images/a\.png: image has only 2 distinct values \[128, 255\], like a mask"),
     ]
     for image, match in cases:
         png(raw / "REFUGE" / "images" / "a.png", image)

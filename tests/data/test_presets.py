@@ -206,7 +206,8 @@ def test_rerun_with_the_other_preset_refuses_without_overwrite(tmp_path, capsys)
     out = tmp_path / "out"
     prepare("fets", raw, out, clients="1", **EXACT)
     before = (out / "client1" / "manifest.json").read_text()
-    with pytest.raises(DataError, match=r"client1: already prepared with different settings \(.*preset 'project' -> 'reference'.*\); pass --overwrite"):
+    with pytest.raises(DataError, match=r"client1: already prepared with different settings "
+                                        r"\(.*preset 'project' -> 'reference'.*\); pass --overwrite"):
         prepare("fets", raw, out, clients="1", preset="reference", **EXACT)
     assert (out / "client1" / "manifest.json").read_text() == before  # the good output is untouched
     prepare("fets", raw, out, clients="1", preset="reference", overwrite=True, **EXACT)
@@ -442,5 +443,6 @@ def test_nuclei_outputs_made_before_presets_existed_are_still_already_prepared(t
     capsys.readouterr()
     prepare("nuclei", raw, out, sites=["Uterus", "MoNuSeg"], **EXACT)
     assert capsys.readouterr().err.count("already prepared") == 2
-    with pytest.raises(DataError, match=r"Uterus: already prepared with different settings \(pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
+    with pytest.raises(DataError, match=r"Uterus: already prepared with different settings "
+                                        r"\(pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
         prepare("nuclei", raw, out, sites=["Uterus"], preset="reference", **EXACT)

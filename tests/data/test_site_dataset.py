@@ -256,7 +256,7 @@ def test_failure_with_overwrite_keeps_the_previous_output(tmp_path):
     out = tmp_path / "site"
     write_site(out, n_volumes=2)
     with pytest.raises(RuntimeError):
-        with SiteWriter(out, "s", "t", ["fg"], overwrite=True) as w:
+        with SiteWriter(out, "s", "t", ["fg"], overwrite=True):
             raise RuntimeError("interrupted")
     assert len(read_manifest(out).samples) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
@@ -352,7 +352,8 @@ def test_volume_ids_carry_the_site_so_pooled_sites_never_share_one(tmp_path):
 def test_bad_mask_leaves_no_folder_and_names_the_api_argument(tmp_path):
     out = tmp_path / "new" / "deeper" / "site"
     mask = np.where(np.eye(8) > 0, 255, 0).astype(np.uint8)
-    with pytest.raises(DataError, match=r"mask values \[0, 255\] are not binary; expected 0/1 per class \(a 0/255 mask: divide it by 255\)"):
+    with pytest.raises(DataError, match=r"mask values \[0, 255\] are not binary; "
+                                        r"expected 0/1 per class \(a 0/255 mask: divide it by 255\)"):
         with SiteWriter(out, "h", "t", ["fg"], image_size=8, mask_size=8) as w:
             w.add(np.eye(8, dtype=np.float32), mask, "P1")
     assert list(tmp_path.iterdir()) == []  # not even the parent folders it made
@@ -386,7 +387,8 @@ def test_disk_full_while_writing_keeps_nothing_and_keeps_the_previous_output(tmp
         return real_save(self, fp, *a, **k)
 
     monkeypatch.setattr(Image.Image, "save", full)
-    with pytest.raises(DataError, match=r"site\.partial/(images|masks)/\S+\.png: could not write \(No space left on device\); nothing of site 's1' was kept"):
+    with pytest.raises(DataError, match=r"site\.partial/(images|masks)/\S+\.png: could not write \(No space left on device\); "
+                                        r"nothing of site 's1' was kept"):
         write_site(out, n_volumes=3, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
     assert len(read_manifest(out).samples) == 4  # the previous output, untouched
@@ -423,7 +425,8 @@ def test_unwritable_parent_is_one_line(tmp_path, monkeypatch):
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    with pytest.raises(DataError, match=r"site\.partial: cannot create the site folder there \(Permission denied\); expected a writable folder"):
+    with pytest.raises(DataError, match=r"site\.partial: cannot create the site folder there \(Permission denied\); "
+                                        r"expected a writable folder"):
         with SiteWriter(tmp_path / "x" / "site", "s", "t", ["fg"]):
             pass
     assert list(tmp_path.iterdir()) == []

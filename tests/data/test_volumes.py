@@ -162,7 +162,8 @@ def test_window_volume_refuses_constant_empty_window_and_label_maps():
         vol.window_volume(np.zeros((8, 8, 4), np.float32), path="flat.nii.gz")
     sparse = np.zeros((16, 16, 4), np.float32)
     sparse[0, 0, :] = rng.uniform(1, 2, 4)  # 4 voxels of 1024 carry signal: the 1st and 99th percentiles are both 0
-    with pytest.raises(DataError, match=r"^sparse\.nii\.gz: intensity window is empty: percentiles 1 and 99 are both 0 \(100% .*--low-pct/--high-pct\)$"):
+    with pytest.raises(DataError, match=r"^sparse\.nii\.gz: intensity window is empty: percentiles 1 and 99 are both 0 "
+                                        r"\(100% .*--low-pct/--high-pct\)$"):
         vol.window_volume(sparse, path="sparse.nii.gz")
     assert vol.window_volume(sparse, 0, 100, "sparse.nii.gz").max() == 1.0  # a wider window is the documented way out
     labels = np.zeros((8, 8, 4), np.int16)

@@ -10,7 +10,6 @@ from fedfms.data.synthetic import make_disc_site
 from fedfms.evaluation.baselines import (_slice_dice, fit_threshold, model_predictor, score, site_split, threshold_predictor,
                                          train_alone)
 from fedfms.models import ModelConfig
-from fedfms.training.metrics import SegmentationMetric
 from fedfms.training.trainer import LocalTrainer, TrainConfig
 
 TRAIN = TrainConfig(lr=1e-3, loss="bce_dice", val_fraction=0.2, progress=False, threads=1)

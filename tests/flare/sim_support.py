@@ -147,7 +147,8 @@ class PoisonFilter(DXOFilter):
             site = fl_ctx.get_identity_name()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             rnd = shareable.get_header("current_round", 0)
-            np.savez(self.out_dir / f"{site}_r{rnd}.npz", **{k: np.asarray(v) for k, v in dxo.data.items() if np.asarray(v).dtype.kind == "f"})
+            np.savez(self.out_dir / f"{site}_r{rnd}.npz",
+                     **{k: np.asarray(v) for k, v in dxo.data.items() if np.asarray(v).dtype.kind == "f"})
         return dxo
 
 

@@ -1,7 +1,6 @@
 """The site's travel-set filter and the server's contribution check, without running FLARE."""
 
 import numpy as np
-import pytest
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext

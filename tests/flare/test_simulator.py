@@ -97,7 +97,8 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
     key = next(k for k in expected if not np.allclose(sent["site-1"][0][k], sent["site-2"][0][k]))
     assert not np.allclose(global_model[key], sent["site-1"][0][key])
 
-    model_cfg = render_job(variant, flavour=flavour)["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    client_cfg = render_job(variant, flavour=flavour)["app/config/config_fed_client.json"]
+    model_cfg = client_cfg["executors"][0]["executor"]["args"]["model_config"]
     spec = expected_travel_spec(model_cfg)
     for site, (arrays, meta) in sent.items():
         assert set(arrays) == set(spec), f"{site} sent keys outside/short of the travel set"

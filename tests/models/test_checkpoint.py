@@ -165,7 +165,8 @@ def test_1024_checkpoint_into_smaller_image_size_resizes_position_tables(tmp_pat
     # load_sam_weights reports which keys were resized: pos_embed and the global block's rel-pos tables only
     fresh = build_model(ModelConfig("tiny", "fedsam", num_classes=1, image_size=128, pretrained=False))
     resized = load_sam_weights(fresh, path, "tiny")
-    assert sorted(resized) == sorted(["image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h", "image_encoder.blocks.1.attn.rel_pos_w"])
+    assert sorted(resized) == sorted(["image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h",
+                                      "image_encoder.blocks.1.attn.rel_pos_w"])
     assert fresh.state_dict()["image_encoder.blocks.1.attn.rel_pos_h"].shape == (2 * 8 - 1, 32)
     # windowed blocks keep their tables (window size does not depend on the image size)
     assert torch.equal(fresh.state_dict()["image_encoder.blocks.0.attn.rel_pos_h"], saved["image_encoder.blocks.0.attn.rel_pos_h"])

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fedfms.data.synthetic import make_disc_site
-from fedfms.nnunet.config import FingerprintError, NnUNetConfig, PlanError
+from fedfms.nnunet.config import FingerprintError, PlanError
 from fedfms.nnunet.fingerprint import FIELDS, fingerprint_problems, intensity_properties, merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import build_network, check_plan, make_plan, plan_digest, travel_spec
 from fedfms.nnunet.sitedata import NnUNetSiteData

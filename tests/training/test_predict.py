@@ -210,7 +210,8 @@ def test_a_bad_input_among_good_ones_writes_nothing(weights_file, tmp_path):
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((24, 24), np.uint8)).save(black)
     out = tmp_path / "new" / "out"
-    with pytest.raises(DataError, match=r"black\.png: image is constant \(every pixel is 0\); expected an image with contrast; nothing was written$"):
+    with pytest.raises(DataError, match=r"black\.png: image is constant \(every pixel is 0\); "
+                                        r"expected an image with contrast; nothing was written$"):
         predict_cases(MODEL, weights_file, [good, black], out)
     assert not (tmp_path / "new").exists()
     flat = tmp_path / "flat.nii.gz"

@@ -263,7 +263,8 @@ class SiteDataset(torch.utils.data.Dataset):
         image, packed = self._decoded[index] if self._decoded is not None and index in self._decoded else self._read(index)
         m = self.manifest
         if image.shape[:2] != (m.image_size, m.image_size):
-            raise DataError(f"{image_path}: shape is {image.shape[:2]}; expected ({m.image_size}, {m.image_size}) from the manifest's image_size")
+            raise DataError(f"{image_path}: shape is {image.shape[:2]}; "
+                            f"expected ({m.image_size}, {m.image_size}) from the manifest's image_size")
         if packed.shape != (m.mask_size, m.mask_size):
             raise DataError(f"{mask_path}: shape is {packed.shape}; expected ({m.mask_size}, {m.mask_size}) from the manifest's mask_size")
         if packed.max(initial=0) >> m.num_classes:
@@ -373,7 +374,8 @@ class SiteWriter:
             missing.append(parent)
             parent = parent.parent
         if self.partial.exists() and not self.partial.is_dir():
-            raise DataError(f"{self.partial}: a file is where the work-in-progress folder goes; expected nothing there (the file is left alone)")
+            raise DataError(f"{self.partial}: a file is where the work-in-progress folder goes; "
+                            f"expected nothing there (the file is left alone)")
         try:
             if self.partial.exists():
                 shutil.rmtree(self.partial)  # left by an interrupted earlier run; never a finished output
@@ -481,7 +483,8 @@ class SiteWriter:
         try:
             (self.partial / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
         except OSError as exc:
-            raise DataError(f"{self.partial / MANIFEST}: could not write ({exc.strerror or exc}); nothing of site '{self.site}' was kept") from None
+            raise DataError(f"{self.partial / MANIFEST}: could not write ({exc.strerror or exc}); "
+                            f"nothing of site '{self.site}' was kept") from None
         if self.out_dir.exists():
             trash = self.out_dir.with_name(self.out_dir.name + ".replaced")
             shutil.rmtree(trash, ignore_errors=True)
@@ -496,7 +499,8 @@ class SiteWriter:
             try:
                 self.partial.rename(self.out_dir)
             except OSError as exc:
-                raise DataError(f"{self.out_dir}: could not move the finished site into place ({exc.strerror or exc}); nothing was kept") from None
+                raise DataError(f"{self.out_dir}: could not move the finished site into place ({exc.strerror or exc}); "
+                                f"nothing was kept") from None
         self.manifest = manifest
 
 

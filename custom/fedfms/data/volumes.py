@@ -52,7 +52,8 @@ def _read_nifti(path: Path, what: str):
     except PermissionError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable NIfTI {what}") from None
     except (EOFError, zlib.error, OSError, ValueError, MemoryError) as exc:
-        raise DataError(f"{path}: truncated or corrupt NIfTI data ({type(exc).__name__}: {exc}); expected a complete NIfTI {what}") from None
+        raise DataError(f"{path}: truncated or corrupt NIfTI data ({type(exc).__name__}: {exc}); "
+                        f"expected a complete NIfTI {what}") from None
     # Some exporters append singleton time/channel axes ((H,W,D,1)); they carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -101,7 +102,8 @@ def load_nifti_pair(
     image, image_affine = load_nifti(image_path)
     seg, seg_affine = load_segmentation(seg_path)
     if seg.shape != image.shape:
-        raise DataError(f"{seg_path}: segmentation shape {seg.shape} differs from image {image_path.name} shape {image.shape}; expected the same voxel grid")
+        raise DataError(f"{seg_path}: segmentation shape {seg.shape} differs from image {image_path.name} shape {image.shape}; "
+                        f"expected the same voxel grid")
     diff = float(np.abs(seg_affine - image_affine).max())
     if diff > affine_tol:
         raise DataError(
@@ -201,7 +203,8 @@ def parse_empty_keep(value) -> int | float | str | None:
         try:
             parsed = float(text) if any(c in text for c in ".e") else int(text)
         except ValueError:
-            raise ConfigError(f"empty-slices-keep is {value!r}; expected 'all', a count (e.g. 5), a fraction (e.g. 0.1) or every:N") from None
+            raise ConfigError(f"empty-slices-keep is {value!r}; "
+                              f"expected 'all', a count (e.g. 5), a fraction (e.g. 0.1) or every:N") from None
     if isinstance(parsed, float):
         if not 0.0 <= parsed <= 1.0:
             raise ConfigError(f"empty-slices-keep fraction is {parsed}; expected a value in [0, 1] (or an integer count)")

@@ -30,7 +30,8 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, S, S) in [0,
 THRESHOLD_STEEPNESS = 50.0  # logits = 50 (x - t): sigmoid > 0.5 exactly where x > t
 
 
-def site_split(site_dir: str | os.PathLike, train_cfg: TrainConfig, image_size: int, mask_size: int) -> tuple[SiteDataset, list[int], list[int]]:
+def site_split(site_dir: str | os.PathLike, train_cfg: TrainConfig, image_size: int,
+               mask_size: int) -> tuple[SiteDataset, list[int], list[int]]:
     """A site's samples at the model's sizes and LocalTrainer's train/val split of them (by patient)."""
     dataset = SiteDataset(site_dir, image_size=image_size, mask_size=mask_size)
     train, val = patient_split(dataset.volumes, train_cfg.val_fraction, train_cfg.split_seed)

@@ -81,7 +81,8 @@ def load_sam_weights(model: torch.nn.Module, path: str | os.PathLike, variant_na
     Returns the keys that were resized for a different input size. Raises CheckpointError for a missing,
     unreadable or truncated file, or one whose keys or shapes do not match ``variant_name``."""
     state = read_state_dict(path)
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(SAM_PREFIXES) and ".space_adapter." not in k and ".mlp_adapter." not in k}
+    expected = {k: v for k, v in model.state_dict().items()
+                if k.startswith(SAM_PREFIXES) and ".space_adapter." not in k and ".mlp_adapter." not in k}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k for k in state if k not in expected)
     wrong_variant = f"; the file looks like {describe_variant(state)}, expected {variant_name}"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedfms.nnunet.config import NnUNetConfig, PlanError
-from fedfms.nnunet.inference import MIRROR_AXES, NnUNetInference
+from fedfms.nnunet.inference import NnUNetInference
 from fedfms.nnunet.plan import build_network, check_plan, describe, managers, plan_digest, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
 from fedfms.training.trainer import RoundResult, WeightsMismatch, pick_device

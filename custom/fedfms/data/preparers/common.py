@@ -190,7 +190,8 @@ def write_site(
         raise DataError(f"{exc.filename or source.root}: cannot read ({exc.strerror or exc}); expected readable raw files") from None
     provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems),
                   "skip_bad_cases": skip_bad_cases, **source.notes, "inputs": record}
-    with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance}, overwrite) as writer:
+    with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance},
+                    overwrite) as writer:
         used = 0
         for case in progress(source.cases, desc=f"{dataset}/{source.site}"):
             try:
@@ -342,7 +343,8 @@ def _open_image(path: Path) -> Image.Image:
     except PermissionError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or truncated image ({exc}); expected a valid {path.suffix.lstrip('.').upper() or 'image'} file") from None
+        raise DataError(f"{path}: unreadable or truncated image ({exc}); "
+                        f"expected a valid {path.suffix.lstrip('.').upper() or 'image'} file") from None
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -486,7 +488,8 @@ def print_summary(dataset: str, site_dirs: Sequence[Path], file=None) -> list[di
     file = file or sys.stdout
     header = ("site", "volumes", "samples", "positive", "positive_frac")
     table = [header] + [
-        (r["site"], str(r.get("volumes", "?")), str(r.get("samples", "?")), str(r.get("positive_samples", "?")), f"{r.get('positive_fraction', 0):.3f}")
+        (r["site"], str(r.get("volumes", "?")), str(r.get("samples", "?")), str(r.get("positive_samples", "?")),
+         f"{r.get('positive_fraction', 0):.3f}")
         for r in rows
     ]
     if rows:

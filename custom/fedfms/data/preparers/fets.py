@@ -107,7 +107,8 @@ def find_partition_csv(raw: Path, data_dir: Path, partition_csv) -> Path:
     for folder in (data_dir, raw, Path.cwd()):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"{data_dir / name}: partition CSV is missing (also looked in {raw}); expected the FeTS2022 {name} with columns Partition_ID,Subject_ID")
+    raise DataError(f"{data_dir / name}: partition CSV is missing (also looked in {raw}); "
+                    f"expected the FeTS2022 {name} with columns Partition_ID,Subject_ID")
 
 
 def read_partitions(path: Path) -> dict[int, list[str]]:

@@ -62,14 +62,16 @@ def _load_case(image_path: Path, mask_path: Path, stem: str, patient: str, *, co
     image = common.read_rgb(image_path)
     labels = common.read_label_image(mask_path, palette=palette, colour="error")
     if labels.shape != image.shape[:2]:
-        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; expected the same height and width")
+        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; "
+                        f"expected the same height and width")
     other = "index" if coding == "refuge" else "refuge"
     common.check_labels(
         labels, (bg_v, rim_v, cup_v), mask_path,
         f"{coding} coding: {bg_v} background, {rim_v} disc rim, {cup_v} cup; try --mask-coding {other}",
     )
     if not (labels == bg_v).any():
-        raise DataError(f"{mask_path}: no background pixels (value {bg_v}); expected {coding} coding — is the mask coded differently? try --mask-coding {other}")
+        raise DataError(f"{mask_path}: no background pixels (value {bg_v}); expected {coding} coding — "
+                        f"is the mask coded differently? try --mask-coding {other}")
     cup = labels == cup_v
     disc = (labels == rim_v) | cup if disc_includes_cup else labels == rim_v
     return [common.Sample(image, np.stack([disc, cup]).astype(np.uint8), patient, None, stem)]

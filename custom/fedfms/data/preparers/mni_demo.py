@@ -50,7 +50,8 @@ class Scanner:
 SCANNERS = {
     "site-1": Scanner(scans=6, slices=8, bias=0.25, noise=0.02, gamma=0.8, description="6 scans, moderate inhomogeneity"),
     "site-2": Scanner(scans=6, slices=8, bias=0.35, noise=0.03, gamma=1.2, description="6 scans, strong inhomogeneity, harder contrast"),
-    "site-3": Scanner(scans=2, slices=6, bias=0.35, noise=0.04, gamma=1.0, description="scarce: 2 scans (1 to train, 1 to validate), strong inhomogeneity, noisy"),
+    "site-3": Scanner(scans=2, slices=6, bias=0.35, noise=0.04, gamma=1.0,
+                      description="scarce: 2 scans (1 to train, 1 to validate), strong inhomogeneity, noisy"),
 }
 SLICE_STRIDE = 3
 FOV = 160  # mm (voxels) of the square in-plane field of view

@@ -91,7 +91,9 @@ class PanNukeFold:
             if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
                 raise DataError(f"{self.images_path}: array shape {images.shape}; expected ({n}, H, W, 3) to match {self.types_path.name}")
             if masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[-1] != PANNUKE_NUCLEUS_CHANNELS + 1:
-                raise DataError(f"{self.masks_path}: array shape {masks.shape}; expected {images.shape[:3] + (PANNUKE_NUCLEUS_CHANNELS + 1,)} (instance ids in channels 0-4, background in 5)")
+                raise DataError(f"{self.masks_path}: array shape {masks.shape}; "
+                                f"expected {images.shape[:3] + (PANNUKE_NUCLEUS_CHANNELS + 1,)} "
+                                f"(instance ids in channels 0-4, background in 5)")
             self._images, self._masks = images, masks
         return self._images, self._masks
 
@@ -112,7 +114,8 @@ def find_pannuke_folds(raw: Path) -> tuple[Path, list[PanNukeFold]]:
             fold_dirs.append((int(m.group(1)), p))
     if not fold_dirs:
         found = sorted(p.name for p in root.iterdir() if common.visible(p))
-        raise DataError(f"{root}: no 'Fold 1', 'Fold 2', ... folders (found {found or 'nothing'}); expected the PanNuke layout in docs/datasets.md")
+        raise DataError(f"{root}: no 'Fold 1', 'Fold 2', ... folders (found {found or 'nothing'}); "
+                        f"expected the PanNuke layout in docs/datasets.md")
     folds = []
     for number, d in fold_dirs:
         types_path = _one(d, "types.npy")
@@ -219,7 +222,8 @@ def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path, wanted: li
     if not cases:
         found = sorted({t for f in folds for t in f.types.tolist()})
         only = "" if wanted == "all" else f" (PanNuke folds for {tissue}: {'+'.join(map(str, wanted))})"
-        raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}{only}; found tissues {found}")
+        raise DataError(f"{root}: no PanNuke patches of tissue {tissue!r} in {', '.join(str(f.types_path) for f in folds)}{only}; "
+                        f"found tissues {found}")
     extra = {f"fold {f.number} types.npy": f.types_path for f in folds}
     return common.SiteSource(tissue, root, cases, extra_files=extra, notes={"patient_ids": {"own patch": len(cases)}})
 
@@ -235,9 +239,11 @@ def _load_pair(image_path: Path, mask_path: Path, stem: str, patient: str) -> li
     else:
         labels = common.read_label_image(mask_path, palette="index", colour="max")
     if labels.shape != image.shape[:2]:
-        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; expected the same height and width")
+        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; "
+                        f"expected the same height and width")
     if (labels < 0).any():
-        raise DataError(f"{mask_path}: unexpected label values {sorted(np.unique(labels[labels < 0]).tolist())[:8]}; expected instance ids >= 0 (0 = background)")
+        raise DataError(f"{mask_path}: unexpected label values {sorted(np.unique(labels[labels < 0]).tolist())[:8]}; "
+                        f"expected instance ids >= 0 (0 = background)")
     return [common.Sample(image, (labels > 0).astype(np.uint8), patient, None, stem)]
 
 

@@ -74,7 +74,8 @@ def prepare(
     fn = _lookup(dataset)
     unknown = sorted(set(options) - set(dataset_options(dataset)))
     if unknown:
-        raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to dataset {dataset}; expected some of {', '.join(dataset_options(dataset)) or 'none'}")
+        raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to dataset {dataset}; "
+                          f"expected some of {', '.join(dataset_options(dataset)) or 'none'}")
     options = presets.fill(dataset, options.get("preset"), options)
     for name, value in (("image_size", image_size), ("mask_size", mask_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -86,9 +87,11 @@ def prepare(
         try:
             BUILDS_OWN_RAW[dataset](raw)
         except OSError as exc:
-            raise DataError(f"{exc.filename or raw}: cannot write the demo's raw volumes ({exc.strerror or exc}); expected a writable --raw folder") from None
+            raise DataError(f"{exc.filename or raw}: cannot write the demo's raw volumes ({exc.strerror or exc}); "
+                            f"expected a writable --raw folder") from None
     if raw.exists() and not raw.is_dir():
-        raise DataError(f"{raw}: raw path is a file; expected the folder holding the downloaded {dataset} data (layout in docs/datasets.md)")
+        raise DataError(f"{raw}: raw path is a file; "
+                        f"expected the folder holding the downloaded {dataset} data (layout in docs/datasets.md)")
     if not raw.is_dir():
         raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
     if out.resolve() == raw.resolve():
@@ -99,7 +102,8 @@ def prepare(
         written = fn(raw, out, image_size=image_size, mask_size=mask_size, overwrite=overwrite, sites=sites, **options)
     except OSError as exc:
         _remove_empty(made)
-        raise DataError(f"{exc.filename or out}: {exc.strerror or exc} (while preparing {dataset}); nothing half-written was kept") from None
+        raise DataError(f"{exc.filename or out}: {exc.strerror or exc} (while preparing {dataset}); "
+                        f"nothing half-written was kept") from None
     except BaseException:
         _remove_empty(made)  # an OUT folder this run created and left empty goes again
         raise
