@@ -45,7 +45,9 @@ def error_reply(rc: str, reason: str, original: Shareable | None = None, fatal: 
 class ContributionCheckFilter(Filter):
     """Checks each site result of ``train_task_name`` (and models submitted for cross-site evaluation):
 
-    - the weights are exactly the travel set of ``model_config``: keys, shapes, dtypes, finite values;
+    - the weights are exactly the travel set of ``model_config``: keys, shapes, dtypes, finite values (when
+      the ``persistor_id`` component's model offers ``travel_spec()``, e.g. FednnU-Net's network, which only
+      exists once the federation's plan does, that spec instead; ``None`` from it: nothing is accepted yet);
     - the sample count (FedAvg weight) is a positive integer, at most ``max_samples`` (or exactly the count
       ``site_samples`` pins for the site), and the same in every round as in the site's first accepted round;
     - the frozen-weights fingerprint equals the server's global model's (the ``persistor_id`` component's
@@ -76,11 +78,26 @@ class ContributionCheckFilter(Filter):
         self.rejected: list[tuple[str, int | None, str]] = []
         self._spec = None
 
+    # why nothing can be accepted while the persistor's model offers no travel spec yet
+    NO_SPEC_REASON = "the server's global model has no travel set yet"
+
     @property
     def spec(self) -> dict:
         if self._spec is None:
             self._spec = expected_travel_spec(self.model_config)
         return self._spec
+
+    def travel_spec(self, fl_ctx: FLContext) -> dict | None:
+        """key -> (shape, dtype) a result must have: the persistor's model's ``travel_spec()`` when it has one
+        (kept once known), else the travel set of ``model_config``."""
+        if self._spec is None:
+            offer = getattr(self._persistor_model(fl_ctx), "travel_spec", None)
+            if callable(offer):
+                spec = offer()
+                if spec is None:
+                    return None
+                self._spec = dict(spec)
+        return self.spec
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
@@ -124,7 +141,10 @@ class ContributionCheckFilter(Filter):
         expected = self.data_kinds if training else [DataKind.WEIGHTS]  # submitted models are whole models
         if dxo.data_kind not in expected:
             return [f"data kind is {dxo.data_kind}, expected {' or '.join(expected)}"], dxo, None
-        problems = find_problems(dxo.data, self.spec)
+        spec = self.travel_spec(fl_ctx)
+        if spec is None:
+            return [self.NO_SPEC_REASON], dxo, None
+        problems = find_problems(dxo.data, spec)
         if not training:
             return problems, dxo, None
         n = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
@@ -143,8 +163,11 @@ class ContributionCheckFilter(Filter):
                             f"{reference[1][:12]}): another SAM checkpoint file or init_seed")
         return problems, dxo, n
 
-    def _server_fingerprint(self, fl_ctx: FLContext) -> tuple[str, str] | None:
+    def _persistor_model(self, fl_ctx: FLContext):
         engine = fl_ctx.get_engine()
         persistor = engine.get_component(self.persistor_id) if engine and self.persistor_id else None
-        fingerprint = getattr(getattr(persistor, "model", None), "fingerprint", None)
+        return getattr(persistor, "model", None)
+
+    def _server_fingerprint(self, fl_ctx: FLContext) -> tuple[str, str] | None:
+        fingerprint = getattr(self._persistor_model(fl_ctx), "fingerprint", None)
         return ("the server's global model", fingerprint) if isinstance(fingerprint, str) else None

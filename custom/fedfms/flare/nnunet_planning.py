@@ -87,23 +87,25 @@ class NnUNetGlobalModel(nn.Module):
 
 
 class NnUNetContributionCheckFilter(ContributionCheckFilter):
-    """The project's :class:`ContributionCheckFilter`, every check unchanged, with two differences: the travel
-    spec (keys, shapes, dtypes) is the planned network's, from the server's :class:`NnUNetGlobalModel`, since it
-    only exists once the plan does; and a fingerprint mismatch is reported as what it is here, another plan."""
+    """The project's :class:`ContributionCheckFilter`, every check unchanged; its travel spec (keys, shapes, dtypes)
+    is the planned network's, from the server's :class:`NnUNetGlobalModel` (``travel_spec()``, which the base class
+    asks the persistor's model for), since it only exists once the plan does. Here only the messages differ: no
+    plan yet, and a fingerprint mismatch reported as what it is here, another plan."""
+
+    NO_SPEC_REASON = "the server holds no nnU-Net plan (the planning workflow did not finish)"
+
+    def travel_spec(self, fl_ctx: FLContext) -> dict | None:
+        if self._spec is None and self._global_model(fl_ctx) is None:
+            return None  # never the model_config's spec: an nnU-Net network is only known from its plan
+        return super().travel_spec(fl_ctx)
 
     def _problems(self, shareable: Shareable, fl_ctx: FLContext, site: str, training: bool):
-        model = self._global_model(fl_ctx)
-        if self._spec is None:
-            spec = model.travel_spec() if model is not None else None
-            if spec is None:
-                return ["the server holds no nnU-Net plan (the planning workflow did not finish)"], None, None
-            self._spec = spec
         problems, dxo, n = super()._problems(shareable, fl_ctx, site, training)
         if training and dxo is not None:
-            theirs = dxo.get_meta_prop(FROZEN_FINGERPRINT)
+            theirs, model = dxo.get_meta_prop(FROZEN_FINGERPRINT), self._global_model(fl_ctx)
+            ours = str(getattr(model, "fingerprint", None))[:12]
             problems = [f"it trained with another nnU-Net plan than the server's (plan digest {str(theirs)[:12]} vs "
-                        f"{str(model.fingerprint)[:12]})" if p.startswith("its frozen weights differ") else p
-                        for p in problems]
+                        f"{ours})" if p.startswith("its frozen weights differ") else p for p in problems]
         return problems, dxo, n
 
     def _global_model(self, fl_ctx: FLContext):
