@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-dir", default="jobs")
     p.set_defaults(func=_cmd_job_generate)
     p = job.add_parser("new", help="write one job variant with your settings")
-    p.add_argument("variant", help="fedsam, fedmsa, fedsam_l, fedmsa_l, fedunet, fedsam_tiny, fedmsa_tiny")
+    p.add_argument("variant", help="fedsam, fedmsa, fedsam_l, fedmsa_l, fedunet, fednnunet, fedsam_tiny, fedmsa_tiny, fednnunet_tiny")
     p.add_argument("out")
     p.add_argument("--rounds", type=int)
     p.add_argument("--num-classes", type=int)

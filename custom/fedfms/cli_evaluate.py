@@ -78,14 +78,13 @@ def _cmd_loso(args) -> int:
 
 def _cmd_centralized(args) -> int:
     from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
-    from fedfms.evaluation.protocol import json_safe, training_settings
+    from fedfms.evaluation.protocol import json_safe, train_config, training_settings
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows
-    from fedfms.training.trainer import TrainConfig
 
     settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"),
                                  flavour=args.flavour)
     train = dict(settings["train"])
-    epochs = args.epochs or settings["num_rounds"] * TrainConfig.from_dict(dict(train)).epochs
+    epochs = args.epochs or settings["num_rounds"] * train_config(settings).epochs
     out = Path(args.out)
     weights = train_centralized(settings["model"], train, args.sites, epochs, out / "model.pt", overwrite=args.overwrite,
                                 checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
@@ -136,7 +135,7 @@ def add_evaluate_parsers(sub) -> None:
 
     p = sub.add_parser("loso", help="leave-one-site-out: federate all sites but one, score the held-out one",
                        epilog=LOSO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", metavar="JOB_VARIANT", help="job variant (fedsam, fedmsa, fedunet, fedmsa_tiny, ...) or job folder")
+    p.add_argument("job", metavar="JOB_VARIANT", help="job variant (fedsam, fedmsa, fedunet, fednnunet, fedmsa_tiny, ...) or job folder")
     p.add_argument("--data-root", required=True, help="folder with one prepared site folder per site")
     p.add_argument("--sites", help="comma-separated site names (default: every site folder under --data-root)")
     p.add_argument("--workspace", required=True, help="one sub-folder per fold, plus loso_results.json/.csv")

@@ -2,7 +2,7 @@
 
 Table 1 is laid out from the results ``fedfms loso`` writes (``<workspace>/loso_results.json``): one table per
 dataset (runs are grouped by their sites), one column pair (Dice, IoU) per held-out site plus the average,
-one row per method: FedSAM / FedMSA / FedU-Net and the same models trained centrally, named from the model
+one row per method: FedSAM / FedMSA / FedU-Net / FednnU-Net and the same models trained centrally, named from the model
 each fold trained. Table 2 is measured here: parameter counts and the bytes of the travel set from models
 built on the meta device, FLOPs per image with ``torch.utils.flop_counter.FlopCounterMode``, and, only on a
 GPU, step time, peak memory and prediction time.
@@ -55,6 +55,7 @@ DATASETS = {
 
 _SIZE_RANK = {"vit_b": 0, "vit_l": 1, "vit_h": 2, "tiny": 3}
 _SIZE_SUFFIX = {"vit_b": "", "vit_l": "-L", "vit_h": "-H", "tiny": "-tiny"}
+UNETS = {"unet": "U-Net", "nnunet": "nnU-Net"}  # the baselines from scratch: model variant -> row name, in row order
 
 
 class TableError(FedFMSError):
@@ -153,21 +154,23 @@ def load_loso_run(path: str | os.PathLike) -> LosoRun:
 
 def _variant_guess(job: str) -> dict:
     name = Path(job).name
-    variant = "unet" if "unet" in name else "vit_l" if name.endswith("_l") else "tiny" if name.endswith("_tiny") else "vit_b"
-    mode = "fedsam" if "sam" in name or variant == "unet" else "fedmsa"
-    return {"variant": variant, "mode": mode, "pretrained": variant not in ("tiny", "unet")}
+    variant = ("nnunet" if "nnunet" in name else "unet" if "unet" in name else "vit_l" if name.endswith("_l")
+               else "tiny" if name.endswith("_tiny") else "vit_b")
+    mode = "fedsam" if "sam" in name or variant in UNETS else "fedmsa"
+    return {"variant": variant, "mode": mode, "pretrained": variant not in ("tiny", *UNETS)}
 
 
 def method_label(model: Mapping, centralized: bool) -> str:
-    """The paper's row names: FedSAM, FedMSA, FedMSA-L, FedU-Net, ... with ``(-PT)`` for random init, and
-    the centralised baseline (the paper's SAM/MSA rows) marked ``centralised``."""
+    """The paper's row names: FedSAM, FedMSA, FedMSA-L, FedU-Net, FednnU-Net, ... with ``(-PT)`` for random init
+    (SAM only: the U-Nets always start from scratch), and the centralised baseline (the paper's SAM/MSA rows)
+    marked ``centralised``."""
     variant = model.get("variant", "vit_b")
-    if variant == "unet":
-        base = "U-Net"
+    if variant in UNETS:
+        base = UNETS[variant]
     else:
         base = ("SAM" if model.get("mode", "fedmsa") == "fedsam" else "MSA") + _SIZE_SUFFIX.get(variant, f"-{variant}")
     tags = []
-    if variant != "unet" and not model.get("pretrained", True):
+    if variant not in UNETS and not model.get("pretrained", True):
         tags.append("-PT")
     if centralized:
         tags.append("centralised")
@@ -176,8 +179,10 @@ def method_label(model: Mapping, centralized: bool) -> str:
 
 def _sort_key(model: Mapping, centralized: bool, flavour: str, index: int) -> tuple:
     variant = model.get("variant", "vit_b")
-    return (variant != "unet", _SIZE_RANK.get(variant, 9), model.get("mode") != "fedsam", not model.get("pretrained", True),
-            {"project": 0, "reference": 1}.get(flavour, 2), centralized, index)
+    # the U-Nets first (FedU-Net, then FednnU-Net), then SAM by size
+    unet_rank = list(UNETS).index(variant) if variant in UNETS else 0
+    return (variant not in UNETS, unet_rank, _SIZE_RANK.get(variant, 9), model.get("mode") != "fedsam",
+            not model.get("pretrained", True), {"project": 0, "reference": 1}.get(flavour, 2), centralized, index)
 
 
 def dataset_name(sites: Sequence[str], data_root: str | None = None) -> str:
@@ -301,7 +306,11 @@ def _rule_text(scoring: str, table: Table1) -> str:
         return HONEST_RULE
     spaces = {reference_space(r.get("variant") or "") for r in table.rows}
     if spaces == {"logits", "probabilities"}:
-        return reference_rule("logits") + " (the U-Net rows: on its sigmoid probabilities, as the authors' U-Net)"
+        names = [name for variant, name in UNETS.items() if any(r.get("variant") == variant for r in table.rows)]
+        if len(names) == 1:
+            return reference_rule("logits") + f" (the {names[0]} rows: on its sigmoid probabilities, as the authors' U-Net)"
+        return (reference_rule("logits") + f" (the {' and '.join(names)} rows: on their sigmoid probabilities, "
+                "as the authors' U-Net)")
     return reference_rule(spaces.pop() if spaces else "logits")
 
 

@@ -16,8 +16,8 @@ from fedfms.data.synthetic import make_disc_site
 from fedfms.evaluation.protocol import FOLD_FILE, RESULTS_JSON, collect
 from fedfms.flavours import FLAVOURS
 from fedfms.models import ModelConfig, build_model, build_model_on_meta
-from fedfms.tables import (NEEDS_GPU, build_table1, build_table2, count_flops, format_table1, format_table2, gpu_costs,
-                           method_label, static_costs, table1_cells, write_table1_csv)
+from fedfms.tables import (NEEDS_GPU, _variant_guess, build_table1, build_table2, count_flops, format_table1, format_table2,
+                           gpu_costs, method_label, static_costs, table1_cells, write_table1_csv)
 
 PROSTATE = ["BIDMC", "HK", "UCL"]
 VIT_B_MSA = {"variant": "vit_b", "mode": "fedmsa", "num_classes": 1, "pretrained": True}
@@ -90,6 +90,23 @@ def test_table1_layout_rows_in_the_papers_order_and_both_rules(tmp_path):
     assert len(lines) == 2 * (3 * 4 + 1 * 3 + 1 * 4)  # per rule: 4 full rows x (3 sites + avg), FedU-Net 2 sites + avg
     row = next(r for r in lines if r["model"] == "FedMSA" and r["held_out_site"] == "HK" and r["scoring"] == "reference")
     assert (row["dice"], row["iou"], row["flavour"], row["class"]) == ("0.900000", "0.850000", "project", "all")
+
+
+NNUNET = {"variant": "nnunet", "mode": "fedsam", "num_classes": 1, "pretrained": False}  # the fednnunet jobs' model
+
+
+def test_fednnunet_rows_follow_fedunet_and_are_scored_on_probabilities(tmp_path):
+    assert method_label(NNUNET, False) == "FednnU-Net" and method_label(NNUNET, True) == "nnU-Net (centralised)"
+    nn = workspace(tmp_path, "fednnunet", PROSTATE, NNUNET, train={"iterations_per_epoch": 250})
+    unet = workspace(tmp_path, "fedunet", PROSTATE, UNET)
+    msa = workspace(tmp_path, "fedmsa", PROSTATE, VIT_B_MSA)
+    [table] = build_table1([msa, nn, unet])
+    assert [r["label"] for r in table.rows] == ["FedU-Net", "U-Net (centralised)", "FednnU-Net", "nnU-Net (centralised)",
+                                                "FedMSA", "MSA (centralised)"]
+    assert {r["flavour"] for r in table.rows} == {"project"}  # no '[... flavour]' tags: nnU-Net has no flavours
+    assert "(the U-Net and nnU-Net rows: on their sigmoid probabilities" in format_table1([table], "reference")
+    # a workspace whose folds do not record their model is named from its job: nnunet before unet
+    assert _variant_guess("runs/fednnunet_tiny")["variant"] == "nnunet" and _variant_guess("fedunet")["variant"] == "unet"
 
 
 def test_table1_groups_datasets_and_shows_classes_flavours_and_gaps(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import VARIANTS, class_allow_list, component_paths, export_byoc, render_job, write_job
+from fedfms.flare.jobs import VARIANTS, class_allow_list, component_paths, export_byoc, is_nnunet, render_job, write_job
 from fedfms.models import ModelConfig
+from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.training.trainer import TrainConfig
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -31,18 +32,24 @@ def test_every_component_resolves_and_configs_parse(name):
         module, cls = path.rsplit(".", 1)
         assert hasattr(importlib.import_module(module), cls), path
     args = job["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]
-    ModelConfig.from_dict(args["model_config"])
-    TrainConfig.from_dict(args["train_config"])
+    if is_nnunet({"model": args["model_config"]}):  # FednnU-Net: nnU-Net's settings, the network from the plan
+        check_model_config(args["model_config"])
+        NnUNetConfig.from_dict(args["train_config"])
+    else:
+        ModelConfig.from_dict(args["model_config"])
+        TrainConfig.from_dict(args["train_config"])
     allow = class_allow_list()
     assert all(p in allow or p.startswith("fedfms.") for p in component_paths(job))
 
 
 def test_variants_differ_only_in_configuration():
-    shapes = set()
+    shapes = {}
     for name in VARIANTS:
         job = render_job(name)
-        shapes.add(json.dumps(sorted(component_paths(job))))
-    assert len(shapes) == 1
+        shapes.setdefault(is_nnunet(VARIANTS[name]), set()).add(json.dumps(sorted(component_paths(job))))
+    # every SAM/U-Net job is one shape; the FednnU-Net jobs are one other (planning, nnU-Net executor, plan-aware check)
+    assert sorted(len(s) for s in shapes.values()) == [1, 1]
+    assert {n for n in VARIANTS if is_nnunet(VARIANTS[n])} == {"fednnunet", "fednnunet_tiny"}
     msa, sam = render_job("fedmsa"), render_job("fedsam_l")
     msa_model = msa["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
     sam_model = sam["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
@@ -70,6 +77,27 @@ def test_overrides_and_refusals(tmp_path):
         render_job("fedmsa", train={"lrr": 1e-4})
     with pytest.raises(ConfigError, match="model: unknown field"):
         render_job("fedmsa", model={"varaint": "vit_l"})
+
+
+def test_fednnunet_is_a_variant_of_the_renderer(tmp_path, capsys):
+    assert main(["job", "new", "fednnunet", str(tmp_path / "nn"), "--sites", "a,b,c", "--rounds", "5",
+                 "--train", '{"iterations_per_epoch": 20}']) == 0
+    client = json.loads((tmp_path / "nn/app/config/config_fed_client.json").read_text())
+    executor = client["executors"][0]["executor"]
+    assert executor["path"] == "fedfms.flare.nnunet_executor.NnUNetExecutor"
+    assert executor["args"]["train_config"]["iterations_per_epoch"] == 20
+    assert executor["args"]["train_config"]["total_epochs"] == 5  # nnU-Net's poly schedule over the 5 rounds
+    server = json.loads((tmp_path / "nn/app/config/config_fed_server.json").read_text())
+    assert server["workflows"][0]["path"] == "fedfms.flare.nnunet_planning.NnUNetPlanning"
+    capsys.readouterr()
+    assert main(["job", "new", "fednnunet", str(tmp_path / "ref"), "--flavour", "reference"]) == 2
+    assert "no flavour 'reference'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"train: unknown field\(s\) \['batch_sise'\]"):  # nnU-Net's fields
+        render_job("fednnunet_tiny", train={"batch_sise": 2})
+    with pytest.raises(ConfigError, match="do not apply to the nnU-Net baseline"):
+        render_job("fednnunet", model={"head": "reference"})
+    project, plain = render_job("fednnunet", flavour="project"), render_job("fednnunet")
+    assert all(project[k] == plain[k] for k in plain if k != "meta.json")  # the default flavour changes nothing
 
 
 def test_byoc_export_carries_the_package(tmp_path):

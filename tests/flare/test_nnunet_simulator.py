@@ -31,7 +31,7 @@ def write_job(job_dir: Path, sites: list[str], out: Path, num_rounds: int, **set
     project's own filters, everything each site sends (fingerprint, plan digest, updates)."""
     files = render_fednnunet_job("fednnunet_tiny", num_rounds=num_rounds, sites=sites, **settings)
     meta = files["meta.json"]
-    meta.pop(RECIPE_KEY)  # used as written (the variant is not in jobs.VARIANTS until it is wired)
+    meta.pop(RECIPE_KEY)  # used as written: with its recipe, the simulator would render it again without the recorder
     meta["deploy_map"] = {"app_server": ["server"], "app_sites": sites}
     job_dir.mkdir(parents=True)
     (job_dir / "meta.json").write_text(json.dumps(meta))

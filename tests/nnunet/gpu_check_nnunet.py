@@ -93,7 +93,7 @@ def main() -> None:
     job = write_fednnunet_job(a.out / "job", "fednnunet", num_rounds=2, sites=["a", "b"], samples_per_site=48,
                               train={"iterations_per_epoch": a.iterations, "device": a.device})
     meta = json.loads((job / "meta.json").read_text())
-    meta.pop(RECIPE_KEY)  # used as written, whether or not jobs.VARIANTS has fednnunet yet
+    meta.pop(RECIPE_KEY)  # used exactly as written here (the simulator renders a job with a recipe again)
     (job / "meta.json").write_text(json.dumps(meta))
     start = time.perf_counter()
     rc = run_simulation(job, a.out / "ws", ["a", "b"], data_root=a.out / "data", threads=2, quiet=True)

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedfms.errors import ConfigError
-from fedfms.evaluation.scoring import resolve_model_config
+from fedfms.evaluation.scoring import is_nnunet_model, nnunet_model_dict, resolve_model_config
 from fedfms.models import ModelConfig
 from fedfms.training.trainer import LocalTrainer, TrainConfig
 
@@ -62,6 +62,12 @@ def train_centralized(
 
     Without any validation sample (or when no validation slice can be scored) the last epoch is kept,
     and the history says so."""
+    if is_nnunet_model(model_cfg):
+        # nnU-Net on the pooled sites, planned as the federation would be; the same outputs plus its plan
+        from fedfms.nnunet.evaluate import train_centralized as train_nnunet
+
+        return train_nnunet(nnunet_model_dict(model_cfg), train_cfg, site_dirs,
+                            epochs, out_weights, overwrite=overwrite, checkpoint=checkpoint, log=log)
     if epochs < 1:
         raise ConfigError(f"epochs is {epochs}; expected >= 1")
     if not site_dirs:

@@ -44,11 +44,12 @@ from fedfms.evaluation.centralized import history_path, last_weights_path, train
 from fedfms.evaluation.scoring import (ALL_SUMMARY_KEYS, PER_CLASS_KEYS, check_scoring, evaluate_sites,
                                       resolve_model_config, scoring_keys, scoring_notes)
 from fedfms.flavours import apply_flavour, flavour_of
-from fedfms.flare.jobs import VARIANTS, job_model_config, job_recipe, rewrite_job, variant_settings, write_job
+from fedfms.flare.jobs import VARIANTS, is_nnunet, job_model_config, job_recipe, rewrite_job, variant_settings, write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig
 from fedfms.run_record import read_run_record, summarize
 from fedfms.training.metrics import reference_rule, reference_space
+from fedfms.nnunet.config import NnUNetConfig
 from fedfms.training.trainer import TrainConfig
 
 RESULTS_JSON = "loso_results.json"
@@ -126,6 +127,12 @@ class JobSource:
         return out_dir
 
 
+def train_config(settings: Mapping, where: str = "train config") -> TrainConfig | NnUNetConfig:
+    """The checked train config of ``{"model", "train"}`` settings: nnU-Net's fields for the nnU-Net baseline."""
+    cls = NnUNetConfig if is_nnunet(dict(settings)) else TrainConfig
+    return cls.from_dict(dict(settings["train"]), where)
+
+
 def job_source(variant_or_job: str | os.PathLike, train_overrides: Mapping | None = None,
                model_overrides: Mapping | None = None, flavour: str | None = None) -> JobSource:
     """``flavour`` (``fedfms.flavours``): for a variant, its fields join the overrides; a job folder keeps the
@@ -133,8 +140,11 @@ def job_source(variant_or_job: str | os.PathLike, train_overrides: Mapping | Non
     name = str(variant_or_job)
     if name in VARIANTS:
         model, train = dict(model_overrides or {}), dict(train_overrides or {})
-        if flavour:
-            variant = model.get("variant") or VARIANTS[name]["model"]["variant"]
+        variant = model.get("variant") or VARIANTS[name]["model"]["variant"]
+        if flavour and is_nnunet({"model": {"variant": variant}}):
+            # nnU-Net has no flavours: the renderer refuses any but the default, which changes nothing
+            variant_settings(name, flavour=flavour)
+        elif flavour:
             model, train = apply_flavour(flavour, model, train, variant=variant)
         return JobSource(name, variant=name, train_overrides=train, model_overrides=model)
     path = Path(name)
@@ -363,7 +373,7 @@ def _run(variant_or_job, data_root: Path, sites: list[str], workspace: Path, rou
     if not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds is {rounds!r}; expected a positive number of federated rounds")
     model_cfg = ModelConfig.from_dict(dict(base["model"]), "job model config")  # fail on typos before any run
-    TrainConfig.from_dict(dict(base["train"]), "job train config")
+    train_config(base, "job train config")
     if model_cfg.pretrained:
         checkpoint = resolve_model_config(model_cfg).checkpoint
         if not Path(checkpoint).is_file():
@@ -472,7 +482,7 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
         # exactly the job's train config, CPU thread count included: on a shared CPU, more torch threads than
         # free cores made the tiny model's epochs 20-30x slower here, while one thread stayed steady
         train = dict(settings["train"])
-        epochs = rounds * TrainConfig.from_dict(dict(train)).epochs
+        epochs = rounds * train_config(settings).epochs
         weights = train_centralized(settings["model"], train, [data_root / s for s in train_sites], epochs,
                                     fold / "centralized" / "model.pt", log=say)
         history = json.loads(history_path(weights).read_text())

@@ -62,6 +62,21 @@ def scoring_notes(scoring: str, reference_on: str | None = "logits") -> list[str
     return notes
 
 
+def is_nnunet_model(model_cfg: ModelConfig | Mapping) -> bool:
+    """The FednnU-Net baseline's model config (variant ``nnunet``: the network comes from its nnU-Net plan)."""
+    from fedfms.nnunet.config import NNUNET_VARIANT
+
+    variant = model_cfg.variant if isinstance(model_cfg, ModelConfig) else dict(model_cfg).get("variant")
+    return variant == NNUNET_VARIANT
+
+
+def nnunet_model_dict(model_cfg: ModelConfig | Mapping) -> dict:
+    """The nnU-Net model config as the nnU-Net code takes it (a dict of the fields that apply to it)."""
+    if isinstance(model_cfg, ModelConfig):
+        return {k: getattr(model_cfg, k) for k in ("variant", "mode", "num_classes", "pretrained")}
+    return dict(model_cfg)
+
+
 def resolve_model_config(model_cfg: ModelConfig | Mapping, checkpoint: str | None = None) -> ModelConfig:
     """A usable config outside a FLARE site: ``checkpoint`` replaces the config's, otherwise its
     ``$VARS`` (the jobs say ``$FEDFMS_SAM_CHECKPOINT``) are expanded from this process's environment."""
@@ -121,9 +136,15 @@ def evaluate_sites(
 ) -> list[dict]:
     """One row per site, each scored on all of its samples: slice Dice/IoU, 3D (per-volume) Dice/IoU,
     the paper code's slice Dice/IoU (``dice_reference``, ``iou_reference``), the per-class lists,
-    ``num_samples``, ``num_slices`` and ``num_volumes``."""
+    ``num_samples``, ``num_slices`` and ``num_volumes``. An nnU-Net model (variant ``nnunet``) is scored by
+    ``fedfms.nnunet.evaluate.evaluate_sites`` (nnU-Net's predictor, its plan read beside the weights), same rows."""
     if not site_dirs:
         raise ConfigError("no site folders to evaluate")
+    if is_nnunet_model(model_cfg):
+        from fedfms.nnunet.evaluate import evaluate_sites as evaluate_nnunet
+
+        return evaluate_nnunet(nnunet_model_dict(model_cfg), weights_path, site_dirs, batch_size=batch_size, device=device, amp=amp,
+                               checkpoint=checkpoint)
     cfg = resolve_model_config(model_cfg, checkpoint)
     model = load_model(cfg, weights_path).to(pick_device(device))
     return [score_site(model, d, batch_size, amp) for d in site_dirs]

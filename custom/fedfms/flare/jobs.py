@@ -25,6 +25,8 @@ from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES
 from fedfms.flavours import apply_flavour
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
+# nnU-Net's settings only (no nnU-Net import): rendering a job never loads nnU-Net (tests/nnunet/test_layering.py)
+from fedfms.nnunet.config import JOB_VARIANTS as NNUNET_VARIANTS, NNUNET_VARIANT, NnUNetConfig, check_model_config
 from fedfms.training.trainer import TrainConfig
 
 PAPER_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-4, "betas": [0.9, 0.999], "loss": "bce", "val_fraction": 0.1}
@@ -56,6 +58,9 @@ VARIANTS: dict[str, dict] = {
     # Their rounds last a fraction of a second, so sites ask for the next task sooner than FLARE's default 2 s.
     "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
     "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
+    # The paper's FednnU-Net baseline (docs/nnunet.md): nnU-Net v2's 2D network, planned once for the federation
+    # from the sites' merged fingerprints, trained with nnU-Net's own pieces; fednnunet_tiny is its CPU variant.
+    **NNUNET_VARIANTS,
 }
 
 
@@ -188,13 +193,28 @@ def variant_settings(name: str, **overrides) -> dict:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
-    if s["flavour"] is not None:
-        s["model"], s["train"] = apply_flavour(s["flavour"], s["model"], s["train"], s["model"].get("variant"))
-    # a typo must fail here, not at every site when the job starts
-    ModelConfig.from_dict(s["model"], f"job {name}: model")
-    TrainConfig.from_dict(s["train"], f"job {name}: train")
+    if is_nnunet(s):
+        # nnU-Net trains with its own settings: the flavours' SAM head, input scaling and pos_weight do not apply
+        if s["flavour"] not in (None, "project"):
+            raise ConfigError(f"job {name}: the nnU-Net baseline has no flavour {s['flavour']!r}: it trains with "
+                              "nnU-Net's own settings (docs/nnunet.md)")
+        s["flavour"] = None
+        # a typo must fail here, not at every site when the job starts
+        s["model"] = check_model_config(s["model"], f"job {name}: model")
+        NnUNetConfig.from_dict(s["train"], f"job {name}: train")
+    else:
+        if s["flavour"] is not None:
+            s["model"], s["train"] = apply_flavour(s["flavour"], s["model"], s["train"], s["model"].get("variant"))
+        # a typo must fail here, not at every site when the job starts
+        ModelConfig.from_dict(s["model"], f"job {name}: model")
+        TrainConfig.from_dict(s["train"], f"job {name}: train")
     _check_federation(s, f"job {name}")
     return s
+
+
+def is_nnunet(s: dict) -> bool:
+    """Whether settings (or a job's ``{"model": ...}``) are the FednnU-Net baseline's (model variant ``nnunet``)."""
+    return (s.get("model") or {}).get("variant") == NNUNET_VARIANT
 
 
 # Models travel as float32, or as float16 through FLARE's own quantisation filters (half the bytes; the
@@ -377,12 +397,20 @@ def render_job(name: str, **overrides) -> dict[str, dict]:
     overrides), so a job can be re-rendered for other sites or continued after a stop without editing JSON."""
     s = variant_settings(name, **overrides)
     recipe = {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}}
+    if is_nnunet(s):
+        # FednnU-Net: these configs plus the planning workflow, nnU-Net's executor and a plan-aware contribution
+        # check; imported here, so the other jobs never load it (it loads no nnU-Net either)
+        from fedfms.flare import nnunet_job
+
+        server, client = nnunet_job.server_config(s), nnunet_job.client_config(s)
+    else:
+        server, client = server_config(s), client_config(s)
     return {
         "meta.json": {"name": name, "resource_spec": {}, "min_clients": min_sites(s) or 2,
                       "deploy_map": {"app": ["server", *s["sites"]] if s["sites"] else ["@ALL"]},
                       RECIPE_KEY: recipe},
-        "app/config/config_fed_server.json": server_config(s),
-        "app/config/config_fed_client.json": client_config(s),
+        "app/config/config_fed_server.json": server,
+        "app/config/config_fed_client.json": client,
     }
 
 

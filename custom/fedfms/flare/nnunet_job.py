@@ -13,20 +13,20 @@ A ``fednnunet`` job is a ``fedunet`` job (same federation settings, ``ScatterAnd
   ``{"variant": "nnunet", "mode": "fedsam", "num_classes": C, "pretrained": false}``;
 - timeouts from nnU-Net's workload (iterations per round), not from samples x seconds per sample.
 
-:func:`render_fednnunet_job` works today; wired into ``fedfms.flare.jobs`` (docs/nnunet.md, "Wiring") it makes
-``fedfms job new fednnunet``, ``jobs/fednnunet`` and ``fedfms loso fednnunet`` work like the other variants.
+``fedfms.flare.jobs`` holds the variants (``fednnunet``, ``fednnunet_tiny`` in ``VARIANTS``), checks their settings
+and calls :func:`server_config` / :func:`client_config` for them, so ``fedfms job new fednnunet``, ``jobs/fednnunet``
+and ``fedfms loso fednnunet`` work like the other variants; :func:`render_fednnunet_job` is ``jobs.render_job`` for
+these two names.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from pathlib import Path
 
 from fedfms.errors import ConfigError
 from fedfms.flare import jobs
-from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG, NnUNetConfig, check_model_config
+from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG, NnUNetConfig
 
 PLANNING = "fedfms.flare.nnunet_planning.NnUNetPlanning"
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
@@ -34,7 +34,7 @@ CHECK_FILTER = "fedfms.flare.nnunet_planning.NnUNetContributionCheckFilter"
 EXECUTOR = "fedfms.flare.nnunet_executor.NnUNetExecutor"
 PLANNING_TASKS = ["nnunet_fingerprint", "nnunet_plan"]
 
-FEDNNUNET_VARIANTS = JOB_VARIANTS  # what jobs.VARIANTS gets (docs/nnunet.md, "Wiring")
+FEDNNUNET_VARIANTS = JOB_VARIANTS  # the entries of jobs.VARIANTS that are FednnU-Net's
 
 # Seconds per nnU-Net training iteration and per predicted case at a slow site (about 10x a current GPU for the
 # paper's 2D plan; CPU figures for a CPU job), for the timeouts.
@@ -48,29 +48,11 @@ def is_nnunet(settings: dict) -> bool:
 
 
 def fednnunet_settings(name: str = "fednnunet", **overrides) -> dict:
-    """A FednnU-Net variant's settings with overrides, like ``jobs.variant_settings``: the federation settings
-    go through ``variant_settings("fedunet", ...)`` (its defaults and checks), ``model``/``train`` are the
-    variant's, merged with the overrides and checked as nnU-Net settings."""
+    """A FednnU-Net variant's settings with overrides: ``jobs.variant_settings`` (the federation's defaults and
+    checks; ``model``/``train`` merged with the overrides and checked as nnU-Net settings; no flavour)."""
     if name not in FEDNNUNET_VARIANTS:
         raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
-    base = FEDNNUNET_VARIANTS[name]
-    if overrides.get("flavour") not in (None, "project"):
-        raise ConfigError(f"the nnU-Net baseline has no flavour {overrides['flavour']!r}: it trains with nnU-Net's own "
-                          "settings (docs/nnunet.md)")
-    federation = {k: v for k, v in overrides.items() if k not in ("model", "train", "num_classes", "flavour")}
-    federation.setdefault("num_rounds", base["num_rounds"])
-    if base.get("task_request_interval") is not None:
-        federation.setdefault("task_request_interval", base["task_request_interval"])
-    s = jobs.variant_settings("fedunet", **{k: v for k, v in federation.items() if v is not None})
-    model = {**base["model"], **(overrides.get("model") or {})}
-    if overrides.get("num_classes") is not None:
-        model["num_classes"] = int(overrides["num_classes"])
-    s["model"] = check_model_config(model, f"job {name}: model")
-    train = {**base["train"], **(overrides.get("train") or {})}
-    NnUNetConfig.from_dict(train, f"job {name}: train")
-    s["train"] = train
-    s["flavour"] = None
-    return s
+    return jobs.variant_settings(name, **overrides)
 
 
 def timeouts(s: dict) -> dict[str, int]:
@@ -149,31 +131,15 @@ def client_config(s: dict) -> dict:
     return config
 
 
-def render_from_settings(name: str, s: dict, recipe_settings: dict) -> dict[str, dict]:
-    """Relative path -> JSON content of the job, from settings as ``jobs.variant_settings`` (or
-    :func:`fednnunet_settings`) return them; ``meta.json`` keeps the recipe, as ``jobs.render_job`` does."""
-    return {
-        "meta.json": {"name": name, "resource_spec": {}, "min_clients": jobs.min_sites(s) or 2,
-                      "deploy_map": {"app": ["server", *s["sites"]] if s["sites"] else ["@ALL"]},
-                      jobs.RECIPE_KEY: {"variant": name, "settings": recipe_settings}},
-        "app/config/config_fed_server.json": server_config(s),
-        "app/config/config_fed_client.json": client_config(s),
-    }
-
-
 def render_fednnunet_job(name: str = "fednnunet", **overrides) -> dict[str, dict]:
     """Every file of a FednnU-Net job (``name``: ``fednnunet`` or ``fednnunet_tiny``), with the same overrides
     as ``jobs.render_job`` (``num_rounds``, ``sites``, ``train``, ``model``, ``site_samples``, ...)."""
-    s = fednnunet_settings(name, **overrides)
-    return render_from_settings(name, s, {k: copy.deepcopy(v) for k, v in overrides.items() if v is not None})
+    if name not in FEDNNUNET_VARIANTS:
+        raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
+    return jobs.render_job(name, **overrides)
 
 
 def write_fednnunet_job(out_dir: str | Path, name: str = "fednnunet", overwrite: bool = False, **overrides) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
-    for rel, content in render_fednnunet_job(name, **overrides).items():
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=2) + "\n")
-    return out_dir
+    if name not in FEDNNUNET_VARIANTS:
+        raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
+    return jobs.write_job(name, out_dir, overwrite=overwrite, **overrides)

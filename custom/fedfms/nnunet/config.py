@@ -138,7 +138,7 @@ def check_model_config(model: Mapping, where: str = "model config") -> dict:
     return model
 
 
-# The FednnU-Net job variants (``fedfms.flare.jobs.VARIANTS`` entries, docs/nnunet.md "Wiring"): the paper's 100
+# The FednnU-Net job variants (``fedfms.flare.jobs.VARIANTS`` entries, docs/nnunet.md "How it is wired"): the paper's 100
 # rounds of one nnU-Net epoch at every site, and a CPU variant for tests, the demo and POC checks.
 JOB_VARIANTS: dict[str, dict] = {
     "fednnunet": {"model": MODEL_CONFIG, "train": PAPER_TRAIN, "num_rounds": 100},

@@ -41,8 +41,9 @@ def reference_rule(on: str = "logits", thresholds: Sequence[float] = REFERENCE_T
 
 
 def reference_space(variant: str) -> str:
-    """Where the authors applied their thresholds: SAM's raw logits; their U-Net returned probabilities."""
-    return "probabilities" if variant == "unet" else "logits"
+    """Where the authors applied their thresholds: SAM's raw logits; their U-Net returned probabilities. The
+    nnU-Net baseline is scored on its probabilities too (nnU-Net's predictor outputs them; docs/nnunet.md)."""
+    return "probabilities" if variant in ("unet", "nnunet") else "logits"
 
 
 def reference_slice_scores(
