@@ -24,6 +24,20 @@ from fedfms.training.metrics import SegmentationMetric, reference_space
 log = logging.getLogger(__name__)
 
 
+def compile_regions(model: torch.nn.Module) -> int:
+    """Regional compilation: ``torch.compile`` each transformer block of SAM's image encoder in place (FedMSA's
+    adapted blocks with their adapters). The blocks share one code path, so the graph is compiled once per block
+    shape (windowed / global attention) and reused, instead of compiling the whole model; the rest of the model
+    runs eagerly. Parameter names and the state dict are unchanged. Returns the number of blocks compiled."""
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is None:
+        raise ConfigError("train config: compile 'regional' compiles the blocks of SAM's image encoder; this model "
+                          f"({type(model).__name__}) has none (set compile: false)")
+    for block in encoder.blocks:
+        block.compile()
+    return len(encoder.blocks)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1  # local epochs per round
@@ -43,6 +57,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # smoke runs
     threads: int | None = None  # torch CPU threads (several sites sharing a CPU)
     progress: bool | None = None  # None: a progress bar only on a terminal
+    compile: bool | str = False  # "regional": torch.compile each block of SAM's image encoder (compile_regions)
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "train config") -> "TrainConfig":
@@ -52,6 +67,9 @@ class TrainConfig:
         if not isinstance(cfg.pos_weight, (int, float)) or isinstance(cfg.pos_weight, bool) or not cfg.pos_weight > 0:
             raise ConfigError(f"{where}: field 'pos_weight' is {cfg.pos_weight!r}; expected a positive number (1: plain BCE; "
                               "the paper's code used 2)")
+        if not (cfg.compile is False or cfg.compile == "regional"):
+            raise ConfigError(f"{where}: field 'compile' is {cfg.compile!r}; expected false or 'regional' (torch.compile each "
+                              "block of the image encoder)")
         if cfg.batch_size < 1 or cfg.epochs < 1 or not cfg.lr > 0:
             raise ConfigError(f"{where}: batch_size, epochs and lr must be positive (got {cfg.batch_size}, {cfg.epochs}, {cfg.lr})")
         return cfg
@@ -119,6 +137,8 @@ class LocalTrainer:
             torch.set_num_threads(train_cfg.threads)
         self.device = pick_device(train_cfg.device)
         self.model = (model or build_model(model_cfg)).to(self.device)
+        if train_cfg.compile == "regional":
+            compile_regions(self.model)
         self.mode = model_cfg.mode
         self._spec = travel_spec(self.model, self.mode)
         site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
