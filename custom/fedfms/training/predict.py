@@ -296,7 +296,8 @@ def predict_cases(
             except OSError:
                 break
         if isinstance(exc, OSError):
-            raise DataError(f"{exc.filename or out_dir}: could not write predictions ({exc.strerror or exc}); nothing was written") from None
+            raise DataError(f"{exc.filename or out_dir}: could not write predictions ({exc.strerror or exc}); "
+                            f"nothing was written") from None
         raise
     outputs: list[Path] = []
     try:
