@@ -56,8 +56,14 @@ VARIANTS: dict[str, dict] = {
                 "train": PAPER_TRAIN, "num_rounds": 100},
     # Random-init tiny SAM: CI, POC checks and the offline CPU demo.
     # Their rounds last a fraction of a second, so sites ask for the next task sooner than FLARE's default 2 s.
-    "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
-    "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
+    # Their rounds last about a second, so FLARE's fixed costs matter (bench/results/bench_round_overhead_cpu.txt):
+    # sites poll for the next task every 0.1 s instead of FLARE's 2 s (cross-site evaluation takes one task per
+    # poll: 10 s at 2 s, 1.5 s at 0.1 s), and the server skips the gc.collect + malloc_trim FLARE runs after every
+    # round (0.3-1.0 s per round here; the large variants keep FLARE's default).
+    "fedsam_tiny": {"model": _tiny("fedsam"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.1,
+                    "memory_gc_rounds": 0},
+    "fedmsa_tiny": {"model": _tiny("fedmsa"), "train": CPU_TRAIN, "num_rounds": 2, "task_request_interval": 0.1,
+                    "memory_gc_rounds": 0},
     # The paper's FednnU-Net baseline (docs/nnunet.md): nnU-Net v2's 2D network, planned once for the federation
     # from the sites' merged fingerprints, trained with nnU-Net's own pieces; fednnunet_tiny is its CPU variant.
     **NNUNET_VARIANTS,
@@ -158,7 +164,7 @@ def _check_federation(s: dict, where: str) -> None:
                           f"({s['num_rounds']}): nothing is left to run")
 
 
-SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "model",
+SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "memory_gc_rounds", "model",
                 "train", *FEDERATION_DEFAULTS)
 
 
@@ -172,6 +178,7 @@ def variant_settings(name: str, **overrides) -> dict:
     s.setdefault("data_dir", DEFAULT_DATA_DIR)
     s.setdefault("transfer", "float32")
     s.setdefault("task_request_interval", 2.0)  # FLARE's default wait of a site between two tasks
+    s.setdefault("memory_gc_rounds", 1)  # FLARE's default: the server collects garbage after every round
     for key, value in FEDERATION_DEFAULTS.items():
         s.setdefault(key, copy.deepcopy(value))
     for key, value in overrides.items():
@@ -346,6 +353,7 @@ def server_config(s: dict) -> dict:
                 "train_task_name": "train",
                 # failed and rejected sites are recorded by the federation monitor, which applies min_sites
                 "ignore_result_error": True,
+                "memory_gc_rounds": s["memory_gc_rounds"],
             }),
             _component("cross_site_validate", "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval", {
                 "model_locator_id": "model_locator", "submit_model_timeout": timeouts["submit"],
