@@ -11,10 +11,12 @@ setup:
 demo: setup
 	$(PYTHON) -m fedfms.cli demo --out demo_out
 
+# the linter first (seconds), then every test
 test: setup
+	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q
 
-# ML core, data and unit tests only (no FLARE processes): about a minute
+# ML core, data and unit tests only (no FLARE processes): a few minutes
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not integration"
 

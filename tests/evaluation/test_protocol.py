@@ -205,16 +205,18 @@ def _error(capsys, argv) -> str:
 def test_cli_errors_are_one_line(sites, central, tmp_path, capsys, monkeypatch):
     ws = str(tmp_path / "ws")
     assert "does not exist" in _error(capsys, ["loso", "fedmsa_tiny", "--data-root", str(tmp_path / "none"), "--workspace", ws])
-    assert "not among the sites" in _error(capsys, ["loso", "fedmsa_tiny", "--data-root", str(sites), "--workspace", ws, "--holdout", "z"])
-    assert "--train: not valid JSON" in _error(capsys, ["loso", "fedmsa_tiny", "--data-root", str(sites), "--workspace", ws, "--train", "{lr"])
+    loso = ["loso", "fedmsa_tiny", "--data-root", str(sites), "--workspace", ws]
+    assert "not among the sites" in _error(capsys, [*loso, "--holdout", "z"])
+    assert "--train: not valid JSON" in _error(capsys, [*loso, "--train", "{lr"])
     assert "neither a job variant" in _error(capsys, ["loso", "fedmsa_huge", "--data-root", str(sites), "--workspace", ws])
-    assert "num_classes=2" in _error(capsys, ["loso", "fedmsa_tiny", "--data-root", str(sites), "--workspace", ws, "--model", '{"num_classes": 2}'])
+    assert "num_classes=2" in _error(capsys, [*loso, "--model", '{"num_classes": 2}'])
     monkeypatch.delenv("FEDFMS_SAM_CHECKPOINT", raising=False)
     assert "FEDFMS_SAM_CHECKPOINT" in _error(capsys, ["loso", "fedmsa", "--data-root", str(sites), "--workspace", ws])
     assert "checkpoint not found" in _error(capsys, ["loso", "fedmsa", "--data-root", str(sites), "--workspace", ws,
                                                      "--checkpoint", str(tmp_path / "sam.pth")])
     assert "needs --job" in _error(capsys, ["evaluate", str(sites / "c"), "--weights", str(central)])
-    assert "does not match a tiny fedsam" in _error(capsys, ["evaluate", str(sites / "c"), "--weights", str(central), "--job", "fedsam_tiny"])
+    assert "does not match a tiny fedsam" in _error(capsys, ["evaluate", str(sites / "c"), "--weights", str(central),
+                                                             "--job", "fedsam_tiny"])
     assert "already exists" in _error(capsys, ["centralized", str(sites / "a"), "--job", "fedmsa_tiny", "--out", str(central.parent)])
     assert not (tmp_path / "ws").exists()
 

@@ -470,7 +470,8 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
             record["results"][method] = _scores(row, app / name)
     fed = record["results"]["federated"]
     say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {_fmt(fed['dice'])}, IoU {_fmt(fed['iou'])}"
-        + (f" (best global model: Dice {_fmt(record['results']['federated_best']['dice'])})" if "federated_best" in record["results"] else ""))
+        + (f" (best global model: Dice {_fmt(record['results']['federated_best']['dice'])})"
+           if "federated_best" in record["results"] else ""))
     from fedfms.report import best_model_note
 
     for line in best_model_note(server_job_dir(fold / "simulator")):  # which model "best" is, and whether training helped

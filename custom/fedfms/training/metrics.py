@@ -109,7 +109,8 @@ class SegmentationMetric:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor, volumes: Sequence[str] | None = None) -> None:
         if logits.shape != target.shape or logits.shape[1] != len(self.class_names):
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must both be (B, {len(self.class_names)}, H, W)")
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must both be "
+                             f"(B, {len(self.class_names)}, H, W)")
         ref_dice, ref_iou = reference_slice_scores(logits, target, self.reference_thresholds, self.reference_on)
         self._ref_dice.append(ref_dice)
         self._ref_iou.append(ref_iou)
@@ -156,8 +157,9 @@ class SegmentationMetric:
             viou = torch.where(scored, tp / (tp + fp + fn).clamp(min=1), torch.tensor(float("nan")))
             result["volume_dice_per_class"] = _nanmean(vdice, 0)
             result["volume_iou_per_class"] = _nanmean(viou, 0)
-            result["volume_dice"] = float(np.nanmean(result["volume_dice_per_class"])) if _any_finite(result["volume_dice_per_class"]) else float("nan")
-            result["volume_iou"] = float(np.nanmean(result["volume_iou_per_class"])) if _any_finite(result["volume_iou_per_class"]) else float("nan")
+            for name in ("volume_dice", "volume_iou"):
+                per_class = result[f"{name}_per_class"]
+                result[name] = float(np.nanmean(per_class)) if _any_finite(per_class) else float("nan")
         result["classes"] = self.class_names
         return result
 
