@@ -142,5 +142,7 @@ def check_model_config(model: Mapping, where: str = "model config") -> dict:
 # rounds of one nnU-Net epoch at every site, and a CPU variant for tests, the demo and POC checks.
 JOB_VARIANTS: dict[str, dict] = {
     "fednnunet": {"model": MODEL_CONFIG, "train": PAPER_TRAIN, "num_rounds": 100},
-    "fednnunet_tiny": {"model": MODEL_CONFIG, "train": TINY_TRAIN, "num_rounds": 2, "task_request_interval": 0.5},
+    # as fedsam_tiny / fedmsa_tiny: 0.1 s task polling, no per-round server gc (short rounds; fedfms.flare.jobs)
+    "fednnunet_tiny": {"model": MODEL_CONFIG, "train": TINY_TRAIN, "num_rounds": 2, "task_request_interval": 0.1,
+                       "memory_gc_rounds": 0},
 }
