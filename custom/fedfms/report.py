@@ -334,15 +334,7 @@ def plot_report(run_dir: str | Path, out_png: str | Path, title: str = "FedFMS",
     for ax in axes[1:]:
         ax.legend()
         ax.grid(alpha=0.3)
-    if pictures:
-        _draw_pictures(fig, outer[1].subgridspec(len(pictures), ncols), pictures)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _finish_figure(fig, outer, ncols, pictures, title, out_png, dpi=110)
 
 
 def plot_demo(out_png: str | Path, scores: dict, methods: list[tuple[str, str]], runs: dict[str, Path],
@@ -392,12 +384,19 @@ def plot_demo(out_png: str | Path, scores: dict, methods: list[tuple[str, str]],
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    return _finish_figure(fig, outer, ncols, pictures, title, out_png, dpi=100)
+
+
+def _finish_figure(fig, outer, ncols: int, pictures: dict | None, title: str, out_png: str | Path, dpi: int) -> Path:
+    """The pictures row (if any), the title, and the PNG written (its folder made)."""
+    import matplotlib.pyplot as plt
+
     if pictures:
         _draw_pictures(fig, outer[1].subgridspec(len(pictures), ncols), pictures)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png

@@ -35,7 +35,7 @@ def history_path(out_weights: str | os.PathLike) -> Path:
     return Path(out_weights).with_suffix(".json")
 
 
-def _save(weights: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
     # FLARE's persistor layout ({"model": travel set}), so load_model / `fedfms predict` read it unchanged.
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": dict(weights)}, tmp)
@@ -105,8 +105,8 @@ def train_centralized(
         selection = "last epoch (no scorable validation sample)"
     else:
         selection = SELECTION
-    _save(best_weights, out)
-    _save(last, last_weights_path(out))
+    save_weights(best_weights, out)
+    save_weights(last, last_weights_path(out))
     summary = {
         "sites": [str(d) for d in site_dirs],
         "pooled": trainer.site,

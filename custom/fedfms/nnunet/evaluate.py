@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedfms.errors import CheckpointError, ConfigError
+# the same output files as the project's centralised baseline (one home for their names and layout)
+from fedfms.evaluation.centralized import history_path, last_weights_path, save_weights
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import build_network, check_plan, make_plan, travel_state
@@ -106,21 +108,6 @@ def evaluate_sites(model_cfg: Mapping, weights_path: str | os.PathLike, site_dir
     return rows
 
 
-def last_weights_path(out_weights: str | os.PathLike) -> Path:
-    out = Path(out_weights)
-    return out.with_name(f"{out.stem}_last{out.suffix or '.pt'}")
-
-
-def history_path(out_weights: str | os.PathLike) -> Path:
-    return Path(out_weights).with_suffix(".json")
-
-
-def _save(weights: Mapping[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": dict(weights)}, tmp)  # FLARE's persistor layout, as the other baselines
-    os.replace(tmp, path)
-
-
 def train_centralized(model_cfg: Mapping, train_cfg: NnUNetConfig | Mapping, site_dirs: Sequence[str | os.PathLike],
                       epochs: int, out_weights: str | os.PathLike, overwrite: bool = False, checkpoint: str | None = None,
                       log: Callable[[str], None] | None = None) -> Path:
@@ -166,8 +153,8 @@ def train_centralized(model_cfg: Mapping, train_cfg: NnUNetConfig | Mapping, sit
     selection = SELECTION
     if best_weights is None:
         best_epoch, best_weights, selection = epochs, last, "last epoch (no scorable validation sample)"
-    _save(best_weights, out)
-    _save(last, last_weights_path(out))
+    save_weights(best_weights, out)
+    save_weights(last, last_weights_path(out))
     history_path(out).write_text(json.dumps({
         "sites": [str(d) for d in site_dirs], "pooled": trainer.site, "train_samples": trainer.num_train_samples,
         "val_samples": len(trainer.datasets["val"]), "epochs": epochs, "selected_epoch": best_epoch,
