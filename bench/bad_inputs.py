@@ -595,10 +595,10 @@ def run_case(index: int, c: Case, base: Path) -> None:
     started = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "fedfms.cli", *argv], capture_output=True, text=True,
-                              cwd=root, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              cwd=root, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        proc = subprocess.CompletedProcess(argv, "timeout", "", err + "\n(no answer within 180 s)")
+        proc = subprocess.CompletedProcess(argv, "timeout", "", err + "\n(no answer within 600 s)")
     after = snapshot(watched)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     problems = []
@@ -631,7 +631,7 @@ def run_case(index: int, c: Case, base: Path) -> None:
                 "problems": problems, "seconds": round(time.time() - started, 1),
                 "stderr": proc.stderr.replace(str(base), "TMP")}
     if proc.returncode == "timeout":
-        c.result["problems"].append("no answer within 180 s")
+        c.result["problems"].append("no answer within 600 s")
     print(f"#{index} exit {c.result['exit']} {c.result['message'][:110]} {c.result['problems'] or ''}", file=sys.stderr, flush=True)
 
 
