@@ -71,7 +71,7 @@ def _cmd_loso(args) -> int:
         centralized=args.centralized, train_overrides=parse_json_object(args.train, "--train"),
         model_overrides=parse_json_object(args.model, "--model"), overwrite=args.overwrite, checkpoint=args.checkpoint,
         batch_size=args.batch_size, device=args.device, log=lambda msg: print(msg, flush=True),
-        flavour=args.flavour, scoring=args.scoring,
+        flavour=args.flavour, scoring=args.scoring, verbose=args.verbose,
     )
     return 0
 
@@ -146,6 +146,8 @@ def add_evaluate_parsers(sub) -> None:
     p.add_argument("--train", help='JSON of train settings for a variant, e.g. \'{"lr": 5e-5}\'')
     p.add_argument("--model", help='JSON of model settings for a variant, e.g. \'{"num_classes": 2}\'')
     p.add_argument("--overwrite", action="store_true", help="replace existing fold folders of the held-out sites")
+    p.add_argument("--verbose", action="store_true", help="console: FLARE's full INFO log of each fold (default: one line "
+                                                          "per round; the full logs are in each fold's simulator.log)")
     _flavour(p)
     _common(p)
     p.set_defaults(func=_cmd_loso)

@@ -248,15 +248,16 @@ def _env(**values):
 
 PROGRESS_LINE = re.compile(r"^round \d+(/\d+)?  ")  # the federation monitor's one line per round
 _PROGRESS_SAY: ContextVar[Callable[[str], None] | None] = ContextVar("fedfms_loso_progress", default=None)
+_VERBOSE: ContextVar[bool] = ContextVar("fedfms_loso_verbose", default=False)  # echo FLARE's INFO log, not only progress
 
 
 def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path, log_path: Path) -> int:
     """Run the FLARE simulator in a child process (``fedfms simulate --quiet``) with its output in ``log_path``:
     each fold starts from a clean FLARE state. The console (the run's ``log``) gets the federation's one line per
     round; FLARE's full logs are in the workspace (``server/log.txt`` and each site's ``log.txt``)."""
-    say = _PROGRESS_SAY.get()
+    say, verbose = _PROGRESS_SAY.get(), _VERBOSE.get()
     cmd = [sys.executable, "-m", "fedfms.cli", "simulate", str(job), "--workspace", str(workspace),
-           "--clients", ",".join(clients), "--data-root", str(data_root), "--quiet"]
+           "--clients", ",".join(clients), "--data-root", str(data_root), "--verbose" if verbose else "--quiet"]
     with open(log_path, "w") as out:
         # its own process group, so an interrupt also ends the client processes the simulator starts
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -265,7 +266,7 @@ def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path
             for line in proc.stdout:
                 out.write(line)
                 out.flush()
-                if say and PROGRESS_LINE.match(line):
+                if say and (verbose or PROGRESS_LINE.match(line)):
                     say(f"  {line.rstrip()}")
             return proc.wait()
         except BaseException:
@@ -336,6 +337,7 @@ def leave_one_site_out(
     log: Callable[[str], None] | None = print,
     flavour: str | None = None,
     scoring: str = "honest",
+    verbose: bool = False,
 ) -> list[dict]:
     """Run the LOSO folds for ``holdouts`` (default: every site) and return the table rows.
 
@@ -345,7 +347,8 @@ def leave_one_site_out(
     as ``FEDFMS_SAM_CHECKPOINT`` (what the jobs' checkpoint setting refers to) and used for scoring.
     An existing fold folder is never replaced unless ``overwrite``. ``flavour`` (``fedfms.flavours``, for a
     variant): its config fields join the overrides. ``scoring`` (honest, reference, both): which rule the
-    printed table and the CSV show; every score of both rules is kept in the JSON whatever it is.
+    printed table and the CSV show; every score of both rules is kept in the JSON whatever it is. ``verbose``: the
+    log gets everything the simulator prints (FLARE's INFO log), not only its one line per round.
 
     Each row: ``method``, ``label``, ``sites`` (held-out site -> scores), the averages over those sites of
     dice/iou/volume_dice/volume_iou and of the paper code's dice_reference/iou_reference, ``num_folds``."""
@@ -360,9 +363,13 @@ def leave_one_site_out(
     if len(set(holdouts)) != len(holdouts):
         raise ConfigError(f"held-out sites {holdouts}: a site is listed twice")
 
-    with _env(FEDFMS_SAM_CHECKPOINT=checkpoint):
-        return _run(variant_or_job, data_root, sites, workspace, rounds, holdouts, centralized, train_overrides,
-                    model_overrides, overwrite, batch_size, device, say, flavour, scoring)
+    token = _VERBOSE.set(verbose)
+    try:
+        with _env(FEDFMS_SAM_CHECKPOINT=checkpoint):
+            return _run(variant_or_job, data_root, sites, workspace, rounds, holdouts, centralized, train_overrides,
+                        model_overrides, overwrite, batch_size, device, say, flavour, scoring)
+    finally:
+        _VERBOSE.reset(token)
 
 
 def _run(variant_or_job, data_root: Path, sites: list[str], workspace: Path, rounds, holdouts: list[str], centralized,
