@@ -271,14 +271,14 @@ def _(r):
 
 @case("prepare prostate", "segmentation coded 0/255")
 def _(r):
-    seg = np.zeros((16, 16, 4), np.uint8)
+    seg = np.zeros((16, 16, 5), np.uint8)  # the image's grid (prostate_case: depth 5)
     seg[4:10, 5:12, 1] = 255
     return _bad_case(r, seg=seg)
 
 
 @case("prepare prostate", "segmentation with an out-of-range label (7)")
 def _(r):
-    seg = np.zeros((16, 16, 4), np.uint8)
+    seg = np.zeros((16, 16, 5), np.uint8)  # the image's grid (prostate_case: depth 5)
     seg[4:10, 5:12, 1] = 7
     return _bad_case(r, seg=seg)
 
@@ -375,6 +375,7 @@ def _(r):
 
 @case("prepare fets", "--preset reference --empty-slices-keep all (preset sets every:5)")
 def _(r):
+    (r / "raw").mkdir()  # the raw folder exists: the contradiction itself must be what is refused
     return prep(r / "raw", r / "out", "--preset", "reference", "--empty-slices-keep", "all", dataset="fets", sites=()), r / "out", False
 
 

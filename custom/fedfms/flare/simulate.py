@@ -184,6 +184,15 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     if data_root is not None:  # what check-site would warn about, before anything starts
         from fedfms.site_check import site_warnings
 
+        if not Path(data_root).is_dir():
+            raise DataError(f"{data_root}: --data-root does not exist; expected a folder with one prepared site folder "
+                            f"per --clients name")
+        missing = [c for c in clients if not (Path(data_root) / c).is_dir()]
+        if missing:  # nothing starts (and no workspace is made) for a federation that cannot run
+            found = ", ".join(sorted(p.name for p in Path(data_root).iterdir() if p.is_dir())) or "none"
+            raise DataError(f"{data_root}: no site folder for client(s) {', '.join(missing)}; expected one prepared site "
+                            f"folder per --clients name (found: {found})")
+
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")

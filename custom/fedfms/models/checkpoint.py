@@ -40,8 +40,11 @@ def read_state_dict(
             obj = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         size = path.stat().st_size
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Weights only load failed" in detail:  # PyTorch's paragraph about weights_only says no more than this
+            detail = "not a plain tensor file: objects other than tensors are never unpickled, for safety"
         raise CheckpointError(
-            f"{path}: unreadable {what} ({size} bytes; truncated or not a PyTorch file: {str(exc).splitlines()[0][:120]})"
+            f"{path}: unreadable {what} ({size} bytes; truncated or not a PyTorch file: {detail[:120]})"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
