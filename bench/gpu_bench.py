@@ -7,6 +7,7 @@ activation checkpointing. Also times inference.
 
     python bench/gpu_bench.py                 # everything (a few minutes on an H100)
     python bench/gpu_bench.py --variants vit_b --batch 2
+    python bench/gpu_bench.py --variants vit_b --compile   # adds bf16 + fused + regional torch.compile rows
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ def time_steps(trainer: LocalTrainer, batch: int, size: int, warmup: int, steps:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_config(site: Path, variant: str, mode: str, amp: str, ckpt: bool, fused: bool, batch: int, warmup: int, steps: int) -> dict:
+def run_config(site: Path, variant: str, mode: str, amp: str, ckpt: bool, fused: bool, batch: int, warmup: int, steps: int,
+               compile_mode: str | bool = False) -> dict:
     row = {"variant": variant, "mode": mode, "precision": "bf16" if amp == "bf16" else "fp32", "checkpointing": ckpt,
-           "attention": "fused" if fused else "stock", "batch": batch}
+           "attention": "fused" if fused else "stock", "batch": batch, "compile": compile_mode}
     trainer = None
     try:
         model_cfg = ModelConfig(variant=variant, mode=mode, pretrained=False, activation_checkpointing=ckpt, fused_attention=fused)
-        trainer = LocalTrainer(model_cfg, TrainConfig(batch_size=batch, amp=amp, device="cuda", progress=False), str(site))
+        train_cfg = TrainConfig(batch_size=batch, amp=amp, device="cuda", progress=False, compile=compile_mode)
+        trainer = LocalTrainer(model_cfg, train_cfg, str(site))
+        if compile_mode:
+            warmup = max(warmup, 3)  # the first steps compile the blocks
         row["trainable"] = count_parameters(trainer.model, trainable_only=True)
         step_s, peak = time_steps(trainer, batch, 1024, warmup, steps)
         row.update(step_s=round(step_s, 4), images_per_s=round(batch / step_s, 2), peak_gib=round(peak, 2))
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--compile", action="store_true", help='also bf16 + fused attention with compile: "regional"')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU; bench/bench_models.py measures the CPU")
@@ -99,8 +105,9 @@ def main() -> None:
                        ("bf16", True, True)]
             if variant != "vit_b":
                 configs = [("bf16", False, False), ("bf16", False, True), ("bf16", True, True)]
-            for amp, ckpt, fused in configs:
-                row = run_config(site, variant, mode, amp, ckpt, fused, args.batch, args.warmup, args.steps)
+            configs = [(*c, False) for c in configs] + ([("bf16", False, True, "regional")] if args.compile else [])
+            for amp, ckpt, fused, compile_mode in configs:
+                row = run_config(site, variant, mode, amp, ckpt, fused, args.batch, args.warmup, args.steps, compile_mode)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for variant in args.variants:
