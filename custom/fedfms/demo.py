@@ -36,6 +36,7 @@ from fedfms.data.preparers.mni_demo import SCANNERS, SITES
 from fedfms.errors import ConfigError, FedFMSError
 from fedfms.evaluation.baselines import (fit_threshold, model_predictor, score, site_split, threshold_predictor,
                                          train_alone)
+from fedfms.numbers import finite_mean, fmt_score
 from fedfms.models import ModelConfig
 from fedfms.training.pretrain import DEMO_CHECKPOINT, provenance_path
 from fedfms.training.trainer import TrainConfig
@@ -86,12 +87,8 @@ def train_config(epochs: int) -> TrainConfig:
     return TrainConfig.from_dict({**DEMO_TRAIN, "epochs": epochs}, "demo train config")
 
 
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
-
-
 def _per_site(scores: dict) -> str:
-    return " | ".join(f"{site} {_fmt(scores.get(site))}" for site in SITES)
+    return " | ".join(f"{site} {fmt_score(scores.get(site))}" for site in SITES)
 
 
 class Demo:
@@ -272,8 +269,7 @@ def format_comparison(scores: dict, methods) -> str:
         if m.key not in scores:
             continue
         values = [scores[m.key].get(s, {}).get("dice") for s in SITES]
-        finite = [v for v in values if v is not None and math.isfinite(v)]
-        body.append([m.label] + [_fmt(v) for v in values] + [_fmt(sum(finite) / len(finite) if finite else None)])
+        body.append([m.label] + [fmt_score(v) for v in values] + [fmt_score(finite_mean(values))])
     table = [header] + body
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]

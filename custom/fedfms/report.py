@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfms.errors import DataError
+from fedfms.numbers import finite_mean
 from fedfms.run_record import RUN_RECORD, read_run_record
 
 GLOBAL_MODEL = "SRV_FL_global_model.pt"
@@ -98,13 +99,8 @@ def site_table(run_dir: str | Path) -> list[dict]:
             row["rounds"] = f"{done}/{finished}" + (" never contributed" if done == 0 else "")
         rows.append(row)
     if rows:
-        rows.append({"site": "average", **{k: _mean([r[k] for r in rows]) for k in rows[0] if k not in ("site", "rounds")}})
+        rows.append({"site": "average", **{k: finite_mean([r[k] for r in rows]) for k in rows[0] if k not in ("site", "rounds")}})
     return rows
-
-
-def _mean(values):
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
 
 
 SCORING_NOTE = ("Dice/IoU: per slice at sigmoid > 0.5, slices empty in both ground truth and prediction left out; "

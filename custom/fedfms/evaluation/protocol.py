@@ -44,6 +44,7 @@ from fedfms.evaluation.centralized import history_path, last_weights_path, train
 from fedfms.evaluation.scoring import (ALL_SUMMARY_KEYS, PER_CLASS_KEYS, check_scoring, evaluate_sites,
                                       resolve_model_config, scoring_keys, scoring_notes)
 from fedfms.flavours import apply_flavour, flavour_of
+from fedfms.numbers import finite_mean, fmt_score
 from fedfms.flare.jobs import VARIANTS, is_nnunet, job_model_config, job_recipe, rewrite_job, variant_settings, write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig
@@ -316,10 +317,6 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def leave_one_site_out(
     variant_or_job: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -476,8 +473,8 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
             row = evaluate_sites(settings["model"], app / name, [test_dir], batch_size=batch_size, device=device)[0]
             record["results"][method] = _scores(row, app / name)
     fed = record["results"]["federated"]
-    say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {_fmt(fed['dice'])}, IoU {_fmt(fed['iou'])}"
-        + (f" (best global model: Dice {_fmt(record['results']['federated_best']['dice'])})"
+    say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {fmt_score(fed['dice'])}, IoU {fmt_score(fed['iou'])}"
+        + (f" (best global model: Dice {fmt_score(record['results']['federated_best']['dice'])})"
            if "federated_best" in record["results"] else ""))
     from fedfms.report import best_model_note
 
@@ -502,7 +499,7 @@ def _fold_body(source: JobSource, data_root: Path, holdout: str, train_sites: li
                                  "seconds": time.perf_counter() - c_start}
         c = record["results"]["centralized"]
         say(f"  centralized: {record['centralized']['seconds']:.0f} s, {epochs} epoch(s), kept epoch {history['selected_epoch']}; "
-            f"{holdout} Dice {_fmt(c['dice'])}, IoU {_fmt(c['iou'])}")
+            f"{holdout} Dice {fmt_score(c['dice'])}, IoU {fmt_score(c['iou'])}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,10 +536,10 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
             continue
         row = {"method": method, "label": label, "sites": per_site, "num_folds": len(per_site)}
         for key in ALL_SUMMARY_KEYS:
-            row[key] = _mean([r.get(key) for r in per_site.values()])
+            row[key] = finite_mean([r.get(key) for r in per_site.values()])
         for key in ("dice_per_class", "iou_per_class", "dice_reference_per_class", "iou_reference_per_class"):
             lists = [r.get(key) or [] for r in per_site.values()]
-            row[key] = [_mean(values) for values in zip(*lists)] if lists and all(lists) else None
+            row[key] = [finite_mean(values) for values in zip(*lists)] if lists and all(lists) else None
         row["classes"] = next(iter(per_site.values())).get("classes")
         rows.append(row)
         if len(per_site) < len(held_out):
@@ -570,11 +567,6 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
 def _reference_rule_of(folds: Mapping) -> str:
     variants = {(f.get("model_config") or {}).get("variant") for f in folds.values()} - {None}
     return reference_rule(reference_space(variants.pop()) if len(variants) == 1 else "logits")
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
 
 
 def write_csv(rows: Sequence[Mapping], path: str | Path, scoring: str = "honest") -> Path:
@@ -642,6 +634,6 @@ def _loso_table(rows: Sequence[Mapping], held_out, dice_key: str, iou_key: str) 
         for g in groups:
             src = r if g == "average" else r["sites"].get(g, {})
             d, i = src.get(dice_key), src.get(iou_key)
-            cells.append("  " + f"{_fmt(d):>{width // 2}}{_fmt(i):>{width - width // 2}}")
+            cells.append("  " + f"{fmt_score(d):>{width // 2}}{fmt_score(i):>{width - width // 2}}")
         lines.append(r["label"].ljust(label_w) + "".join(cells))
     return "\n".join(line.rstrip() for line in lines)
