@@ -78,33 +78,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
 
 
-def _empty_keep(text: str) -> str:
-    from fedfms.data.volumes import parse_empty_keep
+def _checked_by(module: str, parser: str, keep_text: bool = True):
+    """An argparse type from a preparer's own parser (imported when the option is used): its ConfigError becomes
+    argparse's one-line error; the option keeps the text (``keep_text``) or the parsed value."""
 
-    try:
-        parse_empty_keep(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def convert(text: str):
+        import importlib
 
+        try:
+            value = getattr(importlib.import_module(module), parser)(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text if keep_text else value
 
-def _target_labels(text: str) -> list[int]:
-    from fedfms.data.preparers.fets import parse_target_labels
-
-    try:
-        return parse_target_labels(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _pannuke_folds(text: str) -> str:
-    from fedfms.data.preparers.nuclei import parse_pannuke_folds
-
-    try:
-        parse_pannuke_folds(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_empty_keep = _checked_by("fedfms.data.volumes", "parse_empty_keep")
+_target_labels = _checked_by("fedfms.data.preparers.fets", "parse_target_labels", keep_text=False)
+_pannuke_folds = _checked_by("fedfms.data.preparers.nuclei", "parse_pannuke_folds")
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:

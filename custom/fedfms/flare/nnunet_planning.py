@@ -122,6 +122,16 @@ def _reason(result: Shareable | None) -> str:
     return result.get_header(REASON_HEADER) or f"the site returned {rc}"
 
 
+def _read_fingerprint(result: Shareable):
+    """(the site's fingerprint, None) or (None, why it is refused)."""
+    try:
+        fp = from_shareable(result).data
+    except Exception as exc:
+        return None, f"not a fingerprint ({type(exc).__name__}: {exc})"
+    problems = fingerprint_problems(fp)
+    return (None, "fingerprint refused: " + "; ".join(problems)) if problems else (fp, None)
+
+
 class NnUNetPlanning(Controller):
     """Federated nnU-Net planning before training (module docstring).
 
@@ -160,6 +170,23 @@ class NnUNetPlanning(Controller):
     def _collect(self, client_task, fl_ctx: FLContext) -> None:
         self._results[client_task.client.name] = client_task.result
 
+    def _gather(self, name: str, data: Shareable, sites: list[str], abort_signal: Signal, fl_ctx: FLContext, read):
+        """Send task ``name`` to every site and read each answer with ``read(result) -> (value, problem)``:
+        ({site: value}, {site: reason}) for the answers, or None when the job was aborted meanwhile."""
+        values, failed = {}, {}
+        for site, result in self._broadcast(name, data, sites, abort_signal, fl_ctx).items():
+            if abort_signal.triggered:
+                return None
+            if result is None or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+                failed[site] = _reason(result)
+                continue
+            value, problem = read(result)
+            if problem:
+                failed[site] = problem
+            else:
+                values[site] = value
+        return values, failed
+
     def _broadcast(self, name: str, data: Shareable, sites: list[str], abort_signal: Signal, fl_ctx: FLContext) -> dict:
         self._results = {}
         task = Task(name, data, timeout=self.timeout, result_received_cb=self._collect)
@@ -178,23 +205,10 @@ class NnUNetPlanning(Controller):
         self.log_info(fl_ctx, f"nnU-Net planning: asking {sites} for their fingerprints")
 
         # 1. fingerprints
-        fingerprints, failed = {}, {}
-        for site, result in self._broadcast(self.fingerprint_task_name, Shareable(), sites, abort_signal, fl_ctx).items():
-            if abort_signal.triggered:
-                return
-            if result is None or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-                failed[site] = _reason(result)
-                continue
-            try:
-                fp = from_shareable(result).data
-            except Exception as exc:
-                failed[site] = f"not a fingerprint ({type(exc).__name__}: {exc})"
-                continue
-            problems = fingerprint_problems(fp)
-            if problems:
-                failed[site] = "fingerprint refused: " + "; ".join(problems)
-            else:
-                fingerprints[site] = fp
+        gathered = self._gather(self.fingerprint_task_name, Shareable(), sites, abort_signal, fl_ctx, _read_fingerprint)
+        if gathered is None:
+            return
+        fingerprints, failed = gathered
         if failed:
             return self._stop(fl_ctx, "; ".join(f"site {s}: {r}" for s, r in sorted(failed.items())))
 
@@ -216,20 +230,19 @@ class NnUNetPlanning(Controller):
                               f"{describe(plan)}; written to {app_root / PLAN_FILE}")
 
         # 3. the plan to every site; each answers with the digest of the plan it built its trainer from
-        data = DXO(DataKind.APP_DEFINED, {PLAN_KEY: plan}).to_shareable()
-        failed = {}
-        for site, result in self._broadcast(self.plan_task_name, data, sites, abort_signal, fl_ctx).items():
-            if abort_signal.triggered:
-                return
-            if result is None or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-                failed[site] = _reason(result)
-                continue
+        def read_digest(result: Shareable):
             try:
                 theirs = from_shareable(result).data.get(DIGEST_KEY)
             except Exception as exc:
                 theirs = f"unreadable ({type(exc).__name__})"
-            if theirs != self.digest:
-                failed[site] = f"built its trainer from plan {str(theirs)[:12]}, not {self.digest[:12]}"
+            return theirs, (None if theirs == self.digest else
+                            f"built its trainer from plan {str(theirs)[:12]}, not {self.digest[:12]}")
+
+        data = DXO(DataKind.APP_DEFINED, {PLAN_KEY: plan}).to_shareable()
+        gathered = self._gather(self.plan_task_name, data, sites, abort_signal, fl_ctx, read_digest)
+        if gathered is None:
+            return
+        _, failed = gathered
         if failed:
             return self._stop(fl_ctx, "; ".join(f"site {s}: {r}" for s, r in sorted(failed.items())))
         self.log_info(fl_ctx, f"every site ({', '.join(sites)}) trains with nnU-Net plan {self.digest[:12]}")
