@@ -1,16 +1,7 @@
-"""Deployment tests: real FLARE processes on loopback. Slow (minutes) but part of the default run."""
+"""Deployment tests: real FLARE processes on loopback. Slow (minutes) but part of the default run. The code under
+test is the installed package (fedfms.deploy) and the scripts in poc/ and provisioning/ that call it."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-# The code under test are scripts in poc/ and provisioning/, not package modules.
-for folder in (HERE, REPO / "poc", REPO / "provisioning"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
 
 
 def pytest_configure(config):

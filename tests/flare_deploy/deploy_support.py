@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flare_runtime as rt
+from fedfms.deploy import runtime as rt
 
 REPO = Path(__file__).resolve().parents[2]
 POC_CLI = REPO / "poc" / "fedfms_poc.py"

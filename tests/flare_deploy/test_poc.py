@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import flare_runtime as rt
-from deploy_support import TINY_JOB, logs_digest, make_site_data, run_cli, site_job_log
+from fedfms.deploy import runtime as rt
+
+from .deploy_support import TINY_JOB, logs_digest, make_site_data, run_cli, site_job_log
 
 
 @pytest.mark.integration

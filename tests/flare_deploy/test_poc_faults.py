@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-import fedfms_poc as poc
-import flare_runtime as rt
-from deploy_support import logs_digest, make_site_data
+from fedfms.deploy import poc, runtime as rt
+
+from .deploy_support import logs_digest, make_site_data
 
 pytestmark = pytest.mark.integration
 SITES = ["site-1", "site-2", "site-3"]

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import admin_api
-import flare_runtime as rt
-import site_setup
-from deploy_support import REPO, TINY_JOB, localize_project, logs_digest, make_site_data, provision, site_job_log
+from fedfms.deploy import admin_api, runtime as rt, site_setup
+
+from .deploy_support import REPO, TINY_JOB, localize_project, logs_digest, make_site_data, provision, site_job_log
 
 ADMIN = "admin@fedfms.example.org"
 SITES = ("hospital-a", "hospital-b")  # hospital-c stays offline: the job needs only min_clients=2

@@ -1,4 +1,4 @@
-"""Server-kit settings for killed sites and a killed server (provisioning/site_setup.py), on a kit-shaped folder:
+"""Server-kit settings for killed sites and a killed server (fedfms.deploy.site_setup, provisioning/site_setup.py), on a kit-shaped folder:
 no FLARE process needed. The behaviour they fix was measured on real POC federations (poc/README.md)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import site_setup
+from fedfms.deploy import site_setup
 
 
 def _server_kit(root: Path) -> tuple[Path, Path]:

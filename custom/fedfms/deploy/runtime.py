@@ -1,8 +1,9 @@
-"""Process and admin-session plumbing shared by the POC CLI, the provisioning scripts and the deploy tests.
+"""Process and admin-session plumbing shared by the POC CLI (:mod:`fedfms.deploy.poc`) and the deploy tests.
 
 Everything here works from startup kits on disk; it never reads ~/.nvflare, so callers can run with a
 private HOME. Processes are tracked by PID: the stock stop scripts are interactive and ``pkill``-style
-cleanup would hit other users' federations on the same machine.
+cleanup would hit other users' federations on the same machine. Kit configuration (allow-list, storage,
+``fedfms_site.json``, stale jobs) is :mod:`fedfms.deploy.site_setup`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,6 @@ from pathlib import Path
 from typing import Iterable
 
 import psutil
-
-# Site configuration (allow-list, storage, fedfms_site.json) is the hospitals' tool; reuse it, don't copy it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "provisioning"))
-from site_setup import (  # noqa: E402,F401
-    add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs, write_site_config)
 
 GRACE_S = 15.0
 

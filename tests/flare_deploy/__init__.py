@@ -1,0 +1,1 @@
+"""Deployment tests: a package, so the tests import their helpers as ``.deploy_support`` (pytest runs in importlib mode)."""
