@@ -1,8 +1,9 @@
 """The single source of truth for the FLARE jobs in ``jobs/``.
 
-Each variant is a few configuration values; :func:`render_job` turns them into FLARE's classic JSON job
-(``meta.json`` + ``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites
-``jobs/`` and a test checks the checked-in JSON still equals what this module renders.
+Each variant is a few configuration values; :func:`build` makes its FLARE Job API object
+(:class:`fedfms.flare.fed_job.FedFMSJob`), whose ``export_job`` writes FLARE's classic JSON job (``meta.json`` +
+``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites ``jobs/`` and a test checks the
+checked-in JSON still equals what the builder exports.
 
 The checked-in jobs carry no custom code (the production flavour: ``fedfms`` is pre-installed at every
 site and allowed by ``class_allow_list``). :func:`export_byoc` adds ``app/custom/fedfms`` for federations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from fedfms.aggregation import NORM_BOUND_ACTIONS
 from fedfms.errors import ConfigError
-from fedfms.flare.executor import KEY_METRIC
 from fedfms.flare.monitor import ON_MISSING_SITE, default_min_sites
 from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES
 from fedfms.flavours import apply_flavour
@@ -233,24 +233,6 @@ MODEL_TASKS_OUT = ["train", "validate"]  # tasks whose data carries a model to t
 MODEL_TASKS_BACK = ["train", "submit_model"]  # tasks whose results carry a model back
 
 
-def _quantize(s: dict) -> list[dict]:
-    if s["transfer"] == "float32":
-        return []
-    return [{"path": QUANTIZER, "args": {"quantization_type": s["transfer"]}}]
-
-
-def _dequantize(s: dict) -> list[dict]:
-    return [] if s["transfer"] == "float32" else [{"path": DEQUANTIZER, "args": {}}]
-
-
-def _filter_chain(tasks: list[str], filters: list[dict]) -> list[dict]:
-    return [{"tasks": tasks, "filters": filters}] if filters else []
-
-
-def _component(cid: str, path: str, args: dict | None = None) -> dict:
-    return {"id": cid, "path": path, "args": args or {}}
-
-
 DEAD_CLIENT_GRACE_S = 15  # above the sites' 10 s job heartbeat, so a live site is never given up on
 DEAD_CLIENT_LEAD_S = 10
 MLFLOW_RECEIVER = "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver"
@@ -264,173 +246,33 @@ def min_sites(s: dict) -> int | None:
     return default_min_sites(len(s["sites"])) if s["sites"] else None
 
 
-def _update_kind(s: dict) -> str:
+def update_kind(s: dict) -> str:
+    """FLARE's DataKind of the training results: the weights, or their change to the global model."""
     return "WEIGHT_DIFF" if s["update"] == "weight_diff" else "WEIGHTS"
-
-
-def _aggregator(s: dict) -> dict:
-    if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
-        # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
-        # training samples, so the result is sum(n_k w_k) / sum(n_k)
-        return _component("aggregator", STOCK_FEDAVG, {"expected_data_kind": _update_kind(s), "weigh_by_local_iter": True})
-    method = "mean" if s["aggregation"] == "fedavg" else s["aggregation"]
-    return _component("aggregator", ROBUST_AGGREGATOR, {
-        "method": method, "trim_fraction": s["trim_fraction"], "norm_bound": s["norm_bound"],
-        "norm_bound_action": s["norm_bound_action"], "expected_data_kind": _update_kind(s)})
-
-
-def _persistor(s: dict) -> dict:
-    args = {"model": {"path": "fedfms.flare.global_model.TravelSetModel", "args": s["model"]}}
-    if s["resume"]:
-        args["source_ckpt_file_full_name"] = s["resume"]["global_model"]
-    return _component("persistor", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor", args)
-
-
-def _monitor(s: dict) -> dict:
-    args = {"expected_sites": s["sites"], "min_sites": min_sites(s), "on_missing_site": s["on_missing_site"]}
-    if s["resume"]:
-        args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
-    return _component("federation_monitor", "fedfms.flare.monitor.FederationMonitor", args)
-
-
-def _mlflow(s: dict) -> list[dict]:
-    if s["tracking"] != "mlflow":
-        return []
-    # no tracking_uri: FLARE's receiver writes a SQLite store (mlflow.db) into the job's result folder, offline
-    return [_component("mlflow_receiver", MLFLOW_RECEIVER, {
-        "events": ["fed.analytix_log_stats"],
-        "kw_args": {"experiment_name": "fedfms", "run_name": s.get("name", "run"),
-                    "experiment_tags": {"mlflow.note.content": "FedFMS on NVIDIA FLARE"}}})]
-
-
-def server_config(s: dict) -> dict:
-    model = s["model"]
-    timeouts = round_timeouts(s)
-    return {
-        "format_version": 2,
-        "num_rounds": s["num_rounds"] - s["start_round"],
-        "min_clients": min_sites(s) or 1,
-        # FLARE's dead-site handling (read from the job's config): once the server has dropped a site (no
-        # heartbeat for the kit's heart_beat_timeout), a round stops waiting for it after this grace period
-        # (default 60 s), checked from this long after a task starts (default 30 s)
-        "dead_client_grace_period": DEAD_CLIENT_GRACE_S,
-        "dead_client_check_lead_time": DEAD_CLIENT_LEAD_S,
-        "server": {"task_request_interval": s["task_request_interval"]},
-        "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _quantize(s)),
-        # every result is checked (after float16 is restored) before the workflow, the model selector or the
-        # aggregator reads it; a bad one turns into an error reply naming the reason
-        "task_result_filters": _filter_chain(MODEL_TASKS_BACK, [*_dequantize(s), {
-            "path": "fedfms.flare.contribution_filter.ContributionCheckFilter",
-            "args": {"model_config": model, "max_samples": s["max_samples"], "site_samples": s["site_samples"],
-                     **({"data_kinds": [_update_kind(s)]} if s["update"] != "weights" else {})}}]),
-        "components": [
-            _persistor(s),
-            _component("shareable_generator",
-                       "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator"),
-            _aggregator(s),
-            _component("model_selector", "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
-                       {"key_metric": KEY_METRIC, "weigh_by_local_iter": True}),
-            _monitor(s),
-            _component("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
-                       {"pt_persistor_id": "persistor"}),
-            _component("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator"),
-            _component("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-                       {"events": ["fed.analytix_log_stats"]}),
-            *_mlflow(s),
-        ],
-        "workflows": [
-            _component("scatter_and_gather", "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", {
-                "min_clients": "{min_clients}",
-                "num_rounds": "{num_rounds}",
-                "start_round": s["start_round"],
-                # a round waits for every site up to the timeout (a slow site is averaged, not dropped); a dead
-                # site ends the wait earlier through FLARE's dead-client detection
-                "wait_time_after_min_received": timeouts["train"],
-                "train_timeout": timeouts["train"],
-                "aggregator_id": "aggregator",
-                "persistor_id": "persistor",
-                "shareable_generator_id": "shareable_generator",
-                "train_task_name": "train",
-                # failed and rejected sites are recorded by the federation monitor, which applies min_sites
-                "ignore_result_error": True,
-                "memory_gc_rounds": s["memory_gc_rounds"],
-            }),
-            _component("cross_site_validate", "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval", {
-                "model_locator_id": "model_locator", "submit_model_timeout": timeouts["submit"],
-                "validation_timeout": timeouts["validate"]}),
-        ],
-    }
-
-
-def _site_result_filters(s: dict) -> list[dict]:
-    """The travel-set check first, on the float32 weights the site computed; then (training updates only)
-    differential privacy; then quantisation. FLARE allows one chain per task, so with privacy the training
-    task gets its own chain."""
-    model = s["model"]
-    travel = {"path": "fedfms.flare.filters.TravelSetFilter", "args": {"mode": model["mode"], "model_config": model}}
-    if not s["privacy"]:
-        return _filter_chain(MODEL_TASKS_BACK, [travel, *_quantize(s)])
-    privacy = {"path": PRIVACY_FILTERS[s["privacy"]], "args": dict(s["privacy_args"] or {})}
-    return [*_filter_chain(["train"], [travel, privacy, *_quantize(s)]),
-            *_filter_chain([t for t in MODEL_TASKS_BACK if t != "train"], [travel, *_quantize(s)])]
-
-
-def client_config(s: dict) -> dict:
-    model = s["model"]
-    return {
-        "format_version": 2,
-        "executors": [{
-            "tasks": ["train", "validate", "submit_model"],
-            "executor": _component("executor", "fedfms.flare.executor.FedFMSExecutor", {
-                "model_config": model, "train_config": s["train"], "data_dir": s["data_dir"], "transfer": s["transfer"],
-                **({"update": s["update"]} if s["update"] != "weights" else {}),
-            }),
-        }],
-        # the travel-set check runs first, on the float32 weights the site computed
-        "task_result_filters": _site_result_filters(s),
-        "task_data_filters": _filter_chain(MODEL_TASKS_OUT, _dequantize(s)),
-        "components": [
-            _component("tb_writer", "nvflare.app_opt.tracking.tb.tb_writer.TBWriter"),
-            _component("event_to_fed", "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
-                       {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."}),
-        ],
-    }
 
 
 RECIPE_KEY = "fedfms_recipe"  # meta.json: the variant and settings the job was rendered from
 
 
-def render_job(name: str, **overrides) -> dict[str, dict]:
-    """Relative path -> JSON content of every file of the job. ``meta.json`` keeps the recipe (variant and
-    overrides), so a job can be re-rendered for other sites or continued after a stop without editing JSON."""
-    s = variant_settings(name, **overrides)
-    recipe = {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}}
-    if is_nnunet(s):
-        # FednnU-Net: these configs plus the planning workflow, nnU-Net's executor and a plan-aware contribution
-        # check; imported here, so the other jobs never load it (it loads no nnU-Net either)
-        from fedfms.flare import nnunet_job
+def build(name: str, **overrides):
+    """The job of variant ``name`` as FLARE's Job API object (:class:`fedfms.flare.fed_job.FedFMSJob`, a
+    ``FedJob``): ``export_job`` / ``simulator_run`` as any FLARE job. ``meta.json`` keeps the recipe (variant and
+    overrides), so a job can be re-made for other sites or continued after a stop without editing JSON."""
+    from fedfms.flare.fed_job import build_job
 
-        server, client = nnunet_job.server_config(s), nnunet_job.client_config(s)
-    else:
-        server, client = server_config(s), client_config(s)
-    return {
-        "meta.json": {"name": name, "resource_spec": {}, "min_clients": min_sites(s) or 2,
-                      "deploy_map": {"app": ["server", *s["sites"]] if s["sites"] else ["@ALL"]},
-                      RECIPE_KEY: recipe},
-        "app/config/config_fed_server.json": server,
-        "app/config/config_fed_client.json": client,
-    }
+    return build_job(name, **overrides)
+
+
+def render_job(name: str, **overrides) -> dict[str, dict]:
+    """Relative path -> JSON content of every file of the job, as FLARE's ``export_job`` writes it."""
+    return build(name, **overrides).files()
 
 
 def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
-    for rel, content in render_job(name, **overrides).items():
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=2) + "\n")
-    return out_dir
+    return build(name, **overrides).write(out_dir, overwrite=overwrite)
 
 
 def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:

@@ -37,9 +37,10 @@ class NnUNetExecutor(FedFMSExecutor):
     """Args: as :class:`FedFMSExecutor` (``train_config`` holds ``fedfms.nnunet.config.NnUNetConfig`` fields; its
     other arguments pass through), plus the names of the two planning tasks."""
 
-    def __init__(self, model_config: dict, train_config: dict | None = None, data_dir: str | None = None,
-                 fingerprint_task_name: str = FINGERPRINT_TASK, plan_task_name: str = PLAN_TASK, **kwargs):
-        super().__init__(model_config, train_config, data_dir, **kwargs)
+    # *args and **kwargs: FLARE's Job API then reads the base class's arguments too (all of them are the base's)
+    def __init__(self, *args, fingerprint_task_name: str = FINGERPRINT_TASK, plan_task_name: str = PLAN_TASK, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fingerprint_task_name, self.plan_task_name = fingerprint_task_name, plan_task_name
         self.task_names.update(fingerprint=fingerprint_task_name, plan=plan_task_name)
         self.site_data: NnUNetSiteData | None = None
         self.cfg: NnUNetConfig | None = None

@@ -1,4 +1,4 @@
-"""The FednnU-Net jobs, rendered from the project's own job renderer (``fedfms.flare.jobs``).
+"""The FednnU-Net jobs, built by the project's one job builder (``fedfms.flare.fed_job``, FLARE's Job API).
 
 A ``fednnunet`` job is a ``fedunet`` job (same federation settings, ``ScatterAndGather``, FLARE's sample-weighted
 ``InTimeAccumulateWeightedAggregator``, ``PTFileModelPersistor``, ``IntimeModelSelector``, ``FederationMonitor``,
@@ -14,7 +14,7 @@ A ``fednnunet`` job is a ``fedunet`` job (same federation settings, ``ScatterAnd
 - timeouts from nnU-Net's workload (iterations per round), not from samples x seconds per sample.
 
 ``fedfms.flare.jobs`` holds the variants (``fednnunet``, ``fednnunet_tiny`` in ``VARIANTS``), checks their settings
-and calls :func:`server_config` / :func:`client_config` for them, so ``fedfms job new fednnunet``, ``jobs/fednnunet``
+and the builder takes :data:`NNUNET_KIND` for them, so ``fedfms job new fednnunet``, ``jobs/fednnunet``
 and ``fedfms loso fednnunet`` work like the other variants; :func:`render_fednnunet_job` is ``jobs.render_job`` for
 these two names.
 """
@@ -28,10 +28,7 @@ from fedfms.errors import ConfigError
 from fedfms.flare import jobs
 from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG, NnUNetConfig
 
-PLANNING = "fedfms.flare.nnunet_planning.NnUNetPlanning"
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
-CHECK_FILTER = "fedfms.flare.nnunet_planning.NnUNetContributionCheckFilter"
-EXECUTOR = "fedfms.flare.nnunet_executor.NnUNetExecutor"
 PLANNING_TASKS = ["nnunet_fingerprint", "nnunet_plan"]
 
 FEDNNUNET_VARIANTS = JOB_VARIANTS  # the entries of jobs.VARIANTS that are FednnU-Net's
@@ -69,22 +66,7 @@ def timeouts(s: dict) -> dict[str, int]:
             "submit": jobs.STARTUP_SECONDS, "validate": int(math.ceil(jobs.STARTUP_SECONDS + 3 * predict))}
 
 
-def _swap_path(node, old: str, new: str) -> int:
-    """Replace a component class path everywhere in a rendered config; the number of replacements."""
-    count = 0
-    if isinstance(node, dict):
-        if node.get("path") == old:
-            node["path"] = new
-            count += 1
-        for value in node.values():
-            count += _swap_path(value, old, new)
-    elif isinstance(node, list):
-        for value in node:
-            count += _swap_path(value, old, new)
-    return count
-
-
-def _complete(s: dict) -> dict:
+def complete(s: dict) -> dict:
     """The settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the job's rounds x
     the nnU-Net epochs per round, unless the train config sets it (a resumed job keeps the same total)."""
     s = dict(s)
@@ -94,41 +76,34 @@ def _complete(s: dict) -> dict:
     return s
 
 
-def server_config(s: dict) -> dict:
-    """``jobs.server_config(s)`` made FednnU-Net's (module docstring). ``s``: settings as ``jobs.variant_settings``
-    returns them for a ``nnunet`` model."""
-    s = _complete(s)
-    t = timeouts(s)
-    config = jobs.server_config(s)
-    persistor = next(c for c in config["components"] if c["id"] == "persistor")
-    persistor["args"]["model"] = {"path": GLOBAL_MODEL, "args": dict(s["model"])}
-    if not _swap_path(config["task_result_filters"], "fedfms.flare.contribution_filter.ContributionCheckFilter", CHECK_FILTER):
-        raise ConfigError("the project's server config has no ContributionCheckFilter to extend")
-    workflows = config["workflows"]
-    sag = next(w for w in workflows if w["id"] == "scatter_and_gather")
-    sag["args"].update(train_timeout=t["train"], wait_time_after_min_received=t["train"])
-    cse = next(w for w in workflows if w["id"] == "cross_site_validate")
-    cse["args"].update(submit_model_timeout=t["submit"], validation_timeout=t["validate"])
-    planning = {"id": "nnunet_planning", "path": PLANNING, "args": {
-        "planning_config": dict(s["train"]), "expected_sites": s["sites"], "persistor_id": "persistor", "timeout": t["plan"]}}
-    config["workflows"] = [planning, *workflows]
-    return config
+class _NnUNetKind:
+    """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring).
+    The classes are imported when a FednnU-Net job is built; they load no nnU-Net."""
+
+    GLOBAL_MODEL = GLOBAL_MODEL
+    PLANNING_TASKS = PLANNING_TASKS
+    timeouts = staticmethod(timeouts)
+
+    @property
+    def CheckFilter(self):  # noqa: N802 - a class, as the builder uses it
+        from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter
+
+        return NnUNetContributionCheckFilter
+
+    @property
+    def Planning(self):  # noqa: N802
+        from fedfms.flare.nnunet_planning import NnUNetPlanning
+
+        return NnUNetPlanning
+
+    @property
+    def Executor(self):  # noqa: N802
+        from fedfms.flare.nnunet_executor import NnUNetExecutor
+
+        return NnUNetExecutor
 
 
-def client_config(s: dict) -> dict:
-    """``jobs.client_config(s)`` with the nnU-Net executor (and its planning tasks)."""
-    s = _complete(s)
-    config = jobs.client_config(s)
-    executor = config["executors"][0]
-    executor["tasks"] = [*executor["tasks"], *PLANNING_TASKS]
-    executor["executor"]["path"] = EXECUTOR
-    for chain in config["task_result_filters"]:
-        for f in chain["filters"]:
-            if f["path"] == "fedfms.flare.filters.TravelSetFilter":
-                # every tensor of the planned network travels; the exact key set is the server's check (the plan
-                # only exists once the job runs)
-                f["args"] = {"mode": "fedsam"}
-    return config
+NNUNET_KIND = _NnUNetKind()
 
 
 def render_fednnunet_job(name: str = "fednnunet", **overrides) -> dict[str, dict]:

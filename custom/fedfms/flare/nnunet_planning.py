@@ -147,7 +147,8 @@ class NnUNetPlanning(Controller):
                  persistor_id: str = "persistor", timeout: int = 600, fingerprint_task_name: str = FINGERPRINT_TASK,
                  plan_task_name: str = PLAN_TASK):
         super().__init__()
-        self.config = NnUNetConfig.from_dict(dict(planning_config or {}), "nnunet_planning planning_config")
+        self.planning_config = dict(planning_config or {})
+        self.config = NnUNetConfig.from_dict(self.planning_config, "nnunet_planning planning_config")
         self.expected_sites = sorted(expected_sites) if expected_sites else None
         self.persistor_id = persistor_id
         self.timeout = int(timeout)

@@ -1,0 +1,298 @@
+"""Every FedFMS job, built with FLARE's Job API (:class:`nvflare.job_config.api.FedJob`).
+
+:class:`FedFMSJob` is a ``FedJob`` whose components are made from a variant's settings
+(``fedfms.flare.jobs.variant_settings``): FLARE's ``ScatterAndGather``, ``InTimeAccumulateWeightedAggregator``,
+``PTFileModelPersistor``, ``IntimeModelSelector``, ``CrossSiteModelEval`` and tracking receivers, and the project's
+executor, filters and federation monitor. ``export_job`` writes the classic JSON job that is checked in under
+``jobs/``; ``simulator_run`` runs it in FLARE's simulator (``gpu="0,1"`` places the simulated sites on GPUs).
+
+The FednnU-Net variants are the same job with four classes swapped and a planning workflow first
+(``fedfms.flare.nnunet_job``), so every variant differs only in configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
+from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+
+from fedfms.flare import jobs as settings_of
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.executor import KEY_METRIC, FedFMSExecutor
+from fedfms.flare.filters import TravelSetFilter
+from fedfms.flare.monitor import FederationMonitor
+from fedfms.flare.robust_aggregator import RobustAggregator
+
+TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
+# FLARE keeps a filter chain's tasks in a set; the exported JSON lists them in this order, so the files are stable
+TASK_ORDER = ("train", "validate", "submit_model")
+
+
+class FedFMSJob(FedJob):
+    """A FedFMS job from settings (``fedfms.flare.jobs.variant_settings``).
+
+    Args:
+        settings: a variant's checked settings.
+        recipe: what ``meta.json`` keeps to re-make the job (variant and overrides).
+    """
+
+    def __init__(self, settings: dict, recipe: dict | None = None):
+        s = settings
+        meta = {settings_of.RECIPE_KEY: recipe} if recipe else None
+        super().__init__(name=s["name"], min_clients=settings_of.min_sites(s) or 2, meta_props=meta)
+        # the sites have fedfms installed (production flavour): no source is copied into app/custom
+        self.set_app_packages(["fedfms"])
+        self.sites = list(s["sites"]) if s["sites"] else None
+        self._intended: list[tuple[object, dict]] = []  # (component, the arguments it was made with)
+        nnunet = settings_of.is_nnunet(s)
+        if nnunet:
+            from fedfms.flare import nnunet_job  # the FednnU-Net classes, only for its jobs (loads no nnU-Net)
+
+            self.kind = nnunet_job.NNUNET_KIND
+            s = nnunet_job.complete(s)
+        else:
+            self.kind = None
+        self.settings = s
+        self._add_server(s)
+        self._add_sites(s)
+
+    def _made(self, cls, **args):
+        args = {k: v for k, v in args.items() if v is not None}  # None: not set here, the class default applies
+        obj = cls(**args)
+        # FedJob leaves out an argument equal to the class default; the ones set here stay in the JSON, so an
+        # administrator reads e.g. weigh_by_local_iter=true (FedAvg by sample counts) in the job itself
+        obj._always_serialize_args = tuple(args)
+        self._intended.append((obj, args))
+        return obj
+
+    # -- server ---------------------------------------------------------------------------------------------------
+    def _add_server(self, s: dict) -> None:
+        kind = self.kind
+        t = kind.timeouts(s) if kind else settings_of.round_timeouts(s)
+        self.to_server({
+            "num_rounds": s["num_rounds"] - s["start_round"],
+            "min_clients": settings_of.min_sites(s) or 1,
+            # FLARE's dead-site handling: once the server has dropped a site (no heartbeat for the kit's
+            # heart_beat_timeout), a round stops waiting for it after this grace period (default 60 s), checked
+            # from this long after a task starts (default 30 s)
+            "dead_client_grace_period": settings_of.DEAD_CLIENT_GRACE_S,
+            "dead_client_check_lead_time": settings_of.DEAD_CLIENT_LEAD_S,
+            "server": {"task_request_interval": s["task_request_interval"]},
+        })
+        quantize = self._quantizer(s)
+        if quantize:
+            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=settings_of.MODEL_TASKS_OUT)
+        # every result is checked (after float16 is restored) before the workflow, the model selector or the
+        # aggregator reads it; a bad one turns into an error reply naming the reason
+        dequantize = self._dequantizer(s)
+        if dequantize:
+            self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
+        check_args = {"model_config": s["model"], "max_samples": s["max_samples"], "site_samples": s["site_samples"]}
+        if s["update"] != "weights":
+            check_args["data_kinds"] = [settings_of.update_kind(s)]
+        check = self._made(kind.CheckFilter if kind else ContributionCheckFilter, **check_args)
+        self.to_server(check, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
+
+        persistor_args = {"model": {"path": kind.GLOBAL_MODEL if kind else TRAVEL_SET_MODEL, "args": dict(s["model"])}}
+        if s["resume"]:
+            persistor_args["source_ckpt_file_full_name"] = s["resume"]["global_model"]
+        self.to_server(self._made(PTFileModelPersistor, **persistor_args), id="persistor")
+        self.to_server(self._made(FullModelShareableGenerator), id="shareable_generator")
+        self.to_server(self._aggregator(s), id="aggregator")
+        self.to_server(self._made(IntimeModelSelector, key_metric=KEY_METRIC, weigh_by_local_iter=True), id="model_selector")
+        monitor_args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": settings_of.min_sites(s),
+                        "on_missing_site": s["on_missing_site"]}
+        if s["resume"]:
+            monitor_args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
+        self.to_server(self._made(FederationMonitor, **monitor_args), id="federation_monitor")
+        self.to_server(self._made(PTFileModelLocator, pt_persistor_id="persistor"), id="model_locator")
+        self.to_server(self._made(ValidationJsonGenerator), id="json_generator")
+        self.to_server(self._made(TBAnalyticsReceiver, events=["fed.analytix_log_stats"]), id="tb_receiver")
+        if s["tracking"] == "mlflow":
+            from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
+
+            # no tracking_uri: FLARE's receiver writes a SQLite store (mlflow.db) into the job's result folder, offline
+            self.to_server(self._made(MLflowReceiver, events=["fed.analytix_log_stats"], kw_args={
+                "experiment_name": "fedfms", "run_name": s.get("name", "run"),
+                "experiment_tags": {"mlflow.note.content": "FedFMS on NVIDIA FLARE"}}), id="mlflow_receiver")
+
+        if kind:
+            self.to_server(self._made(kind.Planning, planning_config=dict(s["train"]),
+                                      expected_sites=sorted(s["sites"]) if s["sites"] else None,
+                                      persistor_id="persistor", timeout=t["plan"]), id="nnunet_planning")
+        self.to_server(self._made(
+            ScatterAndGather,
+            min_clients=settings_of.min_sites(s) or 1,
+            num_rounds=s["num_rounds"] - s["start_round"],
+            start_round=s["start_round"],
+            # a round waits for every site up to the timeout (a slow site is averaged, not dropped); a dead site
+            # ends the wait earlier through FLARE's dead-client detection
+            wait_time_after_min_received=t["train"],
+            train_timeout=t["train"],
+            aggregator_id="aggregator",
+            persistor_id="persistor",
+            shareable_generator_id="shareable_generator",
+            train_task_name="train",
+            # failed and rejected sites are recorded by the federation monitor, which applies min_sites
+            ignore_result_error=True,
+            memory_gc_rounds=s["memory_gc_rounds"],
+        ), id="scatter_and_gather")
+        self.to_server(self._made(CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=t["submit"],
+                                  validation_timeout=t["validate"]), id="cross_site_validate")
+
+    def _aggregator(self, s: dict):
+        if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
+            # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
+            # training samples, so the result is sum(n_k w_k) / sum(n_k)
+            return self._made(InTimeAccumulateWeightedAggregator, expected_data_kind=settings_of.update_kind(s),
+                              weigh_by_local_iter=True)
+        return self._made(RobustAggregator, method="mean" if s["aggregation"] == "fedavg" else s["aggregation"],
+                          trim_fraction=s["trim_fraction"], norm_bound=s["norm_bound"],
+                          norm_bound_action=s["norm_bound_action"], expected_data_kind=settings_of.update_kind(s))
+
+    def _quantizer(self, s: dict):
+        if s["transfer"] == "float32":
+            return None
+        from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+
+        return self._made(ModelQuantizer, quantization_type=s["transfer"])
+
+    def _dequantizer(self, s: dict):
+        if s["transfer"] == "float32":
+            return None
+        from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
+
+        return self._made(ModelDequantizer)
+
+    # -- sites ----------------------------------------------------------------------------------------------------
+    def _add_sites(self, s: dict) -> None:
+        kind = self.kind
+        executor_args = {"model_config": s["model"], "train_config": s["train"], "data_dir": s["data_dir"],
+                         "transfer": s["transfer"]}
+        if s["update"] != "weights":
+            executor_args["update"] = s["update"]
+        tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else [])]
+        self.to_clients(self._made(kind.Executor if kind else FedFMSExecutor, **executor_args), tasks=tasks)
+
+        # the travel-set check runs first, on the float32 weights the site computed; then (training updates only)
+        # differential privacy; then quantisation. FLARE allows one chain per task set, so with privacy the
+        # training task gets its own chain.
+        back = settings_of.MODEL_TASKS_BACK
+        chains = [(["train"], [t for t in back if t != "train"])] if s["privacy"] else [(back,)]
+        for chain in chains:
+            for i, tasks_of_chain in enumerate(chain):
+                self.to_clients(self._travel_filter(s), filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
+                if s["privacy"] and i == 0:
+                    self.to_clients(self._privacy_filter(s), filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
+                quantize = self._quantizer(s)
+                if quantize:
+                    self.to_clients(quantize, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
+        dequantize = self._dequantizer(s)
+        if dequantize:
+            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=settings_of.MODEL_TASKS_OUT)
+        self.to_clients(self._made(TBWriter), id="tb_writer")
+        self.to_clients(self._made(ConvertToFedEvent, events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
+                        id="event_to_fed")
+
+    def _travel_filter(self, s: dict):
+        if self.kind:
+            # every tensor of the planned network travels; the exact key set is the server's check (the plan only
+            # exists once the job runs)
+            return self._made(TravelSetFilter, mode="fedsam")
+        return self._made(TravelSetFilter, mode=s["model"]["mode"], model_config=s["model"])
+
+    def _privacy_filter(self, s: dict):
+        module, _, name = settings_of.PRIVACY_FILTERS[s["privacy"]].rpartition(".")
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        return self._made(cls, **dict(s["privacy_args"] or {}))
+
+    # -- files ----------------------------------------------------------------------------------------------------
+    def files(self) -> dict[str, dict]:
+        """Relative path -> JSON content of every file ``export_job`` writes, in a stable form: filter chains'
+        tasks in :data:`TASK_ORDER`, ``meta.json``'s ``deploy_map`` naming the job's sites when it has them
+        (FLARE's Job API deploys one app to ``@ALL``)."""
+        with tempfile.TemporaryDirectory(prefix="fedfms-job-") as tmp:
+            self.export_job(tmp)
+            root = Path(tmp) / self.name
+            found = {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+            leftovers = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".json"]
+        for content in found.values():
+            for key in ("task_data_filters", "task_result_filters"):
+                for chain in content.get(key, []):
+                    chain["tasks"] = sorted(chain["tasks"], key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+        if self.sites:
+            found["meta.json"]["deploy_map"] = {"app": ["server", *self.sites]}
+        self._check_arguments(found)
+        if leftovers:
+            raise RuntimeError(f"FedJob exported files besides the JSON configs: {leftovers}")
+        return found
+
+    def _check_arguments(self, files: dict[str, dict]) -> None:
+        """FedJob writes a component's arguments from its attributes of the same name; an argument a class keeps
+        under another name would be left out silently and the component would run with its default. Every
+        argument given here must be in the exported JSON."""
+        exported: list[tuple[str, dict]] = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                if isinstance(node.get("path"), str) and isinstance(node.get("args"), dict):
+                    exported.append((node["path"], node["args"]))
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(files)
+        for obj, args in self._intended:
+            path = f"{type(obj).__module__}.{type(obj).__name__}"
+            wanted = dict(args)
+            if not any(p == path and all(_same(a.get(k, _MISSING), v) for k, v in wanted.items()) for p, a in exported):
+                raise RuntimeError(f"FedJob lost arguments of {path}: expected {wanted} in the exported job "
+                                   "(the class must keep each constructor argument under the same attribute name)")
+
+    def write(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the job into ``out_dir`` (any folder name); an existing folder only with ``overwrite``."""
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise settings_of.ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
+        files = self.files()
+        if out_dir.exists():
+            for stale in out_dir.rglob("config_fed_*.json"):
+                stale.unlink()
+        for rel, content in files.items():
+            path = out_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        return out_dir
+
+
+_MISSING = object()
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON would keep them (tuples are lists, dict order does not matter)."""
+    try:
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+    except (TypeError, ValueError):
+        return a is b
+
+
+def build_job(name: str, **overrides) -> FedFMSJob:
+    """The FedJob of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``)."""
+    s = settings_of.variant_settings(name, **overrides)
+    return FedFMSJob(s, {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}})
