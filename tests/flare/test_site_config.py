@@ -31,3 +31,9 @@ def test_unset_variable_and_typos_are_named(tmp_path, monkeypatch):
     (tmp_path / SITE_CONFIG_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match=SITE_CONFIG_FILE):
         resolve_site_settings("HK", {}, tmp_path)
+
+
+def test_a_site_sets_its_own_processes_per_site(tmp_path):
+    """How many GPUs (DDP processes) a site trains with is a site fact (docs/multi-gpu.md)."""
+    (tmp_path / SITE_CONFIG_FILE).write_text(json.dumps({"data_dir": "/d", "processes_per_site": 4}))
+    assert resolve_site_settings("HK", {}, tmp_path)["processes_per_site"] == 4

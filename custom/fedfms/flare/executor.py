@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
+from fedfms.training.distributed import OPTIMIZER_FILE, RoundAborted, launch_round
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
 
 KEY_METRIC = "val_dice"
@@ -30,6 +33,23 @@ def dxo_to_tensors(dxo: DXO) -> dict[str, torch.Tensor]:
 
 def tensors_to_numpy(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in weights.items()}
+
+
+def _round_dir(fl_ctx: FLContext, workspace, site: str) -> str:
+    """Where the multi-process rounds keep their files and rank logs: ``fedfms_ddp`` in the job's run folder of the
+    site's workspace (beside FLARE's own log), or a temporary folder when there is none."""
+    job_id = fl_ctx.get_job_id()
+    if workspace is not None and job_id and hasattr(workspace, "get_run_dir"):
+        path = Path(workspace.get_run_dir(job_id)) / "fedfms_ddp"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    return tempfile.mkdtemp(prefix=f"fedfms_ddp_{site}_")
+
+
+def _check_processes(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} is {value!r}; expected a whole number >= 1 (1: train in the site's own process)")
+    return value
 
 
 def _finite_or_none(x):
@@ -51,6 +71,11 @@ class FedFMSExecutor(Executor):
         transfer: "float32" or "float16": how the job sends models (for the bytes-sent figure it tracks).
         update: "weights" (the trained travel set) or "weight_diff" (its difference to the received global model,
             which FLARE's differential-privacy filters work on).
+        processes_per_site: 1 (train in this process, as always) or N > 1: each ``train`` task runs the round as N
+            PyTorch DDP processes under ``torchrun`` (one per GPU, ``cuda:LOCAL_RANK``; gloo processes on a CPU) and
+            sends rank 0's result: the same update and the same single sample count (docs/multi-gpu.md). A site's
+            ``local/fedfms_site.json`` may set its own ``processes_per_site`` (how many GPUs it has).
+        round_timeout_s: upper bound on one multi-process round; its processes are ended after it (None: none).
     """
 
     def __init__(
@@ -65,6 +90,8 @@ class FedFMSExecutor(Executor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         transfer: str = "float32",
         update: str = "weights",
+        processes_per_site: int = 1,
+        round_timeout_s: float | None = None,
     ):
         super().__init__()
         self.model_config = dict(model_config)
@@ -76,6 +103,11 @@ class FedFMSExecutor(Executor):
         if update not in ("weights", "weight_diff"):
             raise ValueError(f"update is {update!r}; expected 'weights' or 'weight_diff'")
         self.update_kind = DataKind.WEIGHT_DIFF if update == "weight_diff" else DataKind.WEIGHTS
+        self.processes_per_site = _check_processes(processes_per_site, "processes_per_site")
+        self.round_timeout_s = round_timeout_s
+        self.processes = self.processes_per_site  # after _setup: the site's own setting, if it has one
+        self.round_inputs: dict | None = None  # what each multi-process round is built from (_setup)
+        self.work_dir: str | None = None
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
         self.setup_error: str | None = None
@@ -104,6 +136,12 @@ class FedFMSExecutor(Executor):
         overrides = {k: settings[k] for k in ("device", "threads", "num_workers") if k in settings}
         train_cfg = TrainConfig.from_dict({**self.train_config, **overrides}, f"{site} train_config")
         self.trainer = LocalTrainer(model_cfg, train_cfg, settings["data_dir"])
+        self.processes = _check_processes(settings.get("processes_per_site", self.processes_per_site),
+                                          f"site {site}: processes_per_site")
+        if self.processes > 1:
+            self.round_inputs = {"model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),
+                                 "site_dir": settings["data_dir"]}
+            self.work_dir = _round_dir(fl_ctx, workspace, site)
         self.fingerprint = frozen_fingerprint(self.trainer.model, model_cfg.mode)
         if self.tb_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tb_writer_id)
@@ -111,7 +149,8 @@ class FedFMSExecutor(Executor):
             fl_ctx,
             f"site {site}: data {settings['data_dir']} ({self.trainer.num_train_samples} train / "
             f"{len(self.trainer.datasets['val'])} val samples), mode {model_cfg.mode}, variant {model_cfg.variant}, "
-            f"device {self.trainer.device}",
+            f"device {self.trainer.device}"
+            + (f", {self.processes} DDP processes per round (logs under {self.work_dir}/logs)" if self.processes > 1 else ""),
         )
 
     # ------------------------------------------------------------------ tasks
@@ -142,7 +181,13 @@ class FedFMSExecutor(Executor):
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         incoming = self._incoming(shareable)
-        result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
+        if self.processes > 1:
+            try:
+                result = self._train_distributed(incoming, abort_signal)
+            except RoundAborted:
+                return make_reply(ReturnCode.TASK_ABORTED)
+        else:
+            result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         val = result.metrics.get("val_before", {})
@@ -162,6 +207,19 @@ class FedFMSExecutor(Executor):
         reply = DXO(self.update_kind, weights, meta=meta).to_shareable()
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
         return reply
+
+    def _train_distributed(self, incoming: dict[str, torch.Tensor], abort_signal: Signal):
+        """The round as ``self.processes`` DDP processes (fedfms.training.distributed); the in-process trainer then
+        takes the result, so that ``validate`` and ``submit_model`` see the trained model and the next round
+        continues from it (its shuffle seed, Adam's moments)."""
+        self.trainer.load_travel_weights(incoming)  # checks the incoming travel set here, before any process starts
+        optimizer = f"{self.work_dir}/{OPTIMIZER_FILE}" if self.trainer.rounds_done else None
+        result = launch_round(**self.round_inputs, global_weights=incoming, nproc=self.processes, work_dir=self.work_dir,
+                              rounds_done=self.trainer.rounds_done, optimizer_state=optimizer,
+                              timeout_s=self.round_timeout_s, should_abort=lambda: abort_signal.triggered)
+        self.trainer.load_travel_weights(result.weights)
+        self.trainer.rounds_done += 1
+        return result
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = self._incoming(shareable)

@@ -4,6 +4,8 @@ One job runs unchanged at every hospital. The job carries defaults (``data_dir``
 ``{site_name}`` and ``$ENV_VARS``); a site overrides them in ``<site workspace>/local/fedfms_site.json``::
 
     {"data_dir": "/data/prostate/BIDMC", "checkpoint": "/models/sam_vit_b_01ec64.pth", "device": "cuda:0"}
+
+``processes_per_site`` (a site with several GPUs: one DDP process per GPU, docs/multi-gpu.md) is a site fact too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from fedfms.errors import ConfigError
 
 SITE_CONFIG_FILE = "fedfms_site.json"
-SITE_KEYS = {"data_dir", "checkpoint", "device", "threads", "num_workers"}
+SITE_KEYS = {"data_dir", "checkpoint", "device", "threads", "num_workers", "processes_per_site"}
 DEFAULT_DATA_DIR = "$FEDFMS_DATA_ROOT/{site_name}"
 DEFAULT_CHECKPOINT = "$FEDFMS_SAM_CHECKPOINT"
 

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from monai.losses import DiceLoss
-from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from fedfms.data.site_dataset import SiteDataset, patient_split
@@ -172,6 +172,13 @@ class LocalTrainer:
         self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(train_cfg.pos_weight, device=self.device))
         self.dice_loss = DiceLoss(sigmoid=True) if train_cfg.loss == "bce_dice" else None
         self.rounds_done = 0
+        # Set only by multi-process training (fedfms.training.distributed); a single process leaves both alone.
+        # train_module: what the training forward runs through (there: a DistributedDataParallel wrapper of
+        # self.model). shard(sampler, batch_size): a batch sampler that gives this process its part of each
+        # batch the single-process order would make, with share(step) (its part of that batch's mean loss) and
+        # grad_scale(step) (the factor on its loss that makes the processes' averaged gradient that batch's).
+        self.train_module: torch.nn.Module = self.model
+        self.shard: Callable | None = None
 
     # ------------------------------------------------------------------ weights
     @property
@@ -213,10 +220,12 @@ class LocalTrainer:
             # the sampler owns the generator: a DataLoader given one also draws its workers' base seed from it,
             # but only when it makes a new iterator, which a persistent loader does once
             sampler = RandomSampler(self.datasets[split], generator=generator) if shuffle else None
+            batching = {"batch_size": self.cfg.batch_size, "sampler": sampler}
+            if self.shard is not None and split == "train":
+                batching = {"batch_sampler": self.shard(sampler or SequentialSampler(self.datasets[split]), self.cfg.batch_size)}
             loader = DataLoader(
                 self.datasets[split],
-                batch_size=self.cfg.batch_size,
-                sampler=sampler,
+                **batching,
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
@@ -234,15 +243,16 @@ class LocalTrainer:
             loss = loss + self.dice_loss(logits, target)
         return loss
 
-    def step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
-        """One optimisation step on a batch; returns the loss. (The benchmarks time exactly this.)"""
+    def step(self, images: torch.Tensor, masks: torch.Tensor, grad_scale: float = 1.0) -> float:
+        """One optimisation step on a batch; returns the loss. (The benchmarks time exactly this.) ``grad_scale``
+        multiplies the loss before the backward pass (multi-process training: see ``shard``)."""
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
         with self._autocast():
-            logits = self.model(images)
+            logits = self.train_module(images)
         loss = self._loss(logits, masks)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if grad_scale == 1.0 else loss * grad_scale).backward()
         self.optimizer.step()
         return loss.item()
 
@@ -261,10 +271,13 @@ class LocalTrainer:
                     return {"loss": total / max(steps, 1), "steps": steps, "aborted": True}
                 if self.cfg.max_steps_per_epoch and i >= self.cfg.max_steps_per_epoch:
                     break
-                loss = self.step(batch["image"], batch["mask"])
+                if self.shard is None:
+                    loss = self.step(batch["image"], batch["mask"])
+                else:  # this process's part of the batch; its mean loss counts by its share in the batch's
+                    loss = self.step(batch["image"], batch["mask"], loader.batch_sampler.grad_scale(i))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"site {self.site}: training loss became {loss} at step {steps}")
-                total += loss
+                total += loss if self.shard is None else loss * loader.batch_sampler.share(i)
                 steps += 1
                 bar.set_postfix(loss=f"{loss:.4f}")
         self.rounds_done += 1
