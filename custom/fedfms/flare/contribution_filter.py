@@ -59,12 +59,16 @@ class ContributionCheckFilter(Filter):
     A result that fails becomes ``BAD_TASK_DATA`` with the reason in the ``fedfms_reason`` header.
     ``data_kinds``: what a training result must be (``["WEIGHT_DIFF"]`` when the job sends updates as
     differences to the global model; the same keys, shapes, dtypes and finiteness apply).
+    ``encrypted``: the job encrypts updates (``fedfms.flare.he``): shapes, dtypes and NaN cannot be seen in
+    ciphertext, so the weights are checked by key and ciphertext length instead (the site checked the rest in
+    plaintext before encrypting); sample count, metrics and fingerprint are plaintext meta and checked as
+    always; the ciphertexts go on unchanged.
     """
 
     def __init__(self, model_config: dict, max_samples: int = DEFAULT_MAX_SAMPLES, site_samples: dict | None = None,
                  persistor_id: str = "persistor", train_task_name: str = AppConstants.TASK_TRAIN,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
-                 data_kinds: list[str] | None = None):
+                 data_kinds: list[str] | None = None, encrypted: bool = False):
         super().__init__()
         self.model_config = dict(model_config)
         self.max_samples = int(max_samples)
@@ -73,6 +77,7 @@ class ContributionCheckFilter(Filter):
         self.train_task_name = train_task_name
         self.submit_model_task_name = submit_model_task_name
         self.data_kinds = list(data_kinds or [DataKind.WEIGHTS])
+        self.encrypted = bool(encrypted)
         self.first_counts: dict[str, int] = {}
         self.reference_fingerprint: tuple[str, str] | None = None
         self.rejected: list[tuple[str, int | None, str]] = []
@@ -123,8 +128,9 @@ class ContributionCheckFilter(Filter):
         if self.reference_fingerprint is None:
             self.reference_fingerprint = (site, dxo.get_meta_prop(FROZEN_FINGERPRINT))
             self.log_info(fl_ctx, f"frozen-weights fingerprint of this run: {self.reference_fingerprint[1][:12]} (from {site})")
-        dxo.data = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in dxo.data.items()}
-        dxo.update_shareable(shareable)
+        if not self.encrypted:
+            dxo.data = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in dxo.data.items()}
+            dxo.update_shareable(shareable)
         return shareable
 
     @staticmethod
@@ -144,7 +150,12 @@ class ContributionCheckFilter(Filter):
         spec = self.travel_spec(fl_ctx)
         if spec is None:
             return [self.NO_SPEC_REASON], dxo, None
-        problems = find_problems(dxo.data, spec)
+        if self.encrypted:
+            from fedfms.flare.he import ciphertext_problems
+
+            problems = ciphertext_problems(dxo, spec)
+        else:
+            problems = find_problems(dxo.data, spec)
         if not training:
             return problems, dxo, None
         n = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)

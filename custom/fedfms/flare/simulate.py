@@ -197,6 +197,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")
     prepare_sim_workspace(workspace)
+    from fedfms.flare.he import prepare_simulation
+
+    prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
     job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())

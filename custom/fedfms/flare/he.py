@@ -1,0 +1,396 @@
+"""Homomorphic encryption (CKKS with TenSEAL) for FedMSA's travel set, with FLARE's own HE components.
+
+What changes under HE (docs/privacy-he.md):
+
+- a site checks its update in plaintext (keys, shapes, dtypes, finite values, a magnitude bound) and only then
+  encrypts it (FLARE's ``HEModelEncryptor``; training results pre-multiplied by the sample count n_k);
+- the server never holds a secret key: its contribution check can no longer see shapes or NaN, so it checks
+  what is left in the clear or countable (:func:`ciphertext_problems`: CKKS marker, every travel key encrypted,
+  each ciphertext's value count equal to the tensor's size; sample count, metrics and frozen-weights
+  fingerprint, which travel in plaintext meta, as before);
+- FLARE's ``HEInTimeAccumulateWeightedAggregator`` sums the ciphertexts and scales by 1 / sum(n_k), so the new
+  global model is sum(n_k w_k) / sum(n_k) in ciphertext, which the sites decrypt (``HEModelDecryptor``) and
+  reshape (:class:`HEReshapeFilter`: TenSEAL decrypts to flat lists);
+- the TenSEAL contexts live in each participant's ``startup/`` folder (``server_context.tenseal``: relin keys,
+  no secret key; ``client_context.tenseal``: with the secret key), made by FLARE's ``HEBuilder`` at provisioning,
+  or by :func:`write_contexts` (same parameters) for the simulator.
+
+The builders return component instances whose constructor arguments are all stored under the same name (or
+``_name``), so FLARE's ``FedJob`` can serialize them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from fedfms.errors import ConfigError
+from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.monitor import FederationMonitor
+from fedfms.flare.update_check import expected_travel_spec, find_problems, key_problems
+
+SERVER_CONTEXT = "server_context.tenseal"  # FLARE's ProvFileName.SERVER_CONTEXT_TENSEAL
+CLIENT_CONTEXT = "client_context.tenseal"  # FLARE's ProvFileName.CLIENT_CONTEXT_TENSEAL
+CKKS = "CKKS"  # FLARE's HE_ALGORITHM_CKKS (the DXO meta PROCESSED_ALGORITHM of an encrypted result)
+# FLARE's HEBuilder defaults: N = 8192 (4096 values per ciphertext), a 60-bit first prime, one 40-bit level for
+# the aggregator's multiplication by 1/sum(n_k), the 40-bit special prime; scale 2^40
+HE_PARAMS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}
+# |w| a site may encrypt: n_k w_k x 2^40 must stay inside the 100-bit data modulus, and the average x 2^40 inside
+# the 60 bits left after the rescale (|avg| < 2^19); trained weights are orders of magnitude below this
+DEFAULT_MAX_ABS = 1e4
+PERSISTOR_FILTER_ID = "model_serialize_filter"  # the persistor's filter_id under HE (saves ciphertexts as bytes)
+MODEL_TASKS_BACK = ["train", "submit_model"]
+MODEL_TASKS_IN = ["train", "validate"]
+
+
+# ---------------------------------------------------------------------------------------------- contexts
+def make_contexts(poly_modulus_degree: int = 8192, coeff_mod_bit_sizes: list[int] | None = None,
+                  scale_bits: int = 40) -> tuple[bytes, bytes]:
+    """(server context, client context) exactly as FLARE's ``HEBuilder`` makes them: one symmetric CKKS context;
+    the server's copy holds only the relinearisation keys, the sites' copy the secret key as well."""
+    import tenseal as ts
+
+    context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=int(poly_modulus_degree),
+                         coeff_mod_bit_sizes=list(coeff_mod_bit_sizes or HE_PARAMS["coeff_mod_bit_sizes"]),
+                         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
+    context.generate_relin_keys()
+    context.global_scale = 2 ** int(scale_bits)
+
+    def serialized(is_client: bool) -> bytes:
+        return context.serialize(save_public_key=is_client, save_secret_key=is_client, save_galois_keys=False,
+                                 save_relin_keys=True)
+
+    return serialized(False), serialized(True)
+
+
+def write_contexts(startup_dir: str | Path, overwrite: bool = False, **params) -> tuple[Path, Path]:
+    """Write ``server_context.tenseal`` and ``client_context.tenseal`` into ``startup_dir`` (the simulator's
+    ``<workspace>/startup``, which it copies to the server and every site). Existing files are kept unless
+    ``overwrite`` (the key pair of a run must not change under the sites' feet). ``params``: as ``HEBuilder``."""
+    startup = Path(startup_dir)
+    server, client = startup / SERVER_CONTEXT, startup / CLIENT_CONTEXT
+    if server.is_file() and client.is_file() and not overwrite:
+        return server, client
+    startup.mkdir(parents=True, exist_ok=True)
+    server_bytes, client_bytes = make_contexts(**{**HE_PARAMS, **params})
+    server.write_bytes(server_bytes)
+    client.write_bytes(client_bytes)
+    client.chmod(0o600)  # the secret key
+    return server, client
+
+
+def job_he_classes(job_dir: str | Path) -> list[str]:
+    """FLARE HE class paths a job folder's configs name (empty: the job does not use HE)."""
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            path = node.get("path")
+            if isinstance(path, str) and path.startswith("nvflare.app_opt.he."):
+                found.add(path)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for config in sorted(Path(job_dir).glob("*/config/config_fed_*.json")):
+        try:
+            walk(json.loads(config.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(found)
+
+
+def prepare_simulation(workspace: str | Path, job_dir: str | Path) -> bool:
+    """For a job that uses FLARE's HE components: the TenSEAL contexts in the simulator's ``startup/`` (kept
+    across runs of the same workspace) and the HE classes in the simulated sites' ``class_allow_list``.
+    Returns whether the job uses HE (nothing is written otherwise)."""
+    classes = job_he_classes(job_dir)
+    if not classes:
+        return False
+    write_contexts(Path(workspace) / "startup")
+    resources = Path(workspace) / "local" / "resources.json"
+    current = json.loads(resources.read_text()) if resources.is_file() else {"format_version": 2}
+    allowed = list(current.get("class_allow_list") or [])
+    current["class_allow_list"] = allowed + [c for c in classes if c not in allowed]
+    resources.parent.mkdir(parents=True, exist_ok=True)
+    resources.write_text(json.dumps(current, indent=2))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _is_ciphertext(value) -> bool:
+    try:
+        import tenseal as ts
+    except ImportError:
+        return False
+    return isinstance(value, ts.CKKSVector)
+
+
+def ciphertext_problems(dxo: DXO, spec: dict, max_items: int = 3) -> list[str]:
+    """What the server can still check of an encrypted travel-set update (empty list: nothing wrong): FLARE's
+    CKKS marker, exactly the travel keys, every one marked encrypted and a CKKS vector holding as many values as
+    the tensor has. Shapes, dtypes, NaN/inf and magnitudes are invisible in ciphertext: the site's
+    :class:`HEPlaintextCheck` checks them before encrypting."""
+    try:
+        if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) != CKKS:
+            return [f"not CKKS-encrypted (meta {MetaKey.PROCESSED_ALGORITHM} is "
+                    f"{dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM)!r}); this job expects every update encrypted"]
+        data = dxo.data
+        if not isinstance(data, dict):
+            return [f"weights are a {type(data).__name__}, expected a dict of CKKS vectors"]
+        problems = key_problems(data, spec, max_items)
+        marked = dxo.get_meta_prop(MetaKey.PROCESSED_KEYS) or {}
+        for key in sorted(set(data) & set(spec)):
+            shape, _ = spec[key]
+            expected = math.prod(shape)
+            value = data[key]
+            if not marked.get(key):
+                problems.append(f"'{key}' is not marked encrypted")
+            elif not _is_ciphertext(value):
+                problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector of {expected} values")
+            elif value.size() != expected:
+                problems.append(f"'{key}' is a CKKS vector of {value.size()} values, expected {expected} "
+                                f"(shape {tuple(shape)})")
+            if len(problems) >= max_items + 2:
+                break
+        return problems
+    except Exception as exc:  # never let a malformed update raise inside the server
+        return [f"encrypted weights could not be checked ({type(exc).__name__}: {exc})"]
+
+
+def encrypted_aggregate_problems(aggregate, sizes: dict[str, int | None]) -> list[str]:
+    """Why an encrypted aggregate must not replace the global model: other keys, or a ciphertext length that
+    is not the tensor's size (``None``: size unknown, only the key is checked)."""
+    try:
+        if not aggregate:
+            return ["no accepted contribution"]
+        problems = key_problems(aggregate, sizes)
+        for key in sorted(set(aggregate) & set(sizes)):
+            value = aggregate[key]
+            size = value.size() if _is_ciphertext(value) else np.size(value) if isinstance(value, np.ndarray) else None
+            if size is None:
+                problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector")
+            elif sizes[key] is not None and size != sizes[key]:
+                problems.append(f"'{key}' holds {size} values, expected {sizes[key]}")
+            if len(problems) >= 5:
+                break
+        return problems
+    except Exception as exc:
+        return [f"aggregate could not be checked ({type(exc).__name__}: {exc})"]
+
+
+# ---------------------------------------------------------------------------------------------- site filters
+class HEPlaintextCheck(Filter):
+    """Site side, last filter before encryption: what the server's check can no longer see in ciphertext:
+    exactly the travel set, each tensor's shape and dtype, finite values, and ``|w| <= max_abs`` (a larger value
+    would overflow CKKS's modulus and decrypt to garbage after aggregation, silently). A failing result
+    becomes an error reply that says why; nothing of it leaves the site."""
+
+    def __init__(self, model_config: dict, max_abs: float = DEFAULT_MAX_ABS):
+        super().__init__()
+        self.model_config = dict(model_config)
+        self.max_abs = float(max_abs)
+        self._spec = None
+
+    def problems(self, data) -> list[str]:
+        if self._spec is None:
+            self._spec = expected_travel_spec(self.model_config)
+        problems = find_problems(data, self._spec)
+        if problems:
+            return problems
+        worst = max(((float(np.max(np.abs(v))), k) for k, v in data.items() if np.size(v)), default=(0.0, None))
+        if worst[0] > self.max_abs:
+            problems.append(f"'{worst[1]}' holds a value of magnitude {worst[0]:.3g}, above {self.max_abs:g} "
+                            "(CKKS would overflow)")
+        return problems
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:
+            return shareable
+        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+            return shareable
+        problems = self.problems(dxo.data)
+        if problems:
+            reason = "; ".join(problems)
+            self.log_error(fl_ctx, f"refusing to encrypt and send the result: {reason}")
+            return error_reply(ReturnCode.TASK_RESULT_FILTER_ERROR,
+                               f"the site's pre-encryption check refused to send it: {reason}", shareable)
+        return shareable
+
+
+class HEReshapeFilter(DXOFilter):
+    """Site side, after ``HEModelDecryptor``: TenSEAL decrypts each tensor to a flat list; give it back the
+    travel set's shape and float32 (a plaintext model, e.g. the first round's, passes unchanged)."""
+
+    def __init__(self, model_config: dict):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+        self.model_config = dict(model_config)
+        self._spec = None
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if self._spec is None:
+            self._spec = expected_travel_spec(self.model_config)
+        out = {}
+        for key, value in dxo.data.items():
+            array = np.asarray(value)
+            shape = self._spec.get(key, (array.shape, None))[0]
+            if array.size != math.prod(shape):
+                raise ValueError(f"'{key}' holds {array.size} values after decryption, expected {math.prod(shape)}")
+            out[key] = array.reshape(shape).astype(np.float32, copy=False)
+        dxo.data = out
+        return dxo
+
+
+# ---------------------------------------------------------------------------------------------- server side
+class HEFederationMonitor(FederationMonitor):
+    """The federation monitor for an encrypted run: the aggregate is ciphertext, so it is checked by key and
+    ciphertext length (:func:`encrypted_aggregate_problems`) instead of shape and finiteness, and is never cast
+    (the site decrypts it). A bad aggregate leaves the global model as it was, as in a plaintext run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sizes: dict[str, int | None] | None = None
+
+    def _round_started(self, fl_ctx: FLContext) -> None:
+        super()._round_started(fl_ctx)
+        sizes = {}
+        for key, value in (self._previous_global or {}).items():
+            sizes[key] = value.size() if _is_ciphertext(value) else int(np.size(value)) if isinstance(value, np.ndarray) else None
+        if self._sizes is None or all(v is not None for v in sizes.values()):
+            self._sizes = sizes if self._sizes is None else {k: sizes.get(k) or self._sizes.get(k) for k in self._sizes}
+
+    def _after_aggregation(self, fl_ctx: FLContext) -> None:
+        if self._round is None:
+            return
+        if self._round["status"] == "failed":
+            self._round["updated_model"] = False
+            return
+        shareable = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
+        try:
+            dxo = from_shareable(shareable)
+            problems = encrypted_aggregate_problems(dxo.data, self._sizes or {})
+        except Exception as exc:
+            dxo, problems = None, [f"aggregate unreadable ({type(exc).__name__}: {exc})"]
+        if not problems and dxo is not None:
+            self._round["updated_model"] = True
+            return
+        self._round["updated_model"] = False
+        self._round["aggregate"] = "; ".join(problems)
+        self.log_error(fl_ctx, f"round {self._round['round']}: the aggregate is not used ({'; '.join(problems)}); "
+                               "the global model stays as it was")
+        if dxo is not None and self._previous_global:
+            dxo.data = dict(self._previous_global)
+            dxo.set_meta_prop(MetaKey.PROCESSED_KEYS, {k: not isinstance(v, np.ndarray) for k, v in dxo.data.items()})
+            dxo.update_shareable(shareable)
+
+
+def _cross_site_class():
+    from nvflare.app_opt.he.cross_site_model_eval import HECrossSiteModelEval
+    from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
+
+    class CrossSiteModelEvalHE(HECrossSiteModelEval):
+        """FLARE's HE cross-site evaluation, working again: FLARE 2.9's base class saves models with
+        ``_save_dxo_content``, while ``HECrossSiteModelEval`` still overrides the old ``_save_validation_content``,
+        so ciphertexts were saved as CKKS objects and the validate broadcast's deep copy of them fails on the
+        server ("the current context is public"). Saved as bytes, they copy; the sites' decryptor reads bytes."""
+
+        def _save_dxo_content(self, name, save_dir, dxo, fl_ctx):
+            serialize_nested_dict(dxo.data)
+            return super()._save_dxo_content(name, save_dir, dxo, fl_ctx)
+
+    CrossSiteModelEvalHE.__module__ = __name__
+    CrossSiteModelEvalHE.__qualname__ = "CrossSiteModelEvalHE"
+    return CrossSiteModelEvalHE
+
+
+def __getattr__(name):  # the class subclasses an optional FLARE module: made on first use
+    if name == "CrossSiteModelEvalHE":
+        cls = _cross_site_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def check_settings(settings: dict) -> None:
+    """HE sums ciphertexts: only FLARE's FedAvg, full float32 weights, no other filter that needs plaintext."""
+    where = f"job {settings.get('name', '?')}: he"
+    if settings.get("aggregation", "fedavg") != "fedavg" or settings.get("norm_bound") is not None:
+        raise ConfigError(f"{where}: the server sums ciphertexts, so robust aggregation ({settings.get('aggregation')}, "
+                          f"norm_bound {settings.get('norm_bound')}) cannot run; use aggregation fedavg without norm_bound")
+    if settings.get("transfer", "float32") != "float32":
+        raise ConfigError(f"{where}: transfer {settings['transfer']!r} does not apply (ciphertexts travel); use float32")
+    if settings.get("privacy"):
+        raise ConfigError(f"{where}: the differential-privacy filters are not combined with HE here")
+    if settings.get("update", "weights") != "weights":
+        raise ConfigError(f"{where}: update {settings['update']!r}: HE jobs send whole weights (the server cannot "
+                          "add a plaintext difference to an encrypted global model)")
+
+
+def server_components(settings: dict) -> dict[str, object]:
+    """Server components by id, to replace (or add) in a plaintext job: ``shareable_generator``, ``aggregator``,
+    ``model_serialize_filter`` (new: the persistor's ``filter_id`` must name it, :data:`PERSISTOR_FILTER_ID`),
+    ``federation_monitor`` (same arguments, HE-aware aggregate check) and the workflow ``cross_site_validate``.
+    The server's ``ContributionCheckFilter`` takes ``encrypted=True``."""
+    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
+    from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
+    from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
+
+    from fedfms.flare.jobs import min_sites, round_timeouts
+
+    check_settings(settings)
+    CrossSiteModelEvalHE = globals().get("CrossSiteModelEvalHE") or __getattr__("CrossSiteModelEvalHE")
+    timeouts = round_timeouts(settings)
+    monitor_args = {"expected_sites": settings["sites"], "min_sites": min_sites(settings),
+                    "on_missing_site": settings["on_missing_site"]}
+    if settings.get("resume"):
+        monitor_args["resume"] = {k: settings["resume"][k] for k in ("record", "best_model", "best_metric")}
+    return {
+        "shareable_generator": HEModelShareableGenerator(tenseal_context_file=SERVER_CONTEXT),
+        # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
+        "aggregator": HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
+        PERSISTOR_FILTER_ID: HEModelSerializeFilter(tenseal_context_file=SERVER_CONTEXT),
+        "federation_monitor": HEFederationMonitor(**monitor_args),
+        "cross_site_validate": CrossSiteModelEvalHE(tenseal_context_file=SERVER_CONTEXT, model_locator_id="model_locator",
+                                                    submit_model_timeout=timeouts["submit"],
+                                                    validation_timeout=timeouts["validate"]),
+    }
+
+
+def site_filters(settings: dict) -> tuple[list, list]:
+    """(result chains, data chains), each a list of ``(tasks, [filter instances])`` with disjoint tasks.
+    Result chains go after the site's ``TravelSetFilter`` of the same tasks: the plaintext check, then FLARE's
+    encryptor (training results weighted by the sample count, submitted models not). Data chains (incoming
+    models): FLARE's decryptor, then the reshape to the travel set's shapes."""
+    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+
+    check_settings(settings)
+    model = settings["model"]
+    max_abs = settings.get("he_max_abs") or DEFAULT_MAX_ABS
+    results = [(["train"], [HEPlaintextCheck(model, max_abs),
+                            HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=True)]),
+               (["submit_model"], [HEPlaintextCheck(model, max_abs),
+                                   HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=False)])]
+    data = [(list(MODEL_TASKS_IN), [HEModelDecryptor(tenseal_context_file=CLIENT_CONTEXT), HEReshapeFilter(model)])]
+    return results, data
+
+
+CONTRIBUTION_CHECK_ARGS = {"encrypted": True}  # the server's ContributionCheckFilter under HE
+

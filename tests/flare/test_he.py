@@ -1,0 +1,374 @@
+"""Homomorphic encryption of FedMSA's travel set (fedfms.flare.he, FLARE's HE components with TenSEAL).
+
+Unit tests run without FLARE's runtime; the simulator tests (integration) run fedmsa_tiny encrypted end to end
+and measure bytes and seconds per round with and without HE (docs/privacy-he.md)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tenseal = pytest.importorskip("tenseal")
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey  # noqa: E402
+from nvflare.apis.fl_context import FLContext  # noqa: E402
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode  # noqa: E402
+from nvflare.job_config.fed_job_config import FedJobConfig  # noqa: E402
+
+from fedfms.errors import ConfigError  # noqa: E402
+from fedfms.flare import he  # noqa: E402
+from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter  # noqa: E402
+from fedfms.flare.jobs import variant_settings  # noqa: E402
+from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec  # noqa: E402
+
+TINY = {"variant": "tiny", "mode": "fedmsa", "num_classes": 1, "pretrained": False, "init_seed": 0}
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory):
+    startup = tmp_path_factory.mktemp("startup")
+    server, client = he.write_contexts(startup)
+    return tenseal.context_from(server.read_bytes()), tenseal.context_from(client.read_bytes())
+
+
+def _update(seed=0, scale=0.1):
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(shape) * scale).astype(np.float32) for k, (shape, _) in expected_travel_spec(TINY).items()}
+
+
+def _encrypted(weights, n, client_ctx):
+    data = {k: tenseal.ckks_vector(client_ctx, (v.ravel() * np.float64(n)).tolist()) for k, v in weights.items()}
+    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: n, MetaKey.PROCESSED_ALGORITHM: he.CKKS,
+            MetaKey.PROCESSED_KEYS: {k: True for k in data}, FROZEN_FINGERPRINT: "f" * 64,
+            MetaKey.INITIAL_METRICS: {"val_dice": 0.5}}
+    return DXO(DataKind.WEIGHTS, data, meta=meta)
+
+
+def test_contexts_are_hebuilders_and_only_the_sites_hold_the_secret_key(tmp_path, contexts):
+    server, client = contexts
+    assert client.is_private() and not server.is_private()
+    assert client.global_scale == server.global_scale == 2 ** he.HE_PARAMS["scale_bits"]
+    first = he.write_contexts(tmp_path)[1].read_bytes()
+    assert he.write_contexts(tmp_path)[1].read_bytes() == first  # kept: a run's keys never change under the sites
+    assert he.write_contexts(tmp_path, overwrite=True)[1].read_bytes() != first
+
+
+def test_ciphertext_sum_scaled_by_the_sample_counts_is_fedavg_to_ckks_precision(contexts):
+    """What the HE aggregator computes: sum of n_k-weighted ciphertexts x 1/sum(n_k), decrypted at a site."""
+    server, client = contexts
+    updates, counts = [_update(0), _update(1, scale=1.0)], [12, 30]
+    encrypted = [_encrypted(w, n, client) for w, n in zip(updates, counts)]
+    key = "mask_decoder.output_upscaling.0.weight"
+    total = encrypted[0].data[key] + encrypted[1].data[key]
+    average = np.array((total * (1.0 / sum(counts))).decrypt(secret_key=client.secret_key()))
+    expected = sum(n * w[key].astype(np.float64).ravel() for w, n in zip(updates, counts)) / sum(counts)
+    error = np.max(np.abs(average - expected))
+    assert error < 1e-4, error  # ~1e-6 measured at scale 2^40
+
+
+def _fl_ctx(site="site-1", task="train"):
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    ctx.set_peer_context(peer)
+    return ctx
+
+
+def _check(check, dxo, site="site-1", task="train"):
+    return check.process(dxo.to_shareable(), _fl_ctx(site, task))
+
+
+def test_server_check_on_ciphertext_rejects_wrong_length_missing_key_plaintext_and_absurd_count(contexts):
+    _, client = contexts
+    check = ContributionCheckFilter(TINY, max_samples=1000, encrypted=True, persistor_id=None)
+    good = _encrypted(_update(), 10, client)
+    result = _check(check, good)
+    assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK, result.get_header(REASON_HEADER)
+
+    short = _encrypted(_update(), 10, client)
+    key = sorted(short.data)[0]
+    short.data[key] = tenseal.ckks_vector(client, [1.0, 2.0, 3.0])
+    reason = _check(check, short, "site-2").get_header(REASON_HEADER)
+    assert "CKKS vector of 3 values, expected" in reason and key in reason
+
+    missing = _encrypted(_update(), 10, client)
+    missing.data.pop(key)
+    assert "missing tensor" in _check(check, missing, "site-3").get_header(REASON_HEADER)
+
+    absurd = _encrypted(_update(), 10**12, client)
+    assert "above the job's max_samples" in _check(check, absurd, "site-4").get_header(REASON_HEADER)
+
+    plaintext = DXO(DataKind.WEIGHTS, _update(), meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10})
+    assert "not CKKS-encrypted" in _check(check, plaintext, "site-5").get_header(REASON_HEADER)
+
+    unmarked = _encrypted(_update(), 10, client)
+    unmarked.meta[MetaKey.PROCESSED_KEYS] = {key: False}
+    assert "not marked encrypted" in _check(check, unmarked, "site-6").get_header(REASON_HEADER)
+
+    bad_metric = _encrypted(_update(), 10, client)
+    bad_metric.meta[MetaKey.INITIAL_METRICS] = {"val_dice": 7.0}
+    assert "expected a number in [0, 1]" in _check(check, bad_metric, "site-7").get_header(REASON_HEADER)
+
+
+def test_site_checks_in_plaintext_before_encrypting():
+    check = he.HEPlaintextCheck(TINY)
+    assert check.problems(_update()) == []
+    nan = _update()
+    key = sorted(nan)[0]
+    nan[key][0] = np.nan
+    assert any("NaN" in p for p in check.problems(nan))
+    huge = _update()
+    huge[key][0] = 1e9
+    assert any("CKKS would overflow" in p for p in check.problems(huge))
+    wrong = _update()
+    matrix = next(k for k, v in wrong.items() if v.ndim > 1)
+    wrong[matrix] = wrong[matrix].ravel()
+    assert any("has shape" in p for p in check.problems(wrong))
+
+
+def test_reshape_gives_decrypted_lists_the_travel_shapes():
+    weights = _update()
+    flat = DXO(DataKind.WEIGHTS, {k: v.ravel().astype(np.float64).tolist() for k, v in weights.items()})
+    out = he.HEReshapeFilter(TINY).process_dxo(flat, flat.to_shareable(), FLContext())
+    for k, v in weights.items():
+        assert out.data[k].shape == v.shape and out.data[k].dtype == np.float32
+        np.testing.assert_array_equal(out.data[k], v)
+
+
+def test_builders_refuse_what_cannot_run_on_ciphertext():
+    for bad in ({"aggregation": "median"}, {"norm_bound": 3.0}, {"transfer": "float16"}, {"privacy": "svt"},
+                {"update": "weight_diff"}):
+        with pytest.raises(ConfigError):
+            he.site_filters(variant_settings("fedmsa_tiny", sites=["a", "b"], **bad))
+
+
+def _instance_json(obj) -> dict:
+    """How FedJob writes a component: class path and the constructor arguments read back from attributes."""
+    return {"path": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            "args": json.loads(json.dumps(FedJobConfig("he", 1)._get_args(obj, "")))}
+
+
+def test_every_component_serializes_through_fedjob_and_rebuilds_the_same():
+    from nvflare.fuel.utils.class_utils import instantiate_class
+
+    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    server = he.server_components(s)
+    assert set(server) == {"shareable_generator", "aggregator", he.PERSISTOR_FILTER_ID, "federation_monitor",
+                           "cross_site_validate"}
+    results, data = he.site_filters(s)
+    assert [tasks for tasks, _ in results] == [["train"], ["submit_model"]]
+    instances = [*server.values(), *(f for _, chain in results + data for f in chain)]
+    for obj in instances:
+        spec = _instance_json(obj)
+        rebuilt = instantiate_class(spec["path"], spec["args"])
+        assert _instance_json(rebuilt) == spec, spec["path"]
+    weigh = [chain[-1].weigh_by_local_iter for _, chain in results]
+    assert weigh == [True, False]  # training results carry n_k w_k; a submitted model is sent as it is
+    assert server["aggregator"]._weigh_by_local_iter is False  # the sum is divided by sum(n_k) only
+    assert server["federation_monitor"].expected_sites == ["site-1", "site-2"]
+
+
+# ------------------------------------------------------------------------------------------ simulator
+SUPPORT_SOURCE = '''"""Test-only site filters for the HE simulator tests (written into the job's custom code)."""
+import json
+from pathlib import Path
+
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.fuel.utils import fobs
+
+
+class SizeRecorder(Filter):
+    """Writes the serialized size of what passes (FLARE's FOBS encoding, what goes on the wire)."""
+
+    def __init__(self, out_dir, direction):
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.direction = direction
+
+    def process(self, shareable, fl_ctx):
+        site = fl_ctx.get_identity_name()
+        rnd = shareable.get_header("current_round")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{site}_{self.direction}_r{rnd}.bytes.json"
+        path.write_text(json.dumps(len(fobs.dumps(shareable))))
+        return shareable
+
+
+class CiphertextTamper(Filter):
+    """A malicious site after the encryptor: one ciphertext too short, or an absurd sample count."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def process(self, shareable, fl_ctx):
+        import tenseal as ts
+
+        dxo = from_shareable(shareable)
+        if self.kind == "short":
+            key = sorted(dxo.data)[0]
+            dxo.data[key] = ts.ckks_vector(dxo.data[key].context(), [0.0] * 5)
+        elif self.kind == "huge_count":
+            dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 10**12)
+        dxo.update_shareable(shareable)
+        return shareable
+'''
+
+
+def he_job(job_dir: Path, settings: dict, site_extras: dict | None = None) -> Path:
+    """Turn a job written by ``test_simulator.write_job`` into its HE flavour with ``fedfms.flare.he``'s components.
+    (Until the FedJob builder has an ``he`` setting; then this becomes ``he=True`` in the settings.)
+    ``site_extras``: app -> {"before": [...], "after": [...], "data_before": [...]}: filters (JSON) around the HE
+    ones on the training result chain (before: on plaintext; after: on ciphertext) and before the decryptor."""
+    server_path = job_dir / "app_server" / "config" / "config_fed_server.json"
+    server = json.loads(server_path.read_text())
+    replacements = {cid: _instance_json(obj) for cid, obj in he.server_components(settings).items()}
+    components = {c["id"]: c for c in server["components"]}
+    for cid, spec in replacements.items():
+        if cid == "cross_site_validate":
+            server["workflows"] = [{"id": cid, **spec} if w["id"] == cid else w for w in server["workflows"]]
+        else:
+            components[cid] = {"id": cid, **spec}
+    components["persistor"]["args"]["filter_id"] = he.PERSISTOR_FILTER_ID
+    server["components"] = list(components.values())
+    for chain in server["task_result_filters"]:
+        for f in chain["filters"]:
+            if f["path"].endswith("ContributionCheckFilter"):
+                f["args"].update(he.CONTRIBUTION_CHECK_ARGS)
+    server_path.write_text(json.dumps(server, indent=1))
+
+    for client_path in job_dir.glob("*/config/config_fed_client.json"):
+        app = client_path.parent.parent.name
+        extras = (site_extras or {}).get(app, {})
+        client = json.loads(client_path.read_text())
+        travel = [f for chain in client["task_result_filters"] for f in chain["filters"] if f["path"].endswith("TravelSetFilter")]
+        results, data = he.site_filters(settings)
+        client["task_result_filters"] = [
+            {"tasks": tasks, "filters": [*travel, *(extras.get("before", []) if tasks == ["train"] else []),
+                                         *map(_instance_json, chain), *(extras.get("after", []) if tasks == ["train"] else [])]}
+            for tasks, chain in results]
+        client["task_data_filters"] = [{"tasks": tasks, "filters": [*extras.get("data_before", []), *map(_instance_json, chain)]}
+                                       for tasks, chain in data]
+        client_path.write_text(json.dumps(client, indent=1))
+        (client_path.parent.parent / "custom" / "he_support.py").write_text(SUPPORT_SOURCE)
+    return job_dir
+
+
+def _recorders(out: Path) -> dict:
+    return {"after": [{"path": "he_support.SizeRecorder", "args": {"out_dir": str(out), "direction": "up"}}],
+            "data_before": [{"path": "he_support.SizeRecorder", "args": {"out_dir": str(out), "direction": "down"}}]}
+
+
+@pytest.mark.integration
+def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_rejected(tmp_path):
+    import torch
+    from test_simulator import make_sites, recorded, write_job
+
+    from fedfms.flare.monitor import read_run_record
+    from fedfms.flare.simulate import run_simulation, server_job_dir
+
+    sites = {"site-1": 3, "site-2": 6, "site-3": 3, "site-4": 3}
+    data = make_sites(tmp_path / "data", sites)
+    out = tmp_path / "recorded"
+    recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
+    job = write_job(tmp_path / "job", "fedmsa_tiny", {
+        "app_good": {"sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor", "args": {"out_dir": str(out)}},
+        "app_short": {"sites": ["site-3"]},
+        "app_count": {"sites": ["site-4"]},
+    }, num_rounds=2, min_sites=2)
+    settings = variant_settings("fedmsa_tiny", sites=sorted(sites), num_rounds=2, min_sites=2)
+    he_job(job, settings, {
+        "app_good": {"before": [recorder], **_recorders(out)},
+        "app_short": {"after": [{"path": "he_support.CiphertextTamper", "args": {"kind": "short"}}]},
+        "app_count": {"after": [{"path": "he_support.CiphertextTamper", "args": {"kind": "huge_count"}}]},
+    })
+
+    assert run_simulation(job, tmp_path / "ws", list(sites), data_root=data) == 3  # finished; two sites never counted
+    assert (tmp_path / "ws" / "startup" / he.CLIENT_CONTEXT).is_file()
+
+    # round 0's global model, decrypted by site-1 as the start of round 1, is the plain FedAvg of what the two
+    # honest sites computed (recorded in plaintext just before encryption)
+    sent = {s: recorded(out, s) for s in ("site-1", "site-2")}
+    n = {s: sent[s][1]["num_samples"] for s in sent}
+    assert n["site-1"] != n["site-2"]
+    expected = {k: sum(n[s] * sent[s][0][k].astype(np.float64) for s in sent) / sum(n.values()) for k in sent["site-1"][0]}
+    received = {s: dict(np.load(out / f"{s}_in_r1.npz")) for s in sent}
+    assert set(received["site-1"]) == set(expected) == set(expected_travel_spec(TINY))
+    errors = []
+    for key, value in expected.items():
+        got = received["site-1"][key]
+        assert got.shape == value.shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got, received["site-2"][key])  # one ciphertext, both sites decrypt the same
+        errors.append((np.max(np.abs(got - value)), np.max(np.abs(value))))
+    worst_abs = max(e for e, _ in errors)
+    worst_rel = max(e / max(m, 1e-12) for e, m in errors)
+    print(f"\nHE vs plaintext FedAvg after round 0: max |error| {worst_abs:.2e}, max error / max |w| per tensor {worst_rel:.2e}")
+    assert worst_rel < 1e-3 and worst_abs < 1e-4
+    key = next(k for k in expected if not np.allclose(sent["site-1"][0][k], sent["site-2"][0][k]))
+    assert not np.allclose(received["site-1"][key], sent["site-1"][0][key], atol=1e-4)  # not one site's model
+
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    assert record["status"] == "completed_with_gaps", record["status"]
+    assert [r["updated_model"] for r in record["rounds"]] == [True, True]
+    for r in record["rounds"]:
+        assert sorted(r["accepted"]) == ["site-1", "site-2"]
+    missed = {site: info["missed"]["0"] for site, info in record["sites"].items() if info["missed"]}
+    assert set(missed) == {"site-3", "site-4"}
+    assert "CKKS vector of 5 values, expected" in missed["site-3"]
+    assert "above the job's max_samples" in missed["site-4"]
+    # the server's saved global model is ciphertext (bytes): it never held the plaintext average
+    saved = torch.load(server_job_dir(tmp_path / "ws") / "app_server" / "FL_global_model.pt", weights_only=False)
+    assert set(saved["model"]) == set(expected) and all(isinstance(v, bytes) for v in saved["model"].values())
+    # cross-site evaluation: the encrypted global model and the sites' encrypted models, decrypted and scored at the sites
+    cross = json.loads((server_job_dir(tmp_path / "ws") / "cross_site_val" / "cross_val_results.json").read_text())
+    for site in ("site-1", "site-2"):
+        assert 0.0 <= cross[site]["SRV_FL_global_model.pt"]["dice"] <= 1.0, cross
+        assert 0.0 <= cross[site]["site-1"]["dice"] <= 1.0, cross
+    up = [json.loads(p.read_text()) for p in out.glob("site-1_up_r*.bytes.json")]
+    assert up and min(up) > 10 * sum(v.nbytes for v in sent["site-1"][0].values())
+
+
+@pytest.mark.integration
+def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path):
+    """The figures in docs/privacy-he.md (2 sites of 3 and 6 volumes, 2 rounds, fedmsa_tiny on CPU)."""
+    from test_simulator import make_sites, write_job
+
+    from fedfms.flare.monitor import read_run_record
+    from fedfms.flare.simulate import run_simulation, server_job_dir
+
+    data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
+    figures = {}
+    for flavour in ("plain", "he"):
+        out = tmp_path / flavour / "recorded"
+        job = write_job(tmp_path / flavour / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2)
+        settings = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"], num_rounds=2)
+        if flavour == "he":
+            he_job(job, settings, {"app": _recorders(out)})
+        else:  # the same recorders on the plaintext job
+            client_path = job / "app" / "config" / "config_fed_client.json"
+            client = json.loads(client_path.read_text())
+            rec = _recorders(out)
+            client["task_result_filters"] = [{"tasks": ["train"], "filters": [*client["task_result_filters"][0]["filters"], *rec["after"]]},
+                                             {"tasks": ["submit_model"], "filters": client["task_result_filters"][0]["filters"]}]
+            client["task_data_filters"] = [{"tasks": ["train"], "filters": rec["data_before"]}]
+            client_path.write_text(json.dumps(client))
+            (job / "app" / "custom" / "he_support.py").write_text(SUPPORT_SOURCE)
+        ws = tmp_path / flavour / "ws"
+        assert run_simulation(job, ws, ["site-1", "site-2"], data_root=data) == 0
+        record = read_run_record(server_job_dir(ws))
+        sizes = {p.name: json.loads(p.read_text()) for p in out.glob("*.bytes.json")}
+        figures[flavour] = {
+            "seconds": [r["seconds"] for r in record["rounds"]],
+            "up": {r: max(v for k, v in sizes.items() if f"_up_r{r}." in k) for r in (0, 1)},
+            "down": {r: max(v for k, v in sizes.items() if f"_down_r{r}." in k) for r in (0, 1)},
+        }
+    print()
+    for flavour, f in figures.items():
+        print(f"{flavour:5s} seconds per round {f['seconds']}, bytes per site up (result) r0 {f['up'][0]:,} r1 {f['up'][1]:,}, "
+              f"down (global model) r0 {f['down'][0]:,} r1 {f['down'][1]:,}")
+    assert figures["he"]["up"][0] > 10 * figures["plain"]["up"][0]
+    assert math.isclose(figures["he"]["down"][0], figures["plain"]["down"][0], rel_tol=0.1)  # round 0: plaintext model
