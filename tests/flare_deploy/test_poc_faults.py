@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedfms.deploy import poc, runtime as rt
+from fedfms.deploy import poc, runtime as rt, site_setup
 
 from .deploy_support import logs_digest, make_site_data
 
@@ -139,9 +139,9 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
         # FLARE 2.9 cannot restore a running job: the restarted server tells the sites to drop theirs, and the
         # job stays RUNNING in its store with nothing running it until the guide's clean-up marks it
         deadline = time.time() + 120
-        while time.time() < deadline and not rt.stale_jobs(server_kit):
+        while time.time() < deadline and not site_setup.stale_jobs(server_kit):
             time.sleep(2)
-        assert rt.stale_jobs(server_kit, finish=True) == [(job_id, "RUNNING")]
+        assert site_setup.stale_jobs(server_kit, finish=True) == [(job_id, "RUNNING")]
         assert sess.get_job_meta(job_id)["status"] == "FINISHED:ABANDONED"
     finally:
         sess.close()
