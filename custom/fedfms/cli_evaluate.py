@@ -9,9 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fedfms.config import parse_json_object
+from fedfms.config import parse_json_object, positive_int_arg
 from fedfms.errors import ConfigError
-from fedfms.config import positive_int_arg
 
 LOSO_EPILOG = """\
 examples:
@@ -27,7 +26,7 @@ separate calls with --holdout and the results files gather every finished fold (
 
 def _model_config(args) -> dict:
     if args.job:
-        from fedfms.evaluation.protocol import training_settings
+        from fedfms.flare.loso_runner import training_settings
 
         return training_settings(args.job)["model"]
     if args.model_config:
@@ -48,8 +47,7 @@ def _cmd_evaluate(args) -> int:
                           device=args.device, checkpoint=args.checkpoint)
     print(format_site_rows(rows, args.scoring))
     if args.json:
-        from fedfms.evaluation.protocol import json_safe
-
+        from fedfms.evaluation.results import json_safe
         from fedfms.evaluation.scoring import scoring_notes
 
         # both rules are always written; "scoring" records what the console table showed
@@ -63,7 +61,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_loso(args) -> int:
-    from fedfms.evaluation.protocol import leave_one_site_out
+    from fedfms.flare.loso_runner import leave_one_site_out
 
     sites = [s for s in (args.sites or "").split(",") if s] or None
     leave_one_site_out(
@@ -78,12 +76,16 @@ def _cmd_loso(args) -> int:
 
 def _cmd_centralized(args) -> int:
     from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
-    from fedfms.evaluation.protocol import json_safe, train_config, training_settings
+    from fedfms.evaluation.loso import train_config
+    from fedfms.evaluation.results import json_safe
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows
+    from fedfms.flare.loso_runner import training_settings
 
     settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"),
                                  flavour=args.flavour)
     train = dict(settings["train"])
+    if not args.epochs and settings["num_rounds"] is None:
+        raise ConfigError(f"{args.job}: a job written by hand has no recipe to give its rounds; pass --epochs")
     epochs = args.epochs or settings["num_rounds"] * train_config(settings).epochs
     out = Path(args.out)
     weights = train_centralized(settings["model"], train, args.sites, epochs, out / "model.pt", overwrite=args.overwrite,

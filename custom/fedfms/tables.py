@@ -26,11 +26,12 @@ from typing import Mapping, Sequence
 import torch
 
 from fedfms.errors import ConfigError, FedFMSError
+from fedfms.evaluation.results import RESULTS_JSON  # what `fedfms loso` writes
 from fedfms.evaluation.scoring import check_scoring
 from fedfms.flavours import flavour_of, flavour_overrides
+from fedfms.numbers import finite_mean, fmt_score
 from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
 
-RESULTS_JSON = "loso_results.json"  # what `fedfms loso` writes (fedfms.evaluation.protocol)
 
 # which LOSO methods make a table: federated final global model with the centralised last epoch, or
 # the federated best global model with the centralised best epoch (both picked on validation data only)
@@ -272,11 +273,6 @@ def _value(scores: Mapping, scoring: str, metric: str, class_index: int | None):
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def _average(values: Sequence) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def table1_cells(table: Table1, scoring: str) -> tuple[list[str], list[list[str]], list[list]]:
     """Header, formatted rows and raw values of one table under one rule (``honest`` or ``reference``)."""
     parts = [(None, "")] if len(table.classes) <= 1 else [(i, f" {c}") for i, c in enumerate(table.classes)]
@@ -291,11 +287,11 @@ def table1_cells(table: Table1, scoring: str) -> tuple[list[str], list[list[str]
             for ci, _ in parts:
                 for metric in ("dice", "iou"):
                     if group == "Average":
-                        v = _average([_value(row["sites"][s], scoring, metric, ci) for s in table.sites if s in row["sites"]])
+                        v = finite_mean([_value(row["sites"][s], scoring, metric, ci) for s in table.sites if s in row["sites"]])
                     else:
                         v = _value(row["sites"][group], scoring, metric, ci) if group in row["sites"] else None
                     values.append(v)
-                    cells.append("-" if v is None else f"{v:.3f}")
+                    cells.append(fmt_score(v))
         formatted.append(cells)
         raw.append(values)
     return header, formatted, raw
@@ -378,7 +374,7 @@ def write_table1_csv(tables: Sequence[Table1], path: str | os.PathLike, scoring:
                     for group in [*table.sites, "average"]:
                         for ci, cname in parts:
                             if group == "average":
-                                d, i = (_average([_value(row["sites"][s], rule, m, ci) for s in table.sites if s in row["sites"]])
+                                d, i = (finite_mean([_value(row["sites"][s], rule, m, ci) for s in table.sites if s in row["sites"]])
                                         for m in ("dice", "iou"))
                             elif group in row["sites"]:
                                 d, i = (_value(row["sites"][group], rule, m, ci) for m in ("dice", "iou"))

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from fedfms.evaluation import protocol
+from fedfms.flare import loso_runner
 
 CHILD_OUTPUT = [
     "2026-11-27 00:00:00,000 - SimulatorRunner - INFO - Create the simulate clients.\n",
@@ -31,14 +31,10 @@ class FakeChild:
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_fold_console_is_one_line_per_round_unless_verbose(tmp_path, monkeypatch, verbose):
-    monkeypatch.setattr(protocol.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(loso_runner.subprocess, "Popen", FakeChild)
     said: list[str] = []
-    tokens = protocol._PROGRESS_SAY.set(said.append), protocol._VERBOSE.set(verbose)
-    try:
-        rc = protocol.simulate(tmp_path / "job", tmp_path / "ws", ["a", "b"], tmp_path / "data", tmp_path / "simulator.log")
-    finally:
-        protocol._PROGRESS_SAY.reset(tokens[0])
-        protocol._VERBOSE.reset(tokens[1])
+    rc = loso_runner.simulate(tmp_path / "job", tmp_path / "ws", ["a", "b"], tmp_path / "data", tmp_path / "simulator.log",
+                              say=said.append, verbose=verbose)
     assert rc == 0
     assert ("--verbose" if verbose else "--quiet") in FakeChild.commands[-1]
     expected = CHILD_OUTPUT if verbose else [CHILD_OUTPUT[1], CHILD_OUTPUT[3]]

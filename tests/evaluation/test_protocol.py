@@ -17,9 +17,11 @@ from fedfms.cli import main
 from fedfms.data.site_dataset import SiteDataset
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
-from fedfms.evaluation import collect, evaluate_sites, format_loso_table, leave_one_site_out, train_centralized
+from fedfms.evaluation import EvaluationError, collect, evaluate_sites, format_loso_table, train_centralized
 from fedfms.evaluation.centralized import history_path, last_weights_path
-from fedfms.evaluation.protocol import FOLD_FILE, RESULTS_CSV, RESULTS_JSON, job_source, write_csv
+from fedfms.evaluation.results import FOLD_FILE, RESULTS_CSV, RESULTS_JSON, write_csv
+from fedfms.flare import loso_runner
+from fedfms.flare.loso_runner import job_source, leave_one_site_out
 from fedfms.flare.jobs import CPU_TRAIN, write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig, build_model, travel_state_dict
@@ -141,15 +143,17 @@ def test_a_job_folder_is_written_again_for_the_fold_with_rounds_and_sites_set(tm
     client = json.loads((out / "app/config/config_fed_client.json").read_text())
     assert client["executors"][0]["executor"]["args"]["train_config"]["lr"] == 5e-4  # the job's own settings kept
     assert json.loads((job / "app/config/config_fed_server.json").read_text())["num_rounds"] == 2  # source untouched
-    # a job written by hand (no recipe) is copied and patched
+    assert job_source(job).settings()["num_rounds"] == 2  # from the recipe
+    # a job written by hand (no recipe) cannot be written again for a fold: refused before anything runs
     hand = tmp_path / "hand"
     shutil.copytree(job, hand)
     meta = json.loads((hand / "meta.json").read_text())
     meta.pop("fedfms_recipe")
     (hand / "meta.json").write_text(json.dumps(meta))
-    out = job_source(hand).write(tmp_path / "copy2", rounds=7, sites=["a", "b", "c"])
-    server = json.loads((out / "app/config/config_fed_server.json").read_text())
-    assert (server["num_rounds"], server["min_clients"]) == (7, 3)
+    with pytest.raises(ConfigError, match="written by hand .*'fedfms job new'"):
+        job_source(hand).write(tmp_path / "copy2", rounds=7, sites=["a", "b", "c"])
+    assert not (tmp_path / "copy2").exists()
+    assert job_source(hand).settings()["num_rounds"] is None  # its model and train config still read (evaluate, centralized)
     with pytest.raises(ConfigError, match="overrides apply to job variants"):
         job_source(job, train_overrides={"lr": 1.0})
 
@@ -218,6 +222,12 @@ def test_cli_errors_are_one_line(sites, central, tmp_path, capsys, monkeypatch):
     assert "does not match a tiny fedsam" in _error(capsys, ["evaluate", str(sites / "c"), "--weights", str(central),
                                                              "--job", "fedsam_tiny"])
     assert "already exists" in _error(capsys, ["centralized", str(sites / "a"), "--job", "fedmsa_tiny", "--out", str(central.parent)])
+    hand = write_job("fedmsa_tiny", tmp_path / "hand")
+    meta = json.loads((hand / "meta.json").read_text())
+    meta.pop("fedfms_recipe")
+    (hand / "meta.json").write_text(json.dumps(meta))
+    assert "written by hand" in _error(capsys, ["loso", str(hand), "--data-root", str(sites), "--workspace", ws])
+    assert "pass --epochs" in _error(capsys, ["centralized", str(sites / "a"), "--job", str(hand), "--out", str(tmp_path / "c")])
     assert not (tmp_path / "ws").exists()
 
 
@@ -238,23 +248,21 @@ def test_cli_evaluate_and_centralized(sites, central, tmp_path, capsys):
 
 
 def test_a_failed_simulation_marks_the_fold_and_overwrite_reruns_it(sites, tmp_path, monkeypatch):
-    from fedfms.evaluation import protocol
-
-    def broken(job, workspace, clients, data_root, log_path):
+    def broken(job, workspace, clients, data_root, log_path, say=None, verbose=False):
         assert clients == ["b", "c"] and json.loads((job / "meta.json").read_text())["deploy_map"]["app"] == ["server", "b", "c"]
         log_path.write_text("starting\nRuntimeError: site b could not start\n")
         return 1
 
-    monkeypatch.setattr(protocol, "simulate", broken)
-    with pytest.raises(protocol.EvaluationError, match=r"fold a: the simulation failed \(exit code 1\).*could not start"):
+    monkeypatch.setattr(loso_runner, "simulate", broken)
+    with pytest.raises(EvaluationError, match=r"fold a: the simulation failed \(exit code 1\).*could not start"):
         leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"])
     assert json.loads((tmp_path / "a" / FOLD_FILE).read_text())["status"] == "failed"
     with pytest.raises(ConfigError, match="already exists"):
         leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"])
 
-    monkeypatch.setattr(protocol, "simulate", lambda *args: 0)  # "succeeds" but leaves no model behind
+    monkeypatch.setattr(loso_runner, "simulate", lambda *args, **kwargs: 0)  # "succeeds" but leaves no model behind
     (tmp_path / "a" / "stale.txt").write_text("from the failed run")
-    with pytest.raises(protocol.EvaluationError, match="no FL_global_model.pt was written"):
+    with pytest.raises(EvaluationError, match="no FL_global_model.pt was written"):
         leave_one_site_out("fedmsa_tiny", sites, None, tmp_path, rounds=1, holdouts=["a"], overwrite=True)
     assert not (tmp_path / "a" / "stale.txt").exists()
     assert "no FL_global_model.pt" in json.loads((tmp_path / "a" / FOLD_FILE).read_text())["error"]

@@ -10,7 +10,7 @@ import torch
 from fedfms.cli import main
 from fedfms.data.synthetic import make_disc_site
 from fedfms.evaluation import collect, evaluate_sites, format_loso_table, format_site_rows
-from fedfms.evaluation.protocol import FOLD_FILE, write_csv
+from fedfms.evaluation.results import FOLD_FILE, write_csv
 from fedfms.evaluation.scoring import scoring_keys
 from fedfms.models import ModelConfig, build_model, travel_state_dict
 

@@ -13,7 +13,7 @@ import torch
 
 from fedfms.cli import main
 from fedfms.data.synthetic import make_disc_site
-from fedfms.evaluation.protocol import FOLD_FILE, RESULTS_JSON, collect
+from fedfms.evaluation.results import FOLD_FILE, RESULTS_JSON, collect
 from fedfms.flavours import FLAVOURS
 from fedfms.models import ModelConfig, build_model, build_model_on_meta
 from fedfms.tables import (NEEDS_GPU, _variant_guess, build_table1, build_table2, count_flops, format_table1, format_table2,

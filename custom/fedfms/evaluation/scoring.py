@@ -24,6 +24,7 @@ from fedfms.data.site_dataset import SiteDataset
 from fedfms.errors import ConfigError
 from fedfms.models import ModelConfig
 from fedfms.models.unet import UNetSegmenter
+from fedfms.numbers import finite_mean, fmt_score
 from fedfms.training.metrics import HONEST_RULE, SegmentationMetric, reference_rule
 from fedfms.training.predict import load_model
 from fedfms.training.trainer import pick_device
@@ -154,21 +155,21 @@ def mean_row(rows: Sequence[Mapping], label: str = "average") -> dict:
     """Unweighted mean over sites of each summary metric (the paper's 'Avg'); NaN entries are skipped."""
     out: dict = {"site": label}
     for key in ALL_SUMMARY_KEYS:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
+        out[key] = _mean_or_nan([r.get(key) for r in rows])
     classes = rows[0].get("classes") if rows else None
     if classes and all(r.get("classes") == classes for r in rows):
         for key in PER_CLASS_KEYS:
             lists = [r.get(key) or [None] * len(classes) for r in rows]
-            out[key] = [_finite_mean(values) for values in zip(*lists)]
+            out[key] = [_mean_or_nan(values) for values in zip(*lists)]
         out["classes"] = list(classes)
     out["num_samples"] = sum(int(r.get("num_samples") or 0) for r in rows)
     return out
 
 
-def _finite_mean(values) -> float:
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(values) / len(values) if values else math.nan
+def _mean_or_nan(values) -> float:
+    # the rows' convention: NaN (not None) for a metric no site could score
+    mean = finite_mean(values)
+    return math.nan if mean is None else mean
 
 
 def format_site_rows(rows: Sequence[Mapping], scoring: str = "honest") -> str:
@@ -185,22 +186,16 @@ def format_site_rows(rows: Sequence[Mapping], scoring: str = "honest") -> str:
     header.append("n")
     body = []
     for r in list(rows) + ([mean_row(rows)] if len(rows) > 1 else []):
-        cells = [str(r["site"])] + [_cell(r.get(k)) for k in keys]
+        cells = [str(r["site"])] + [fmt_score(r.get(k)) for k in keys]
         if per_class:
             for k in class_keys:
-                cells += [_cell(v) for v in r.get(k) or [None] * len(classes)]
+                cells += [fmt_score(v) for v in r.get(k) or [None] * len(classes)]
         body.append(cells + [str(r.get("num_samples", "-"))])
     table = render_table(header, body)
     if scoring != "honest":
         on = next((r.get("reference_on") for r in rows if r.get("reference_on")), "logits")
         table += "\n" + "\n".join(scoring_notes(scoring, on))
     return table
-
-
-def _cell(value) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "-"
-    return f"{value:.3f}"
 
 
 def render_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
