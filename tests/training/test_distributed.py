@@ -22,13 +22,17 @@ from fedfms.training.trainer import LocalTrainer, TrainConfig
 # and the epoch's last batch (32 = 6 x 5 + 2) 1 + 1; shuffled, as the trainer always trains
 MODEL = ModelConfig("tiny", "fedsam", num_classes=1, pretrained=False)
 TRAIN = TrainConfig(lr=1e-3, loss="bce_dice", batch_size=5, epochs=2, weight_decay=0.01, progress=False, threads=1)
-# Tolerance on every travel-set element after a round (14 Adam steps of lr 1e-3). DDP sums in another order (two
-# part-batch means, then a gloo all-reduce, against one mean): ~1e-7 relative in each gradient, which Adam's
-# normalisation can enlarge for elements whose gradient nearly cancels; measured 3e-6 and 6e-7 (rounds 1 and 2).
-# 1e-5 is 1 % of one Adam step and < 0.1 % of how far the weights move in a round (> 1e-2; checked > 1e-3), while
-# what the test must catch is far larger: averaging the ranks' means without weighting the uneven 3 + 2 parts
-# differs by 3.5e-3, another shuffle order by 1e-2 (both measured on this site).
-ATOL = 1e-5
+# Tolerances after a round (14 Adam steps of lr 1e-3). DDP sums in another order (two part-batch means, then a
+# gloo all-reduce, against one mean): ~1e-7 relative in each gradient. Adam divides by the gradient's own size, so
+# where the true gradient is zero the summation noise itself takes steps: the attention key biases (softmax does
+# not change when every key moves by the same vector) move ~1e-5 on noise, and one process alone, run with 1 or 2
+# threads, differs by 1.7e-5 there (measured, FedMSA on this site). Hence ATOL = 1e-4 on every element (10 % of one
+# Adam step) and, on the whole round's update (all travel tensors as one vector), |DDP - single| / |single| <=
+# REL = 1e-3 (measured here: max element 3.2e-6 / 5.6e-7, relative 6.3e-7 / 2.2e-7 in rounds 1 / 2; FedMSA, whose
+# update is smaller, batch 6: 1.3e-5 and 4.3e-5). What the test must catch is far larger: averaging the ranks'
+# means without weighting the uneven 3 + 2 parts differs by 3.5e-3 per element, another shuffle order by 1e-2.
+ATOL = 1e-4
+REL = 1e-3
 
 
 def no_process_left(work_dir) -> bool:
@@ -88,11 +92,14 @@ def test_two_gloo_processes_give_the_single_process_update(disc_site, tmp_path):
                            optimizer_state=work / OPTIMIZER_FILE if rnd else None, timeout_s=300)
         seconds = time.perf_counter() - began
         assert set(got.weights) == set(expected.weights)
-        diff = max((got.weights[k] - expected.weights[k]).abs().max().item() for k in expected.weights)
-        moved = max((expected.weights[k] - previous[k]).abs().max().item() for k in expected.weights)
-        print(f"round {rnd}: max |DDP - single| = {diff:.3g}, max move {moved:.3g}, launch {seconds:.1f} s")
-        assert diff <= ATOL, (rnd, diff)
-        assert moved > 1e-3
+        keys = sorted(expected.weights)
+        error = torch.cat([(got.weights[k] - expected.weights[k]).flatten().double() for k in keys])
+        update = torch.cat([(expected.weights[k] - previous[k]).flatten().double() for k in keys])
+        diff, rel = error.abs().max().item(), (error.norm() / update.norm()).item()
+        print(f"round {rnd}: max |DDP - single| = {diff:.3g}, relative to the update {rel:.3g}, "
+              f"max move {update.abs().max():.3g}, launch {seconds:.1f} s")
+        assert diff <= ATOL and rel <= REL, (rnd, diff, rel)
+        assert update.abs().max() > 1e-3
         # the site's training samples, once (not times the processes), and the same steps
         assert got.num_samples == expected.num_samples == single.num_train_samples == 32
         assert got.metrics["train"]["steps"] == expected.metrics["train"]["steps"] == 14
