@@ -71,6 +71,7 @@ def test_ciphertext_sum_scaled_by_the_sample_counts_is_fedavg_to_ckks_precision(
 def _fl_ctx(site="site-1", task="train"):
     ctx = FLContext()
     ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
+    ctx.set_prop(FLContextKey.SECURE_MODE, False, private=True, sticky=False)  # as the simulator (unsigned startup files)
     peer = FLContext()
     peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
     ctx.set_peer_context(peer)
@@ -111,6 +112,38 @@ def test_server_check_on_ciphertext_rejects_wrong_length_missing_key_plaintext_a
     bad_metric = _encrypted(_update(), 10, client)
     bad_metric.meta[MetaKey.INITIAL_METRICS] = {"val_dice": 7.0}
     assert "expected a number in [0, 1]" in _check(check, bad_metric, "site-7").get_header(REASON_HEADER)
+
+
+def test_server_reads_ciphertext_bytes_under_its_own_context_only(tmp_path, contexts):
+    from nvflare.fuel.sec.security_content_service import SecurityContentService
+
+    _, client = contexts
+    startup = tmp_path / "startup"
+    he.write_contexts(startup)
+    SecurityContentService.initialize(content_folder=str(startup))
+    own_client = tenseal.context_from((startup / he.CLIENT_CONTEXT).read_bytes())
+    check = ContributionCheckFilter(TINY, encrypted=True, persistor_id=None)
+    weights = _update()
+    sent = _encrypted(weights, 10, own_client)
+    sent.data = {k: v.serialize() for k, v in sent.data.items()}  # what HECiphertextBytes sends
+    shareable = sent.to_shareable()
+    result = check.process(shareable, _fl_ctx())
+    assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK, result.get_header(REASON_HEADER)
+    from nvflare.apis.dxo import from_shareable
+
+    bound = from_shareable(result).data
+    key = sorted(bound)[0]
+    assert isinstance(bound[key], tenseal.CKKSVector) and not bound[key].context().is_private()
+    # (the server's copy has no secret key; the site decrypts what the server adds up)
+    np.testing.assert_allclose(bound[key].decrypt(own_client.secret_key()), weights[key].ravel() * 10, atol=1e-4)
+
+    other = tenseal.context(tenseal.SCHEME_TYPE.CKKS, poly_modulus_degree=4096, coeff_mod_bit_sizes=[40, 20, 40])
+    other.global_scale = 2**20
+    foreign = _encrypted(weights, 10, own_client)
+    foreign.data = {k: v.serialize() for k, v in foreign.data.items()}
+    foreign.data[key] = tenseal.ckks_vector(other, weights[key].ravel().tolist()).serialize()
+    reason = check.process(foreign.to_shareable(), _fl_ctx("site-2")).get_header(REASON_HEADER)
+    assert "not a CKKS ciphertext of this federation's parameters" in reason, reason
 
 
 def test_site_checks_in_plaintext_before_encrypting():
@@ -165,7 +198,7 @@ def test_every_component_serializes_through_fedjob_and_rebuilds_the_same():
         spec = _instance_json(obj)
         rebuilt = instantiate_class(spec["path"], spec["args"])
         assert _instance_json(rebuilt) == spec, spec["path"]
-    weigh = [chain[-1].weigh_by_local_iter for _, chain in results]
+    weigh = [chain[1].weigh_by_local_iter for _, chain in results]
     assert weigh == [True, False]  # training results carry n_k w_k; a submitted model is sent as it is
     assert server["aggregator"]._weigh_by_local_iter is False  # the sum is divided by sum(n_k) only
     assert server["federation_monitor"].expected_sites == ["site-1", "site-2"]
@@ -208,10 +241,13 @@ class CiphertextTamper(Filter):
     def process(self, shareable, fl_ctx):
         import tenseal as ts
 
+        from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
+
         dxo = from_shareable(shareable)
-        if self.kind == "short":
+        if self.kind == "short":  # a ciphertext of 5 values in place of the first tensor's, as bytes like the rest
             key = sorted(dxo.data)[0]
-            dxo.data[key] = ts.ckks_vector(dxo.data[key].context(), [0.0] * 5)
+            context = load_tenseal_context_from_workspace("client_context.tenseal", fl_ctx)
+            dxo.data[key] = ts.ckks_vector(context, [0.0] * 5).serialize()
         elif self.kind == "huge_count":
             dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 10**12)
         dxo.update_shareable(shareable)

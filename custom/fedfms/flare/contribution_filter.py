@@ -78,6 +78,7 @@ class ContributionCheckFilter(Filter):
         self.submit_model_task_name = submit_model_task_name
         self.data_kinds = list(data_kinds or [DataKind.WEIGHTS])
         self.encrypted = bool(encrypted)
+        self._he_context = None
         self.first_counts: dict[str, int] = {}
         self.reference_fingerprint: tuple[str, str] | None = None
         self.rejected: list[tuple[str, int | None, str]] = []
@@ -130,7 +131,7 @@ class ContributionCheckFilter(Filter):
             self.log_info(fl_ctx, f"frozen-weights fingerprint of this run: {self.reference_fingerprint[1][:12]} (from {site})")
         if not self.encrypted:
             dxo.data = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in dxo.data.items()}
-            dxo.update_shareable(shareable)
+        dxo.update_shareable(shareable)
         return shareable
 
     @staticmethod
@@ -151,9 +152,11 @@ class ContributionCheckFilter(Filter):
         if spec is None:
             return [self.NO_SPEC_REASON], dxo, None
         if self.encrypted:
-            from fedfms.flare.he import ciphertext_problems
+            from fedfms.flare.he import ciphertext_problems, server_context
 
-            problems = ciphertext_problems(dxo, spec)
+            if self._he_context is None:
+                self._he_context = server_context(fl_ctx)
+            problems = ciphertext_problems(dxo, spec, self._he_context)  # ciphertexts bound to the server's context
         else:
             problems = find_problems(dxo.data, spec)
         if not training:

@@ -138,11 +138,37 @@ def _is_ciphertext(value) -> bool:
     return isinstance(value, ts.CKKSVector)
 
 
-def ciphertext_problems(dxo: DXO, spec: dict, max_items: int = 3) -> list[str]:
+def server_context(fl_ctx: FLContext | None = None):
+    """The server's TenSEAL context (``server_context.tenseal`` from its startup folder, through FLARE's
+    security content service, as FLARE's HE components load it); None where there is none."""
+    try:
+        from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
+
+        return load_tenseal_context_from_workspace(SERVER_CONTEXT, fl_ctx if fl_ctx is not None else FLContext())
+    except Exception:
+        return None
+
+
+def _bind(value, context):
+    """A site's ciphertext as a CKKS vector under ``context`` (the server's own keys and parameters, never
+    a context the site sent along); bytes when no context is at hand."""
+    import tenseal as ts
+
+    raw = value.serialize() if isinstance(value, ts.CKKSVector) else value
+    if context is None:
+        return value
+    return ts.ckks_vector_from(context, raw)
+
+
+def ciphertext_problems(dxo: DXO, spec: dict, context=None, max_items: int = 3) -> list[str]:
     """What the server can still check of an encrypted travel-set update (empty list: nothing wrong): FLARE's
-    CKKS marker, exactly the travel keys, every one marked encrypted and a CKKS vector holding as many values as
-    the tensor has. Shapes, dtypes, NaN/inf and magnitudes are invisible in ciphertext: the site's
-    :class:`HEPlaintextCheck` checks them before encrypting."""
+    CKKS marker, exactly the travel keys, every one marked encrypted, readable as a CKKS ciphertext under the
+    server's ``context`` and holding as many values as the tensor has. Shapes, dtypes, NaN/inf and magnitudes
+    are invisible in ciphertext: the site's :class:`HEPlaintextCheck` checks them before encrypting.
+
+    With a ``context``, ``dxo.data`` ends up holding CKKS vectors bound to it (sites send bytes, see
+    :class:`HECiphertextBytes`; a CKKS vector that arrived with a context of its own is re-read under the
+    server's), which is what FLARE's HE aggregator adds up."""
     try:
         if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) != CKKS:
             return [f"not CKKS-encrypted (meta {MetaKey.PROCESSED_ALGORITHM} is "
@@ -158,11 +184,20 @@ def ciphertext_problems(dxo: DXO, spec: dict, max_items: int = 3) -> list[str]:
             value = data[key]
             if not marked.get(key):
                 problems.append(f"'{key}' is not marked encrypted")
-            elif not _is_ciphertext(value):
+            elif not (_is_ciphertext(value) or isinstance(value, bytes)):
                 problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector of {expected} values")
-            elif value.size() != expected:
-                problems.append(f"'{key}' is a CKKS vector of {value.size()} values, expected {expected} "
-                                f"(shape {tuple(shape)})")
+            else:
+                try:
+                    value = data[key] = _bind(value, context)
+                except Exception as exc:
+                    problems.append(f"'{key}' is not a CKKS ciphertext of this federation's parameters "
+                                    f"({type(exc).__name__}: {exc})")
+                    value = None
+                if isinstance(value, bytes):
+                    problems.append(f"'{key}' arrived as bytes, but the server has no TenSEAL context to read it")
+                elif value is not None and value.size() != expected:
+                    problems.append(f"'{key}' is a CKKS vector of {value.size()} values, expected {expected} "
+                                    f"(shape {tuple(shape)})")
             if len(problems) >= max_items + 2:
                 break
         return problems
@@ -232,6 +267,22 @@ class HEPlaintextCheck(Filter):
             return error_reply(ReturnCode.TASK_RESULT_FILTER_ERROR,
                                f"the site's pre-encryption check refused to send it: {reason}", shareable)
         return shareable
+
+
+class HECiphertextBytes(DXOFilter):
+    """Site side, right after FLARE's ``HEModelEncryptor``: each CKKS vector as its serialized ciphertext.
+    Sent as objects, FLARE's FOBS decomposer puts the whole TenSEAL context (relinearisation keys, ~0.66 MB)
+    beside every tensor's ciphertext; as bytes only the ciphertext travels (fedmsa_tiny: 124 MB -> 32 MB per
+    round), and the server reads it under its own context (:func:`ciphertext_problems`), never the site's."""
+
+    def __init__(self):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) != CKKS:
+            return None
+        dxo.data = {k: v.serialize() if _is_ciphertext(v) else v for k, v in dxo.data.items()}
+        return dxo
 
 
 class HEReshapeFilter(DXOFilter):
@@ -376,7 +427,8 @@ def server_components(settings: dict) -> dict[str, object]:
 def site_filters(settings: dict) -> tuple[list, list]:
     """(result chains, data chains), each a list of ``(tasks, [filter instances])`` with disjoint tasks.
     Result chains go after the site's ``TravelSetFilter`` of the same tasks: the plaintext check, then FLARE's
-    encryptor (training results weighted by the sample count, submitted models not). Data chains (incoming
+    encryptor (training results weighted by the sample count, submitted models not), then the ciphertexts as
+    bytes (:class:`HECiphertextBytes`). Data chains (incoming
     models): FLARE's decryptor, then the reshape to the travel set's shapes."""
     from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
     from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
@@ -385,9 +437,11 @@ def site_filters(settings: dict) -> tuple[list, list]:
     model = settings["model"]
     max_abs = settings.get("he_max_abs") or DEFAULT_MAX_ABS
     results = [(["train"], [HEPlaintextCheck(model, max_abs),
-                            HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=True)]),
+                            HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=True),
+                            HECiphertextBytes()]),
                (["submit_model"], [HEPlaintextCheck(model, max_abs),
-                                   HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=False)])]
+                                   HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=False),
+                                   HECiphertextBytes()])]
     data = [(list(MODEL_TASKS_IN), [HEModelDecryptor(tenseal_context_file=CLIENT_CONTEXT), HEReshapeFilter(model)])]
     return results, data
 
