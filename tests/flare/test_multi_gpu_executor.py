@@ -13,6 +13,7 @@ from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
+from fedfms.errors import ConfigError
 from fedfms.flare import executor as executor_module
 from fedfms.flare.executor import FedFMSExecutor
 from fedfms.flare.site_config import SITE_CONFIG_FILE
@@ -114,3 +115,10 @@ def test_one_process_keeps_training_in_process(disc_site, tmp_path, monkeypatch)
     reply = executor._train(DXO(DataKind.WEIGHTS, weights).to_shareable(), site_context(local), Signal())
     assert from_shareable(reply).get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 32
     assert executor.work_dir is None and executor.trainer.rounds_done == 1
+
+
+def test_an_executor_without_a_ddp_round_says_so():
+    """A subclass with its own set-up (nnU-Net's) never prepares a DDP round: one line, not a TypeError."""
+    executor = FedFMSExecutor(MODEL, processes_per_site=2)
+    with pytest.raises(ConfigError, match="processes_per_site=2: FedFMSExecutor trains in one process only"):
+        executor._train_distributed({}, Signal())

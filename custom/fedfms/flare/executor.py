@@ -17,6 +17,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from fedfms.errors import ConfigError
 from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
@@ -212,6 +213,8 @@ class FedFMSExecutor(Executor):
         """The round as ``self.processes`` DDP processes (fedfms.training.distributed); the in-process trainer then
         takes the result, so that ``validate`` and ``submit_model`` see the trained model and the next round
         continues from it (its shuffle seed, Adam's moments)."""
+        if self.round_inputs is None:  # a subclass with its own trainer and set-up (nnU-Net's) has no DDP round
+            raise ConfigError(f"processes_per_site={self.processes}: {type(self).__name__} trains in one process only")
         self.trainer.load_travel_weights(incoming)  # checks the incoming travel set here, before any process starts
         optimizer = f"{self.work_dir}/{OPTIMIZER_FILE}" if self.trainer.rounds_done else None
         result = launch_round(**self.round_inputs, global_weights=incoming, nproc=self.processes, work_dir=self.work_dir,
