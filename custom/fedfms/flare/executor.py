@@ -100,7 +100,9 @@ class FedFMSExecutor(Executor):
         self.data_dir = data_dir
         self.validation_split = validation_split
         self.tb_writer_id = tb_writer_id
+        self.transfer = transfer
         self.bytes_factor = 0.5 if transfer == "float16" else 1.0
+        self.update = update
         if update not in ("weights", "weight_diff"):
             raise ValueError(f"update is {update!r}; expected 'weights' or 'weight_diff'")
         self.update_kind = DataKind.WEIGHT_DIFF if update == "weight_diff" else DataKind.WEIGHTS
@@ -109,6 +111,8 @@ class FedFMSExecutor(Executor):
         self.processes = self.processes_per_site  # after _setup: the site's own setting, if it has one
         self.round_inputs: dict | None = None  # what each multi-process round is built from (_setup)
         self.work_dir: str | None = None
+        self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
+        self.submit_model_task_name = submit_model_task_name
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.trainer: LocalTrainer | None = None
         self.setup_error: str | None = None
