@@ -3,11 +3,12 @@
 What changes under HE (docs/privacy-he.md):
 
 - a site checks its update in plaintext (keys, shapes, dtypes, finite values, a magnitude bound) and only then
-  encrypts it (FLARE's ``HEModelEncryptor``; training results pre-multiplied by the sample count n_k);
+  encrypts it (FLARE's ``HEModelEncryptor``; training results pre-multiplied by the sample count n_k) and sends
+  the ciphertexts as bytes (:class:`HECiphertextBytes`: without FLARE's copy of the TenSEAL context per tensor);
 - the server never holds a secret key: its contribution check can no longer see shapes or NaN, so it checks
   what is left in the clear or countable (:func:`ciphertext_problems`: CKKS marker, every travel key encrypted,
-  each ciphertext's value count equal to the tensor's size; sample count, metrics and frozen-weights
-  fingerprint, which travel in plaintext meta, as before);
+  each ciphertext readable under the server's own context and holding as many values as the tensor; sample
+  count, metrics and frozen-weights fingerprint, which travel in plaintext meta, as before);
 - FLARE's ``HEInTimeAccumulateWeightedAggregator`` sums the ciphertexts and scales by 1 / sum(n_k), so the new
   global model is sum(n_k w_k) / sum(n_k) in ciphertext, which the sites decrypt (``HEModelDecryptor``) and
   reshape (:class:`HEReshapeFilter`: TenSEAL decrypts to flat lists);
@@ -49,7 +50,6 @@ HE_PARAMS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "
 # the 60 bits left after the rescale (|avg| < 2^19); trained weights are orders of magnitude below this
 DEFAULT_MAX_ABS = 1e4
 PERSISTOR_FILTER_ID = "model_serialize_filter"  # the persistor's filter_id under HE (saves ciphertexts as bytes)
-MODEL_TASKS_BACK = ["train", "submit_model"]
 MODEL_TASKS_IN = ["train", "validate"]
 
 
