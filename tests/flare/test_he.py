@@ -204,6 +204,32 @@ def test_every_component_serializes_through_fedjob_and_rebuilds_the_same():
     assert server["federation_monitor"].expected_sites == ["site-1", "site-2"]
 
 
+def test_fedjob_exports_the_he_components(tmp_path):
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.defs import FilterType
+
+    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    job = FedJob(name="he", min_clients=2)
+    for cid, obj in he.server_components(s).items():
+        job.to_server(obj, id=cid)
+    results, data = he.site_filters(s)
+    for kind, chains in ((FilterType.TASK_RESULT, results), (FilterType.TASK_DATA, data)):
+        for tasks, chain in chains:
+            for f in chain:
+                job.to_clients(f, tasks=tasks, filter_type=kind)
+    job.export_job(str(tmp_path))
+    server = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_client.json").read_text())
+    assert [w["path"] for w in server["workflows"]] == ["fedfms.flare.he.CrossSiteModelEvalHE"]
+    assert {c["id"] for c in server["components"]} == {"shareable_generator", "aggregator", he.PERSISTOR_FILTER_ID,
+                                                       "federation_monitor"}
+    chains = {tuple(c["tasks"]): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in client["task_result_filters"]}
+    assert chains == {("train",): ["HEPlaintextCheck", "HEModelEncryptor", "HECiphertextBytes"],
+                      ("submit_model",): ["HEPlaintextCheck", "HEModelEncryptor", "HECiphertextBytes"]}
+    assert [f["path"].rsplit(".", 1)[1] for f in client["task_data_filters"][0]["filters"]] == ["HEModelDecryptor",
+                                                                                               "HEReshapeFilter"]
+
+
 # ------------------------------------------------------------------------------------------ simulator
 SUPPORT_SOURCE = '''"""Test-only site filters for the HE simulator tests (written into the job's custom code)."""
 import json
