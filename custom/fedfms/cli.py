@@ -57,6 +57,7 @@ def _federation_settings(args) -> dict:
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
         tracking=args.tracking, update=args.update, privacy=args.privacy,
         privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
+        processes_per_site=args.processes_per_site,
     )
 
 
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment tracking at the server: TensorBoard (default) or MLflow too (SQLite store in the run folder)")
     p.add_argument("--flavour", choices=["project", "reference"],
                    help="reference: head, input scaling, pos_weight and adapter init as in the paper's code (docs/evaluation.md)")
+    p.add_argument("--processes-per-site", type=int, help="DDP processes per site, one per GPU (default 1; a site's "
+                                                          "local/fedfms_site.json may set its own: docs/multi-gpu.md)")
     fed = p.add_argument_group("federation (docs/federation.md)")
     fed.add_argument("--sites", help="the sites that must take part, A,B,C (default: whoever is connected at start)")
     fed.add_argument("--min-sites", "--min-clients", dest="min_sites", type=int,

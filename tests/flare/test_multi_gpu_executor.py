@@ -122,3 +122,28 @@ def test_an_executor_without_a_ddp_round_says_so():
     executor = FedFMSExecutor(MODEL, processes_per_site=2)
     with pytest.raises(ConfigError, match="processes_per_site=2: FedFMSExecutor trains in one process only"):
         executor._train_distributed({}, Signal())
+
+
+@pytest.mark.integration
+def test_a_simulated_federation_of_two_process_sites_completes(tmp_path):
+    """The whole path: a job with processes_per_site=2, FLARE's simulator, each site's executor launching torchrun
+    (gloo, 2 ranks) per round; every site contributes once with its own sample count (not x2)."""
+    from fedfms.data.synthetic import make_disc_site
+    from fedfms.flare.jobs import write_job
+    from fedfms.flare.simulate import run_simulation, server_job_dir
+    from fedfms.run_record import read_run_record
+    from fedfms.site_check import check_site
+
+    sizes = {"site-1": 2, "site-2": 3}
+    for i, (site, volumes) in enumerate(sizes.items()):
+        make_disc_site(tmp_path / "data" / site, site=site, num_volumes=volumes, slices_per_volume=3, seed=i)
+    job = write_job("fedmsa_tiny", tmp_path / "job", sites=list(sizes), num_rounds=1, processes_per_site=2)
+    assert json.loads((job / "app/config/config_fed_client.json").read_text())["executors"][0]["executor"]["args"][
+        "processes_per_site"] == 2
+    assert run_simulation(job, tmp_path / "ws", list(sizes), data_root=tmp_path / "data", quiet=True) == 0
+    record = read_run_record(server_job_dir(tmp_path / "ws"))
+    for site in sizes:
+        single_process = check_site(job, tmp_path / "data" / site, site_name=site)["data"]["train_samples"]
+        assert record["sites"][site] == {"samples": single_process, "contributed": [0], "missed": {}}
+        ranks = sorted(p.name for p in (tmp_path / "ws" / site).rglob("fedfms_ddp/logs/rank*.log"))
+        assert ranks == ["rank0.log", "rank1.log"], ranks

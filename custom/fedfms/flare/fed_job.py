@@ -185,6 +185,11 @@ class FedFMSJob(FedJob):
                          "transfer": s["transfer"]}
         if s["update"] != "weights":
             executor_args["update"] = s["update"]
+        if s["processes_per_site"] != 1:
+            executor_args["processes_per_site"] = s["processes_per_site"]
+        if not kind:
+            # a site's multi-process round (its own processes_per_site included) ends where the server stops waiting
+            executor_args["round_timeout_s"] = settings_of.round_timeouts(s)["train"]
         tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else [])]
         self.to_clients(self._made(kind.Executor if kind else FedFMSExecutor, **executor_args), tasks=tasks)
 

@@ -165,7 +165,7 @@ def _check_federation(s: dict, where: str) -> None:
 
 
 SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "memory_gc_rounds", "model",
-                "train", *FEDERATION_DEFAULTS)
+                "train", "processes_per_site", *FEDERATION_DEFAULTS)
 
 
 def variant_settings(name: str, **overrides) -> dict:
@@ -179,6 +179,7 @@ def variant_settings(name: str, **overrides) -> dict:
     s.setdefault("transfer", "float32")
     s.setdefault("task_request_interval", 2.0)  # FLARE's default wait of a site between two tasks
     s.setdefault("memory_gc_rounds", 1)  # FLARE's default: the server collects garbage after every round
+    s.setdefault("processes_per_site", 1)  # DDP processes per site (one per GPU, docs/multi-gpu.md); a site may set its own
     for key, value in FEDERATION_DEFAULTS.items():
         s.setdefault(key, copy.deepcopy(value))
     for key, value in overrides.items():
@@ -200,7 +201,12 @@ def variant_settings(name: str, **overrides) -> dict:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
+    n = s["processes_per_site"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"job {name}: processes_per_site is {n!r}; expected a whole number >= 1 (one DDP process per GPU)")
     if is_nnunet(s):
+        if n != 1:
+            raise ConfigError(f"job {name}: processes_per_site is {n}; the nnU-Net baseline trains in one process per site")
         # nnU-Net trains with its own settings: the flavours' SAM head, input scaling and pos_weight do not apply
         if s["flavour"] not in (None, "project"):
             raise ConfigError(f"job {name}: the nnU-Net baseline has no flavour {s['flavour']!r}: it trains with "
