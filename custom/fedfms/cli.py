@@ -57,7 +57,7 @@ def _federation_settings(args) -> dict:
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
         tracking=args.tracking, update=args.update, privacy=args.privacy,
         privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
-        processes_per_site=args.processes_per_site,
+        processes_per_site=args.processes_per_site, encryption=args.encryption,
     )
 
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--privacy", choices=["percentile", "svt"], help="FLARE's differential-privacy filter on every "
                                                                        "training update (implies --update weight_diff)")
     priv.add_argument("--privacy-args", help='JSON arguments of the filter, e.g. \'{"percentile": 10, "gamma": 0.01}\'')
+    priv.add_argument("--encryption", choices=["he"], help="FedMSA only: the travel set as CKKS ciphertext with FLARE's "
+                                                          "TenSEAL filters; needs HE contexts in every kit (docs/privacy-he.md)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_job_new)
     p = job.add_parser("resume", help="continue a stopped run as a new job from its last saved global model")

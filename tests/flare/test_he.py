@@ -281,40 +281,22 @@ class CiphertextTamper(Filter):
 '''
 
 
-def he_job(job_dir: Path, settings: dict, site_extras: dict | None = None) -> Path:
-    """Turn a job written by ``test_simulator.write_job`` into its HE flavour with ``fedfms.flare.he``'s components.
-    (Until the FedJob builder has an ``he`` setting; then this becomes ``he=True`` in the settings.)
-    ``site_extras``: app -> {"before": [...], "after": [...], "data_before": [...]}: filters (JSON) around the HE
-    ones on the training result chain (before: on plaintext; after: on ciphertext) and before the decryptor."""
-    server_path = job_dir / "app_server" / "config" / "config_fed_server.json"
-    server = json.loads(server_path.read_text())
-    replacements = {cid: _instance_json(obj) for cid, obj in he.server_components(settings).items()}
-    components = {c["id"]: c for c in server["components"]}
-    for cid, spec in replacements.items():
-        if cid == "cross_site_validate":
-            server["workflows"] = [{"id": cid, **spec} if w["id"] == cid else w for w in server["workflows"]]
-        else:
-            components[cid] = {"id": cid, **spec}
-    components["persistor"]["args"]["filter_id"] = he.PERSISTOR_FILTER_ID
-    server["components"] = list(components.values())
-    for chain in server["task_result_filters"]:
-        for f in chain["filters"]:
-            if f["path"].endswith("ContributionCheckFilter"):
-                f["args"].update(he.CONTRIBUTION_CHECK_ARGS)
-    server_path.write_text(json.dumps(server, indent=1))
-
+def he_job(job_dir: Path, site_extras: dict | None = None) -> Path:
+    """Add test filters to a job written by ``test_simulator.write_job(..., encryption="he")`` (the job builder's
+    HE flavour). ``site_extras``: app -> {"before": [...], "after": [...], "data_before": [...]}: filters (JSON)
+    around the HE ones on the training result chain (before: on plaintext, after the travel-set check; after: on
+    ciphertext) and before the decryptor."""
     for client_path in job_dir.glob("*/config/config_fed_client.json"):
         app = client_path.parent.parent.name
         extras = (site_extras or {}).get(app, {})
         client = json.loads(client_path.read_text())
-        travel = [f for chain in client["task_result_filters"] for f in chain["filters"] if f["path"].endswith("TravelSetFilter")]
-        results, data = he.site_filters(settings)
-        client["task_result_filters"] = [
-            {"tasks": tasks, "filters": [*travel, *(extras.get("before", []) if tasks == ["train"] else []),
-                                         *map(_instance_json, chain), *(extras.get("after", []) if tasks == ["train"] else [])]}
-            for tasks, chain in results]
-        client["task_data_filters"] = [{"tasks": tasks, "filters": [*extras.get("data_before", []), *map(_instance_json, chain)]}
-                                       for tasks, chain in data]
+        for chain in client["task_result_filters"]:
+            if chain["tasks"] == ["train"]:
+                travel, *rest = chain["filters"]
+                assert travel["path"].endswith("TravelSetFilter") and rest[0]["path"].endswith("HEPlaintextCheck"), chain
+                chain["filters"] = [travel, *extras.get("before", []), *rest, *extras.get("after", [])]
+        for chain in client["task_data_filters"]:
+            chain["filters"] = [*extras.get("data_before", []), *chain["filters"]]
         client_path.write_text(json.dumps(client, indent=1))
         (client_path.parent.parent / "custom" / "he_support.py").write_text(SUPPORT_SOURCE)
     return job_dir
@@ -341,9 +323,8 @@ def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_re
         "app_good": {"sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor", "args": {"out_dir": str(out)}},
         "app_short": {"sites": ["site-3"]},
         "app_count": {"sites": ["site-4"]},
-    }, num_rounds=2, min_sites=2)
-    settings = variant_settings("fedmsa_tiny", sites=sorted(sites), num_rounds=2, min_sites=2)
-    he_job(job, settings, {
+    }, num_rounds=2, min_sites=2, encryption="he")
+    he_job(job, {
         "app_good": {"before": [recorder], **_recorders(out)},
         "app_short": {"after": [{"path": "he_support.CiphertextTamper", "args": {"kind": "short"}}]},
         "app_count": {"after": [{"path": "he_support.CiphertextTamper", "args": {"kind": "huge_count"}}]},
@@ -406,10 +387,10 @@ def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path):
     figures = {}
     for flavour in ("plain", "he"):
         out = tmp_path / flavour / "recorded"
-        job = write_job(tmp_path / flavour / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2)
-        settings = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"], num_rounds=2)
+        job = write_job(tmp_path / flavour / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
+                        encryption="he" if flavour == "he" else None)
         if flavour == "he":
-            he_job(job, settings, {"app": _recorders(out)})
+            he_job(job, {"app": _recorders(out)})
         else:  # the same recorders on the plaintext job
             client_path = job / "app" / "config" / "config_fed_client.json"
             client = json.loads(client_path.read_text())

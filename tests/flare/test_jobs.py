@@ -197,3 +197,26 @@ def test_job_py_runs_the_job_in_flares_simulator(tmp_path):
     record = read_run_record(next((tmp_path / "ws").rglob("fedfms_run.json")).parent)
     assert record["status"] == "completed" and record["expected_sites"] == ["site-1", "site-2"]
     assert list((tmp_path / "ws").rglob("FL_global_model.pt"))
+
+
+def test_he_is_a_fedmsa_setting_that_refuses_what_cannot_run_on_ciphertext():
+    from fedfms.flare.jobs import variant_settings
+
+    files = render_job("fedmsa", encryption="he", sites=["a", "b"])
+    server, client = files["app/config/config_fed_server.json"], files["app/config/config_fed_client.json"]
+    paths = component_paths(files)
+    assert {"nvflare.app_opt.he.model_encryptor.HEModelEncryptor", "nvflare.app_opt.he.model_decryptor.HEModelDecryptor",
+            "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator"} <= paths
+    assert paths - {p for p in paths if p.startswith("fedfms.")} <= set(class_allow_list())
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    assert persistor["args"]["filter_id"] == "model_serialize_filter"
+    check = server["task_result_filters"][0]["filters"][-1]
+    assert check["path"].endswith("ContributionCheckFilter") and check["args"]["encrypted"] is True
+    for chain in client["task_result_filters"]:  # every result is checked in plaintext at the site, then encrypted
+        assert [f["path"].rsplit(".", 1)[1] for f in chain["filters"]][:3] == ["TravelSetFilter", "HEPlaintextCheck", "HEModelEncryptor"]
+    for variant, extra, message in [("fedsam", {}, "for FedMSA's travel set"), ("fednnunet", {}, "for FedMSA's travel set"),
+                                    ("fedmsa", {"transfer": "float16"}, "ciphertexts travel"),
+                                    ("fedmsa", {"aggregation": "median"}, "robust aggregation"),
+                                    ("fedmsa", {"privacy": "svt"}, "not combined with HE")]:
+        with pytest.raises(ConfigError, match=message):
+            variant_settings(variant, encryption="he", **extra)

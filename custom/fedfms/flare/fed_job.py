@@ -101,24 +101,34 @@ class FedFMSJob(FedJob):
         dequantize = self._dequantizer(s)
         if dequantize:
             self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
+        he = self._he(s)
+        # under HE: FLARE's HE generator, aggregator and cross-site evaluation, a serialize filter for the persistor,
+        # the monitor and the server's check on ciphertext (fedfms.flare.he, docs/privacy-he.md)
+        he_parts = he.server_components(s, make=self._made) if he else {}
         check_args = {"model_config": s["model"], "max_samples": s["max_samples"], "site_samples": s["site_samples"]}
         if s["update"] != "weights":
             check_args["data_kinds"] = [settings_of.update_kind(s)]
+        if he:
+            check_args.update(he.CONTRIBUTION_CHECK_ARGS)
         check = self._made(kind.CheckFilter if kind else ContributionCheckFilter, **check_args)
         self.to_server(check, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
 
         persistor_args = {"model": {"path": kind.GLOBAL_MODEL if kind else TRAVEL_SET_MODEL, "args": dict(s["model"])}}
         if s["resume"]:
             persistor_args["source_ckpt_file_full_name"] = s["resume"]["global_model"]
+        if he:
+            persistor_args["filter_id"] = he.PERSISTOR_FILTER_ID
         self.to_server(self._made(PTFileModelPersistor, **persistor_args), id="persistor")
-        self.to_server(self._made(FullModelShareableGenerator), id="shareable_generator")
-        self.to_server(self._aggregator(s), id="aggregator")
+        if he:
+            self.to_server(he_parts[he.PERSISTOR_FILTER_ID], id=he.PERSISTOR_FILTER_ID)
+        self.to_server(he_parts.get("shareable_generator") or self._made(FullModelShareableGenerator), id="shareable_generator")
+        self.to_server(he_parts.get("aggregator") or self._aggregator(s), id="aggregator")
         self.to_server(self._made(IntimeModelSelector, key_metric=KEY_METRIC, weigh_by_local_iter=True), id="model_selector")
         monitor_args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": settings_of.min_sites(s),
                         "on_missing_site": s["on_missing_site"]}
         if s["resume"]:
             monitor_args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
-        self.to_server(self._made(FederationMonitor, **monitor_args), id="federation_monitor")
+        self.to_server(he_parts.get("federation_monitor") or self._made(FederationMonitor, **monitor_args), id="federation_monitor")
         self.to_server(self._made(PTFileModelLocator, pt_persistor_id="persistor"), id="model_locator")
         self.to_server(self._made(ValidationJsonGenerator), id="json_generator")
         self.to_server(self._made(TBAnalyticsReceiver, events=["fed.analytix_log_stats"]), id="tb_receiver")
@@ -151,8 +161,17 @@ class FedFMSJob(FedJob):
             ignore_result_error=True,
             memory_gc_rounds=s["memory_gc_rounds"],
         ), id="scatter_and_gather")
-        self.to_server(self._made(CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=t["submit"],
-                                  validation_timeout=t["validate"]), id="cross_site_validate")
+        self.to_server(he_parts.get("cross_site_validate") or self._made(
+            CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=t["submit"],
+            validation_timeout=t["validate"]), id="cross_site_validate")
+
+    @staticmethod
+    def _he(s: dict):
+        if s.get("encryption") != "he":
+            return None
+        from fedfms.flare import he
+
+        return he
 
     def _aggregator(self, s: dict):
         if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
@@ -196,6 +215,19 @@ class FedFMSJob(FedJob):
         # the travel-set check runs first, on the float32 weights the site computed; then (training updates only)
         # differential privacy; then quantisation. FLARE allows one chain per task set, so with privacy the
         # training task gets its own chain.
+        he = self._he(s)
+        if he:
+            # the plaintext travel-set check, then the HE site filters (checked again, encrypted, sent as bytes);
+            # incoming models are decrypted and reshaped
+            results, data = he.site_filters(s, make=self._made)
+            for tasks_of_chain, chain in results:
+                for f in [self._travel_filter(s), *chain]:
+                    self.to_clients(f, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
+            for tasks_of_chain, chain in data:
+                for f in chain:
+                    self.to_clients(f, filter_type=FilterType.TASK_DATA, tasks=tasks_of_chain)
+            self._add_site_tracking()
+            return
         back = settings_of.MODEL_TASKS_BACK
         chains = [(["train"], [t for t in back if t != "train"])] if s["privacy"] else [(back,)]
         for chain in chains:
@@ -209,6 +241,9 @@ class FedFMSJob(FedJob):
         dequantize = self._dequantizer(s)
         if dequantize:
             self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=settings_of.MODEL_TASKS_OUT)
+        self._add_site_tracking()
+
+    def _add_site_tracking(self) -> None:
         self.to_clients(self._made(TBWriter), id="tb_writer")
         self.to_clients(self._made(ConvertToFedEvent, events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."),
                         id="event_to_fed")

@@ -394,11 +394,16 @@ def check_settings(settings: dict) -> None:
                           "add a plaintext difference to an encrypted global model)")
 
 
-def server_components(settings: dict) -> dict[str, object]:
+def _construct(cls, **args):
+    return cls(**args)
+
+
+def server_components(settings: dict, make=_construct) -> dict[str, object]:
     """Server components by id, to replace (or add) in a plaintext job: ``shareable_generator``, ``aggregator``,
     ``model_serialize_filter`` (new: the persistor's ``filter_id`` must name it, :data:`PERSISTOR_FILTER_ID`),
     ``federation_monitor`` (same arguments, HE-aware aggregate check) and the workflow ``cross_site_validate``.
-    The server's ``ContributionCheckFilter`` takes ``encrypted=True``."""
+    The server's ``ContributionCheckFilter`` takes ``encrypted=True``. ``make(cls, **args)`` constructs each one
+    (the job builder's records what it set, to check the exported job)."""
     from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
@@ -408,23 +413,22 @@ def server_components(settings: dict) -> dict[str, object]:
     check_settings(settings)
     CrossSiteModelEvalHE = globals().get("CrossSiteModelEvalHE") or __getattr__("CrossSiteModelEvalHE")
     timeouts = round_timeouts(settings)
-    monitor_args = {"expected_sites": settings["sites"], "min_sites": min_sites(settings),
-                    "on_missing_site": settings["on_missing_site"]}
+    monitor_args = {"expected_sites": sorted(settings["sites"]) if settings["sites"] else None,
+                    "min_sites": min_sites(settings), "on_missing_site": settings["on_missing_site"]}
     if settings.get("resume"):
         monitor_args["resume"] = {k: settings["resume"][k] for k in ("record", "best_model", "best_metric")}
     return {
-        "shareable_generator": HEModelShareableGenerator(tenseal_context_file=SERVER_CONTEXT),
+        "shareable_generator": make(HEModelShareableGenerator, tenseal_context_file=SERVER_CONTEXT),
         # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
-        "aggregator": HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
-        PERSISTOR_FILTER_ID: HEModelSerializeFilter(tenseal_context_file=SERVER_CONTEXT),
-        "federation_monitor": HEFederationMonitor(**monitor_args),
-        "cross_site_validate": CrossSiteModelEvalHE(tenseal_context_file=SERVER_CONTEXT, model_locator_id="model_locator",
-                                                    submit_model_timeout=timeouts["submit"],
-                                                    validation_timeout=timeouts["validate"]),
+        "aggregator": make(HEInTimeAccumulateWeightedAggregator, expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
+        PERSISTOR_FILTER_ID: make(HEModelSerializeFilter, tenseal_context_file=SERVER_CONTEXT),
+        "federation_monitor": make(HEFederationMonitor, **{k: v for k, v in monitor_args.items() if v is not None}),
+        "cross_site_validate": make(CrossSiteModelEvalHE, tenseal_context_file=SERVER_CONTEXT, model_locator_id="model_locator",
+                                    submit_model_timeout=timeouts["submit"], validation_timeout=timeouts["validate"]),
     }
 
 
-def site_filters(settings: dict) -> tuple[list, list]:
+def site_filters(settings: dict, make=_construct) -> tuple[list, list]:
     """(result chains, data chains), each a list of ``(tasks, [filter instances])`` with disjoint tasks.
     Result chains go after the site's ``TravelSetFilter`` of the same tasks: the plaintext check, then FLARE's
     encryptor (training results weighted by the sample count, submitted models not), then the ciphertexts as
@@ -436,13 +440,15 @@ def site_filters(settings: dict) -> tuple[list, list]:
     check_settings(settings)
     model = settings["model"]
     max_abs = settings.get("he_max_abs") or DEFAULT_MAX_ABS
-    results = [(["train"], [HEPlaintextCheck(model, max_abs),
-                            HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=True),
-                            HECiphertextBytes()]),
-               (["submit_model"], [HEPlaintextCheck(model, max_abs),
-                                   HEModelEncryptor(tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=False),
-                                   HECiphertextBytes()])]
-    data = [(list(MODEL_TASKS_IN), [HEModelDecryptor(tenseal_context_file=CLIENT_CONTEXT), HEReshapeFilter(model)])]
+
+    def outgoing(weigh: bool) -> list:
+        return [make(HEPlaintextCheck, model_config=model, max_abs=max_abs),
+                make(HEModelEncryptor, tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=weigh),
+                make(HECiphertextBytes)]
+
+    results = [(["train"], outgoing(True)), (["submit_model"], outgoing(False))]
+    data = [(list(MODEL_TASKS_IN), [make(HEModelDecryptor, tenseal_context_file=CLIENT_CONTEXT),
+                                    make(HEReshapeFilter, model_config=model)])]
     return results, data
 
 

@@ -89,7 +89,10 @@ FEDERATION_DEFAULTS = {
     "update": "weights",  # or "weight_diff": sites send their change to the global model
     "privacy": None,  # "percentile" or "svt": FLARE's differential-privacy result filters (imply weight_diff)
     "privacy_args": None,  # the filter's arguments, e.g. {"percentile": 10, "gamma": 0.01}
+    "encryption": None,  # or "he": FedMSA's travel set as CKKS ciphertext (FLARE's TenSEAL filters, docs/privacy-he.md)
+    "he_max_abs": None,  # under HE: largest |weight| a site may encrypt (default fedfms.flare.he.DEFAULT_MAX_ABS)
 }
+ENCRYPTIONS = (None, "he")
 PRIVACY_FILTERS = {"percentile": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
                    "svt": "nvflare.app_common.filters.svt_privacy.SVTPrivacy"}
 TRACKING = ("tensorboard", "mlflow")
@@ -157,6 +160,16 @@ def _check_federation(s: dict, where: str) -> None:
         raise ConfigError(f"{where}: privacy is {s['privacy']!r}; expected one of {sorted(PRIVACY_FILTERS)}")
     if s["privacy_args"] is not None and not isinstance(s["privacy_args"], dict):
         raise ConfigError(f"{where}: privacy_args is {s['privacy_args']!r}; expected a JSON object of the filter's arguments")
+    if s["encryption"] not in ENCRYPTIONS:
+        raise ConfigError(f"{where}: encryption is {s['encryption']!r}; expected 'he' or none")
+    if s["encryption"] == "he":
+        if is_nnunet(s) or s["model"].get("mode") != "fedmsa":
+            raise ConfigError(f"{where}: encryption 'he' is for FedMSA's travel set (adapters + decoder); this job's model "
+                              f"is {s['model'].get('variant')}/{s['model'].get('mode')}, whose whole model as ciphertext "
+                              "would be far too large per round (docs/privacy-he.md)")
+        from fedfms.flare import he
+
+        he.check_settings(s)
     if s["tracking"] not in TRACKING:
         raise ConfigError(f"{where}: tracking is {s['tracking']!r}; expected one of {TRACKING}")
     if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
@@ -409,8 +422,9 @@ def class_allow_list() -> list[str]:
     classes the jobs name exactly, and this package by prefix (a prefix entry ends with a dot)."""
     stock = set()
     for name in VARIANTS:
-        for transfer in TRANSFER_TYPES:
-            for privacy in (None, *PRIVACY_FILTERS):
-                stock |= {p for p in component_paths(render_job(name, transfer=transfer, tracking="mlflow", privacy=privacy))
-                          if not p.startswith("fedfms.")}
+        options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES for privacy in (None, *PRIVACY_FILTERS)]
+        if VARIANTS[name]["model"].get("mode") == "fedmsa" and not is_nnunet(VARIANTS[name]):
+            options.append({"encryption": "he"})
+        for option in options:
+            stock |= {p for p in component_paths(render_job(name, tracking="mlflow", **option)) if not p.startswith("fedfms.")}
     return sorted(stock) + ["fedfms."]
