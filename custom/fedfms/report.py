@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfms.errors import DataError
-from fedfms.numbers import finite_mean
+from fedfms.numbers import finite_mean, render_table
 from fedfms.run_record import RUN_RECORD, read_run_record
 
 GLOBAL_MODEL = "SRV_FL_global_model.pt"
@@ -118,11 +118,7 @@ def format_table(rows: list[dict]) -> str:
         if v is None:
             return "-"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
-    table = [[title for _, title in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table([title for _, title in cols], [[cell(r.get(k)) for k, _ in cols] for r in rows])
 
 
 def best_model_note(run_dir: str | Path) -> list[str]:

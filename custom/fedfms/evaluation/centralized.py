@@ -20,6 +20,7 @@ import torch
 from fedfms.errors import ConfigError
 from fedfms.evaluation.scoring import is_nnunet_model, nnunet_model_dict, resolve_model_config
 from fedfms.models import ModelConfig
+from fedfms.numbers import finite_or_none
 from fedfms.training.trainer import LocalTrainer, TrainConfig
 
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
@@ -40,10 +41,6 @@ def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": dict(weights)}, tmp)
     os.replace(tmp, path)
-
-
-def _finite(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def train_centralized(
@@ -88,9 +85,9 @@ def train_centralized(
     for epoch in range(1, epochs + 1):
         fit = trainer.fit(epochs=1)
         val = trainer.evaluate("val") if has_val else {}
-        score = _finite(val.get("dice"))
+        score = finite_or_none(val.get("dice"))
         history.append({"epoch": epoch, "loss": fit["loss"], "steps": fit["steps"], "val_dice": score,
-                        "val_iou": _finite(val.get("iou")), "val_volume_dice": _finite(val.get("volume_dice"))})
+                        "val_iou": finite_or_none(val.get("iou")), "val_volume_dice": finite_or_none(val.get("volume_dice"))})
         if score is not None and score > best_score:
             best_epoch, best_score = epoch, score
             # a copy on the CPU: the trainer's tensors keep changing in the next epochs

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,10 +23,10 @@ from fedfms.data.site_dataset import SiteDataset
 from fedfms.errors import ConfigError
 from fedfms.models import ModelConfig
 from fedfms.models.unet import UNetSegmenter
-from fedfms.numbers import finite_mean, fmt_score
+from fedfms.numbers import finite_mean, fmt_score, render_table
 from fedfms.training.metrics import HONEST_RULE, SegmentationMetric, reference_rule
 from fedfms.training.predict import load_model
-from fedfms.training.trainer import pick_device
+from fedfms.training.trainer import autocast_for, pick_device
 
 SUMMARY_KEYS = ("dice", "iou", "volume_dice", "volume_iou")  # this project's rule
 REFERENCE_KEYS = ("dice_reference", "iou_reference")  # the paper code's rule
@@ -96,13 +95,6 @@ def resolve_model_config(model_cfg: ModelConfig | Mapping, checkpoint: str | Non
     return ModelConfig.from_dict(raw, "model config")
 
 
-def _autocast(device: torch.device, amp: str):
-    # Same rule as LocalTrainer: bf16 on CUDA unless switched off, never on CPU by default.
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 @torch.no_grad()
 def score_site(model: torch.nn.Module, site_dir: str | os.PathLike, batch_size: int = 6, amp: str = "auto") -> dict:
     """Dice/IoU of ``model`` over every sample of one prepared site."""
@@ -119,7 +111,7 @@ def score_site(model: torch.nn.Module, site_dir: str | os.PathLike, batch_size: 
     model.eval()
     n = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        with _autocast(device, amp):
+        with autocast_for(device, amp):
             logits = model(batch["image"].to(device))
         metric.update(logits.float(), batch["mask"].to(device), batch["volume"])
         n += len(batch["image"])
@@ -198,9 +190,3 @@ def format_site_rows(rows: Sequence[Mapping], scoring: str = "honest") -> str:
     return table
 
 
-def render_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    table = [list(header)] + [list(r) for r in body]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

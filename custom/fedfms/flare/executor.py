@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
+from fedfms.numbers import finite_or_none
 from fedfms.training.distributed import OPTIMIZER_FILE, RoundAborted, launch_round
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
 
@@ -51,10 +51,6 @@ def _check_processes(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where} is {value!r}; expected a whole number >= 1 (1: train in the site's own process)")
     return value
-
-
-def _finite_or_none(x):
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 class FedFMSExecutor(Executor):
@@ -196,7 +192,7 @@ class FedFMSExecutor(Executor):
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         val = result.metrics.get("val_before", {})
-        initial = {KEY_METRIC: _finite_or_none(val.get("dice")), "val_iou": _finite_or_none(val.get("iou"))}
+        initial = {KEY_METRIC: finite_or_none(val.get("dice")), "val_iou": finite_or_none(val.get("iou"))}
         weights = tensors_to_numpy(result.weights)
         if self.update_kind == DataKind.WEIGHT_DIFF:
             start = tensors_to_numpy(incoming)
@@ -238,20 +234,20 @@ class FedFMSExecutor(Executor):
         finally:
             self.trainer.load_travel_weights(own)
         report = {
-            "dice": _finite_or_none(metrics.get("dice")),
-            "iou": _finite_or_none(metrics.get("iou")),
-            "volume_dice": _finite_or_none(metrics.get("volume_dice")),
-            "volume_iou": _finite_or_none(metrics.get("volume_iou")),
+            "dice": finite_or_none(metrics.get("dice")),
+            "iou": finite_or_none(metrics.get("iou")),
+            "volume_dice": finite_or_none(metrics.get("volume_dice")),
+            "volume_iou": finite_or_none(metrics.get("volume_iou")),
             # the paper code's rule beside the project's (docs/evaluation.md): per slice, empty/empty = 1
-            "dice_reference": _finite_or_none(metrics.get("dice_reference")),
-            "iou_reference": _finite_or_none(metrics.get("iou_reference")),
+            "dice_reference": finite_or_none(metrics.get("dice_reference")),
+            "iou_reference": finite_or_none(metrics.get("iou_reference")),
             "num_samples": metrics["num_samples"],
         }
         for name, d, i in zip(metrics["classes"], metrics.get("dice_per_class", []), metrics.get("iou_per_class", [])):
-            report[f"dice_{name}"], report[f"iou_{name}"] = _finite_or_none(d), _finite_or_none(i)
+            report[f"dice_{name}"], report[f"iou_{name}"] = finite_or_none(d), finite_or_none(i)
         for name, d, i in zip(metrics["classes"], metrics.get("dice_reference_per_class", []),
                               metrics.get("iou_reference_per_class", [])):
-            report[f"dice_reference_{name}"], report[f"iou_reference_{name}"] = _finite_or_none(d), _finite_or_none(i)
+            report[f"dice_reference_{name}"], report[f"iou_reference_{name}"] = finite_or_none(d), finite_or_none(i)
         self.log_info(fl_ctx, f"validated model from {model_owner} on {self.validation_split}: {report}")
         return DXO(DataKind.METRICS, report).to_shareable()
 
@@ -270,6 +266,6 @@ class FedFMSExecutor(Executor):
         for name, d, i in zip(val.get("classes", []), val.get("dice_per_class", []), val.get("iou_per_class", [])):
             scalars[f"val_dice_{name}"], scalars[f"val_iou_{name}"] = d, i
         for tag, value in scalars.items():
-            value = _finite_or_none(value)
+            value = finite_or_none(value)
             if value is not None:
                 self.writer.add_scalar(tag, value, global_step=step)

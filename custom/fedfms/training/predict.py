@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,7 +31,7 @@ from fedfms.data.site_dataset import resize_image
 from fedfms.errors import CheckpointError, ConfigError, DataError
 from fedfms.models import ModelConfig, build_model, travel_keys
 from fedfms.models.checkpoint import read_state_dict
-from fedfms.training.trainer import pick_device
+from fedfms.training.trainer import autocast_for, pick_device
 from fedfms.config import missing_folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -135,9 +134,7 @@ def inference_autocast(device: torch.device, amp: str = "auto"):
     """bf16 autocast on CUDA ("auto" or "bf16"); full precision on CPU ("auto") or when ``amp`` is "off"."""
     if amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"amp is {amp!r}; expected 'auto', 'bf16' or 'off'")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return autocast_for(device, amp)
 
 
 def batched_logits(model: torch.nn.Module, slices: np.ndarray, batch_size: int = PREDICT_BATCH, amp: str = "auto"):

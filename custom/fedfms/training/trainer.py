@@ -120,6 +120,14 @@ def should_cache(setting: bool | str, needed_bytes: int, available_bytes: int | 
     return setting
 
 
+def autocast_for(device: torch.device, amp: str = "auto"):
+    """bf16 autocast on CUDA ("auto" or "bf16"); full precision on CPU ("auto") or when ``amp`` is "off". The one
+    precision rule of training, scoring and prediction."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,10 +213,7 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ loops
     def _autocast(self):
-        amp = self.cfg.amp
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast_for(self.device, self.cfg.amp)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """One DataLoader per split for the trainer's life (its worker processes persist across epochs and
