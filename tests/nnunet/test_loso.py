@@ -7,7 +7,7 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.data.synthetic import make_disc_site
-from fedfms.evaluation.protocol import FOLD_FILE
+from fedfms.evaluation.results import FOLD_FILE
 
 
 @pytest.mark.integration
