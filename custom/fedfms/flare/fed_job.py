@@ -30,7 +30,8 @@ from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
-from fedfms.flare import jobs as settings_of
+from fedfms.errors import ConfigError
+from fedfms.flare import jobs
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.executor import KEY_METRIC, FedFMSExecutor
 from fedfms.flare.filters import TravelSetFilter
@@ -52,13 +53,13 @@ class FedFMSJob(FedJob):
 
     def __init__(self, settings: dict, recipe: dict | None = None):
         s = settings
-        meta = {settings_of.RECIPE_KEY: recipe} if recipe else None
-        super().__init__(name=s["name"], min_clients=settings_of.min_sites(s) or 2, meta_props=meta)
+        meta = {jobs.RECIPE_KEY: recipe} if recipe else None
+        super().__init__(name=s["name"], min_clients=jobs.min_sites(s) or 2, meta_props=meta)
         # the sites have fedfms installed (production flavour): no source is copied into app/custom
         self.set_app_packages(["fedfms"])
         self.sites = list(s["sites"]) if s["sites"] else None
         self._intended: list[tuple[object, dict]] = []  # (component, the arguments it was made with)
-        nnunet = settings_of.is_nnunet(s)
+        nnunet = jobs.is_nnunet(s)
         if nnunet:
             from fedfms.flare import nnunet_job  # the FednnU-Net classes, only for its jobs (loads no nnU-Net)
 
@@ -82,36 +83,36 @@ class FedFMSJob(FedJob):
     # -- server ---------------------------------------------------------------------------------------------------
     def _add_server(self, s: dict) -> None:
         kind = self.kind
-        t = kind.timeouts(s) if kind else settings_of.round_timeouts(s)
+        t = kind.timeouts(s) if kind else jobs.round_timeouts(s)
         self.to_server({
             "num_rounds": s["num_rounds"] - s["start_round"],
-            "min_clients": settings_of.min_sites(s) or 1,
+            "min_clients": jobs.min_sites(s) or 1,
             # FLARE's dead-site handling: once the server has dropped a site (no heartbeat for the kit's
             # heart_beat_timeout), a round stops waiting for it after this grace period (default 60 s), checked
             # from this long after a task starts (default 30 s)
-            "dead_client_grace_period": settings_of.DEAD_CLIENT_GRACE_S,
-            "dead_client_check_lead_time": settings_of.DEAD_CLIENT_LEAD_S,
+            "dead_client_grace_period": jobs.DEAD_CLIENT_GRACE_S,
+            "dead_client_check_lead_time": jobs.DEAD_CLIENT_LEAD_S,
             "server": {"task_request_interval": s["task_request_interval"]},
         })
         quantize = self._quantizer(s)
         if quantize:
-            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=settings_of.MODEL_TASKS_OUT)
+            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=jobs.MODEL_TASKS_OUT)
         # every result is checked (after float16 is restored) before the workflow, the model selector or the
         # aggregator reads it; a bad one turns into an error reply naming the reason
         dequantize = self._dequantizer(s)
         if dequantize:
-            self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
+            self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=jobs.MODEL_TASKS_BACK)
         he = self._he(s)
         # under HE: FLARE's HE generator, aggregator and cross-site evaluation, a serialize filter for the persistor,
         # the monitor and the server's check on ciphertext (fedfms.flare.he, docs/privacy-he.md)
         he_parts = he.server_components(s, make=self._made) if he else {}
         check_args = {"model_config": s["model"], "max_samples": s["max_samples"], "site_samples": s["site_samples"]}
         if s["update"] != "weights":
-            check_args["data_kinds"] = [settings_of.update_kind(s)]
+            check_args["data_kinds"] = [jobs.update_kind(s)]
         if he:
             check_args.update(he.CONTRIBUTION_CHECK_ARGS)
         check = self._made(kind.CheckFilter if kind else ContributionCheckFilter, **check_args)
-        self.to_server(check, filter_type=FilterType.TASK_RESULT, tasks=settings_of.MODEL_TASKS_BACK)
+        self.to_server(check, filter_type=FilterType.TASK_RESULT, tasks=jobs.MODEL_TASKS_BACK)
 
         persistor_args = {"model": {"path": kind.GLOBAL_MODEL if kind else TRAVEL_SET_MODEL, "args": dict(s["model"])}}
         if s["resume"]:
@@ -124,7 +125,7 @@ class FedFMSJob(FedJob):
         self.to_server(he_parts.get("shareable_generator") or self._made(FullModelShareableGenerator), id="shareable_generator")
         self.to_server(he_parts.get("aggregator") or self._aggregator(s), id="aggregator")
         self.to_server(self._made(IntimeModelSelector, key_metric=KEY_METRIC, weigh_by_local_iter=True), id="model_selector")
-        monitor_args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": settings_of.min_sites(s),
+        monitor_args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": jobs.min_sites(s),
                         "on_missing_site": s["on_missing_site"]}
         if s["resume"]:
             monitor_args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
@@ -146,7 +147,7 @@ class FedFMSJob(FedJob):
                                       persistor_id="persistor", timeout=t["plan"]), id="nnunet_planning")
         self.to_server(self._made(
             ScatterAndGather,
-            min_clients=settings_of.min_sites(s) or 1,
+            min_clients=jobs.min_sites(s) or 1,
             num_rounds=s["num_rounds"] - s["start_round"],
             start_round=s["start_round"],
             # a round waits for every site up to the timeout (a slow site is averaged, not dropped); a dead site
@@ -177,11 +178,11 @@ class FedFMSJob(FedJob):
         if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
             # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
             # training samples, so the result is sum(n_k w_k) / sum(n_k)
-            return self._made(InTimeAccumulateWeightedAggregator, expected_data_kind=settings_of.update_kind(s),
+            return self._made(InTimeAccumulateWeightedAggregator, expected_data_kind=jobs.update_kind(s),
                               weigh_by_local_iter=True)
         return self._made(RobustAggregator, method="mean" if s["aggregation"] == "fedavg" else s["aggregation"],
                           trim_fraction=s["trim_fraction"], norm_bound=s["norm_bound"],
-                          norm_bound_action=s["norm_bound_action"], expected_data_kind=settings_of.update_kind(s))
+                          norm_bound_action=s["norm_bound_action"], expected_data_kind=jobs.update_kind(s))
 
     def _quantizer(self, s: dict):
         if s["transfer"] == "float32":
@@ -208,7 +209,7 @@ class FedFMSJob(FedJob):
             executor_args["processes_per_site"] = s["processes_per_site"]
         if not kind:
             # a site's multi-process round (its own processes_per_site included) ends where the server stops waiting
-            executor_args["round_timeout_s"] = settings_of.round_timeouts(s)["train"]
+            executor_args["round_timeout_s"] = jobs.round_timeouts(s)["train"]
         tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else [])]
         self.to_clients(self._made(kind.Executor if kind else FedFMSExecutor, **executor_args), tasks=tasks)
 
@@ -228,7 +229,7 @@ class FedFMSJob(FedJob):
                     self.to_clients(f, filter_type=FilterType.TASK_DATA, tasks=tasks_of_chain)
             self._add_site_tracking()
             return
-        back = settings_of.MODEL_TASKS_BACK
+        back = jobs.MODEL_TASKS_BACK
         chains = [(["train"], [t for t in back if t != "train"])] if s["privacy"] else [(back,)]
         for chain in chains:
             for i, tasks_of_chain in enumerate(chain):
@@ -240,7 +241,7 @@ class FedFMSJob(FedJob):
                     self.to_clients(quantize, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
         dequantize = self._dequantizer(s)
         if dequantize:
-            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=settings_of.MODEL_TASKS_OUT)
+            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=jobs.MODEL_TASKS_OUT)
         self._add_site_tracking()
 
     def _add_site_tracking(self) -> None:
@@ -256,7 +257,7 @@ class FedFMSJob(FedJob):
         return self._made(TravelSetFilter, mode=s["model"]["mode"], model_config=s["model"])
 
     def _privacy_filter(self, s: dict):
-        module, _, name = settings_of.PRIVACY_FILTERS[s["privacy"]].rpartition(".")
+        module, _, name = jobs.PRIVACY_FILTERS[s["privacy"]].rpartition(".")
         cls = getattr(__import__(module, fromlist=[name]), name)
         return self._made(cls, **dict(s["privacy_args"] or {}))
 
@@ -309,7 +310,7 @@ class FedFMSJob(FedJob):
         """Write the job into ``out_dir`` (any folder name); an existing folder only with ``overwrite``."""
         out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:
-            raise settings_of.ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
+            raise ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
         files = self.files()
         if out_dir.exists():
             for stale in out_dir.rglob("config_fed_*.json"):
@@ -334,5 +335,5 @@ def _same(a, b) -> bool:
 
 def build_job(name: str, **overrides) -> FedFMSJob:
     """The FedJob of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``)."""
-    s = settings_of.variant_settings(name, **overrides)
+    s = jobs.variant_settings(name, **overrides)
     return FedFMSJob(s, {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}})
