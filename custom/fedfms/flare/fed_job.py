@@ -286,19 +286,7 @@ class FedFMSJob(FedJob):
         """FedJob writes a component's arguments from its attributes of the same name; an argument a class keeps
         under another name would be left out silently and the component would run with its default. Every
         argument given here must be in the exported JSON."""
-        exported: list[tuple[str, dict]] = []
-
-        def walk(node):
-            if isinstance(node, dict):
-                if isinstance(node.get("path"), str) and isinstance(node.get("args"), dict):
-                    exported.append((node["path"], node["args"]))
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        walk(files)
+        exported = jobs.components(files)
         for obj, args in self._intended:
             path = f"{type(obj).__module__}.{type(obj).__name__}"
             wanted = dict(args)

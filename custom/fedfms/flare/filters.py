@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -11,6 +11,18 @@ from nvflare.apis.shareable import Shareable
 from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.update_check import expected_travel_spec, key_problems
 from fedfms.models.travel import check_mode, is_travel_key
+
+
+def model_result(shareable: Shareable) -> DXO | None:
+    """The model a successful result carries (weights or their difference); None for anything else (an error
+    reply, metrics): nothing of the model can leave in it."""
+    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        return None
+    try:
+        dxo = from_shareable(shareable)
+    except Exception:
+        return None
+    return dxo if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF) else None
 
 
 class TravelSetFilter(Filter):
@@ -40,13 +52,8 @@ class TravelSetFilter(Filter):
         return key_problems(data, self._spec)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:
-            return shareable  # not a model; nothing of the model can leave in it
-        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF) or not dxo.data:
+        dxo = model_result(shareable)
+        if dxo is None or not dxo.data:
             return shareable
         problems = self.problems(dxo.data)
         if problems:

@@ -37,6 +37,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.errors import ConfigError
 from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.filters import model_result
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.update_check import expected_travel_spec, find_problems, key_problems
 
@@ -91,22 +92,12 @@ def write_contexts(startup_dir: str | Path, overwrite: bool = False, **params) -
 
 def job_he_classes(job_dir: str | Path) -> list[str]:
     """FLARE HE class paths a job folder's configs name (empty: the job does not use HE)."""
+    from fedfms.flare.jobs import components
+
     found: set[str] = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            path = node.get("path")
-            if isinstance(path, str) and path.startswith("nvflare.app_opt.he."):
-                found.add(path)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
     for config in sorted(Path(job_dir).glob("*/config/config_fed_*.json")):
         try:
-            walk(json.loads(config.read_text()))
+            found |= {path for path, _ in components(json.loads(config.read_text())) if path.startswith("nvflare.app_opt.he.")}
         except (OSError, json.JSONDecodeError):
             continue
     return sorted(found)
@@ -252,13 +243,8 @@ class HEPlaintextCheck(Filter):
         return problems
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:
-            return shareable
-        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+        dxo = model_result(shareable)
+        if dxo is None:
             return shareable
         problems = self.problems(dxo.data)
         if problems:

@@ -399,22 +399,27 @@ def job_train_config(job_dir: str | Path) -> dict:
     return _executor_args(job_dir)[1].get("train_config", {})
 
 
-def component_paths(job: dict[str, dict]) -> set[str]:
-    """Every class path a rendered job instantiates."""
-    found: set[str] = set()
+def components(config) -> list[tuple[str, dict]]:
+    """(class path, args) of every component a job's JSON (a file's content, or several) names, nested ones too."""
+    found: list[tuple[str, dict]] = []
 
     def walk(node):
         if isinstance(node, dict):
             if isinstance(node.get("path"), str):
-                found.add(node["path"])
+                found.append((node["path"], node.get("args") if isinstance(node.get("args"), dict) else {}))
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
 
-    walk(job)
+    walk(config)
     return found
+
+
+def component_paths(job: dict[str, dict]) -> set[str]:
+    """Every class path a rendered job instantiates."""
+    return {path for path, _ in components(job)}
 
 
 def class_allow_list() -> list[str]:

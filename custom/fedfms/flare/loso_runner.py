@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from fedfms.errors import ConfigError
 from fedfms.evaluation.loso import GLOBAL_MODEL, run_loso
 from fedfms.evaluation.results import EvaluationError
 from fedfms.flare.jobs import VARIANTS, job_model_config, job_recipe, job_train_config, rewrite_job, variant_settings, write_job
+from fedfms.processes import stop_group
 from fedfms.flare.simulate import server_job_dir
 from fedfms.flavours import apply_flavour, flavour_of
 from fedfms.nnunet.config import NNUNET_VARIANT
@@ -140,21 +140,8 @@ def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path
                     say(f"  {line.rstrip()}")
             return proc.wait()
         except BaseException:
-            _stop_group(proc)
+            stop_group(proc)
             raise
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def tail(path: Path, lines: int = 3) -> str:

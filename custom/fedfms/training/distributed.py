@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from torch.utils.data import ConcatDataset, Sampler
 
 from fedfms.errors import ConfigError, FedFMSError
 from fedfms.models import ModelConfig
+from fedfms.processes import stop_group
 from fedfms.training.trainer import LocalTrainer, RoundResult, TrainConfig, pick_device, should_cache
 
 ENTRY_MODULE = "fedfms.training.distributed"
@@ -241,20 +241,6 @@ def torchrun_command(nproc: int, inp: str | os.PathLike, out: str | os.PathLike,
             *entry, "--in", str(inp), "--out", str(out), "--log-dir", str(log_dir)]
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """End torchrun and its ranks (its own process group, started for it): SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _failure(log_dir: Path, nproc: int, rc: int, launcher_log: Path) -> str:
     """One line: the first rank that failed, its error and its log (or torchrun's own log when no rank said)."""
     records = []
@@ -303,16 +289,16 @@ def launch_round(model_config: Mapping, train_config: Mapping, site_dir: str | S
         try:
             while proc.poll() is None:
                 if should_abort and should_abort():
-                    _stop(proc)
+                    stop_group(proc)
                     raise RoundAborted(f"the {nproc}-process round was aborted; its processes were ended")
                 if deadline is not None and time.monotonic() > deadline:
-                    _stop(proc)
+                    stop_group(proc)
                     raise DistributedRoundError(f"the {nproc}-process round took longer than {timeout_s:g} s and was ended "
                                                 f"(logs: {log_dir})")
                 time.sleep(poll_s)
         except BaseException:
             if proc.poll() is None:  # KeyboardInterrupt and the like: never leave the ranks behind
-                _stop(proc)
+                stop_group(proc)
             raise
     if proc.returncode != 0 or not out.is_file():
         raise DistributedRoundError(_failure(log_dir, nproc, proc.returncode, launcher_log))
