@@ -82,7 +82,12 @@ def _env(state: dict) -> dict:
 # --------------------------------------------------------------------------- steps
 
 
-def project_yaml(sites: list[str], port: int) -> dict:
+def project_yaml(sites: list[str], port: int, he: bool = False) -> dict:
+    """The POC project; ``he``: FLARE's HEBuilder also writes the TenSEAL contexts into the kits (server: no secret
+    key), before the SignatureBuilder signs them, for jobs made with ``--encryption he`` (docs/privacy-he.md)."""
+    from fedfms.flare.he import HE_PARAMS
+
+    he_builder = [{"path": "nvflare.lighter.impl.he.HEBuilder", "args": {**HE_PARAMS, "scheme": "CKKS"}}] if he else []
     return {
         "api_version": 3,
         "name": PROJECT,
@@ -98,6 +103,7 @@ def project_yaml(sites: list[str], port: int) -> dict:
              "args": {"template_file": ["master_template.yml"]}},
             {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
             {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+            *he_builder,
             {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
         ],
     }
@@ -105,7 +111,7 @@ def project_yaml(sites: list[str], port: int) -> dict:
 
 def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = None,
             site_data: dict | None = None, allow_list: bool = True, threads: int | None = None,
-            env: dict | None = None) -> dict:
+            env: dict | None = None, he: bool = False) -> dict:
     """Create the POC workspace. ``site_data`` maps site name -> data folder and is written to each site's
     ``local/fedfms_site.json`` (otherwise the job default ``$FEDFMS_DATA_ROOT/{site_name}`` applies, with
     ``data_root`` exported as FEDFMS_DATA_ROOT)."""
@@ -121,7 +127,7 @@ def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = 
     home.mkdir(parents=True, exist_ok=True)
     port = rt.free_port()
     project_file = ws / "project.yml"
-    project_file.write_text(yaml.safe_dump(project_yaml(names, port), sort_keys=False))
+    project_file.write_text(yaml.safe_dump(project_yaml(names, port, he=he), sort_keys=False))
 
     cli_env = rt.site_env(home, {"NVFLARE_POC_WORKSPACE": str(poc_ws)})
     cmd = [sys.executable, "-m", "nvflare.cli", "poc", "prepare", "-i", str(project_file), "--force"]
@@ -284,7 +290,7 @@ def check_result(result_dir: str | os.PathLike, sites: list[str]) -> list[str]:
 
 def cycle(workspace: str, job: str, out: str, sites: int | list[str] = 2, byoc: bool = False,
           data_root: str | None = None, site_data: dict | None = None, synthetic_data: bool = False,
-          timeout: float = 1800.0, threads: int | None = None) -> dict:
+          timeout: float = 1800.0, threads: int | None = None, he: bool = False) -> dict:
     """prepare -> start -> submit -> wait -> download -> stop, stopping also on failure."""
     ws = Path(workspace).resolve()
     names = [f"site-{i + 1}" for i in range(sites)] if isinstance(sites, int) else list(sites)
@@ -302,7 +308,7 @@ def cycle(workspace: str, job: str, out: str, sites: int | list[str] = 2, byoc: 
                                seed=i)
             site_data[name] = d
     t0 = time.time()
-    prepare(ws, names, data_root=data_root, site_data=site_data or None, threads=threads)
+    prepare(ws, names, data_root=data_root, site_data=site_data or None, threads=threads, he=he)
     timings = {"prepare": time.time() - t0}
     try:
         t = time.time()
@@ -339,6 +345,8 @@ def main(argv=None) -> int:
         p.add_argument("--site-data", nargs="+", metavar="SITE=DIR",
                        help="per-site data folder, written to the site's local/fedfms_site.json")
         p.add_argument("--threads", type=int, help="torch threads per site (local/fedfms_site.json)")
+        p.add_argument("--he", action="store_true", help="HE contexts in the kits (FLARE's HEBuilder), for jobs made "
+                                                        "with --encryption he")
 
     p = sub.add_parser("prepare", parents=[common], help="create the POC workspace with free ports")
     site_args(p)
@@ -374,7 +382,7 @@ def main(argv=None) -> int:
 
     if args.cmd == "prepare":
         st = prepare(args.workspace, names(), data_root=args.data_root, site_data=site_data(),
-                     allow_list=not args.no_allow_list, threads=args.threads)
+                     allow_list=not args.no_allow_list, threads=args.threads, he=args.he)
         print(f"prepared {st['prod_dir']} (port {st['port']}, sites {', '.join(st['sites'])})")
     elif args.cmd == "start":
         st = start(args.workspace, timeout=args.timeout)
@@ -392,7 +400,8 @@ def main(argv=None) -> int:
         print(f"stopped; {len(killed)} leftover process(es) signalled" if killed else "stopped")
     elif args.cmd == "cycle":
         res = cycle(args.workspace, args.job, args.out, names(), byoc=args.byoc, data_root=args.data_root,
-                    site_data=site_data(), synthetic_data=args.synthetic_data, timeout=args.timeout, threads=args.threads)
+                    site_data=site_data(), synthetic_data=args.synthetic_data, timeout=args.timeout, threads=args.threads,
+                    he=args.he)
         print(json.dumps(res, indent=2))
         return 0 if res["status"] == TERMINAL_OK and not res["problems"] else 1
     return 0
