@@ -415,3 +415,32 @@ def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path):
               f"down (global model) r0 {f['down'][0]:,} r1 {f['down'][1]:,}")
     assert figures["he"]["up"][0] > 10 * figures["plain"]["up"][0]
     assert math.isclose(figures["he"]["down"][0], figures["plain"]["down"][0], rel_tol=0.1)  # round 0: plaintext model
+
+
+@pytest.mark.integration
+def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path):
+    """The continuing job starts from the run's encrypted global model: the simulator workspace gets that run's
+    contexts (fresh keys would decrypt it to noise: NaN at the first step); other keys are refused in one line."""
+    from test_simulator import make_sites
+
+    from fedfms.errors import ConfigError
+    from fedfms.flare.jobs import resume_settings, rewrite_job, write_job
+    from fedfms.flare.monitor import read_run_record
+    from fedfms.flare.simulate import run_simulation, server_job_dir
+
+    data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
+    sites = ["site-1", "site-2"]
+    first = write_job("fedmsa_tiny", tmp_path / "job", sites=sites, num_rounds=1, encryption="he")
+    assert run_simulation(first, tmp_path / "ws1", sites, data_root=data, quiet=True) == 0
+    more = rewrite_job(first, tmp_path / "job2", num_rounds=2, **resume_settings(server_job_dir(tmp_path / "ws1")))
+
+    he.write_contexts(tmp_path / "ws_other" / "startup")  # a workspace holding another key pair
+    with pytest.raises(ConfigError, match="other TenSEAL contexts than the resumed run's"):
+        he.prepare_simulation(tmp_path / "ws_other", more)
+
+    assert run_simulation(more, tmp_path / "ws2", sites, data_root=data, quiet=True) == 0
+    assert (tmp_path / "ws2" / "startup" / he.CLIENT_CONTEXT).read_bytes() == \
+        (tmp_path / "ws1" / "startup" / he.CLIENT_CONTEXT).read_bytes()
+    record = read_run_record(server_job_dir(tmp_path / "ws2"))
+    assert record["status"] == "completed" and [r["round"] for r in record["rounds"]] == [0, 1]
+    assert all(r["updated_model"] for r in record["rounds"])

@@ -103,6 +103,34 @@ def job_he_classes(job_dir: str | Path) -> list[str]:
     return sorted(found)
 
 
+def _contexts_of_resumed_run(job_dir: str | Path, startup: Path) -> None:
+    """A job that continues a stopped HE run (``fedfms job resume``) starts from that run's encrypted global model,
+    which only that run's secret key decrypts (a fresh key pair would decrypt it to noise: NaN at the first step):
+    its contexts, from the simulator workspace above the run record, go into ``startup`` too."""
+    from fedfms.flare.jobs import job_recipe
+
+    recipe = job_recipe(job_dir)
+    record = ((recipe or ("", {}))[1].get("resume") or {}).get("record")
+    if not record:
+        return
+    found = next((p / "startup" for p in Path(record).parents if (p / "startup" / CLIENT_CONTEXT).is_file()), None)
+    if found is None:
+        raise ConfigError(f"{job_dir}: continues the HE run of {record}, but no startup/{CLIENT_CONTEXT} is above it; "
+                          "expected the stopped run's simulator workspace (its global model needs that run's key)")
+    if found.resolve() == startup.resolve():
+        return
+    theirs = [(found / name).read_bytes() for name in (SERVER_CONTEXT, CLIENT_CONTEXT)]
+    if (startup / CLIENT_CONTEXT).is_file():
+        if (startup / CLIENT_CONTEXT).read_bytes() != theirs[1]:
+            raise ConfigError(f"{startup}: holds other TenSEAL contexts than the resumed run's ({found}); use a new "
+                              "workspace, or copy that run's contexts there")
+        return
+    startup.mkdir(parents=True, exist_ok=True)
+    for name, content in zip((SERVER_CONTEXT, CLIENT_CONTEXT), theirs):
+        (startup / name).write_bytes(content)
+    (startup / CLIENT_CONTEXT).chmod(0o600)
+
+
 def prepare_simulation(workspace: str | Path, job_dir: str | Path) -> bool:
     """For a job that uses FLARE's HE components: the TenSEAL contexts in the simulator's ``startup/`` (kept
     across runs of the same workspace) and the HE classes in the simulated sites' ``class_allow_list``.
@@ -110,6 +138,7 @@ def prepare_simulation(workspace: str | Path, job_dir: str | Path) -> bool:
     classes = job_he_classes(job_dir)
     if not classes:
         return False
+    _contexts_of_resumed_run(job_dir, Path(workspace) / "startup")
     write_contexts(Path(workspace) / "startup")
     resources = Path(workspace) / "local" / "resources.json"
     current = json.loads(resources.read_text()) if resources.is_file() else {"format_version": 2}
