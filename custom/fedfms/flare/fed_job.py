@@ -13,6 +13,7 @@ The FednnU-Net variants are the same job with four classes swapped and a plannin
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.robust_aggregator import RobustAggregator
 
 TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
+# bitsandbytes, which FLARE's quantisation filters import, warns on CPUs with AVX512-BF16 that its optional 4-bit
+# kernel package is missing; these jobs quantise to float16 only, so on every `fedfms` command that was noise
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # FLARE keeps a filter chain's tasks in a set; the exported JSON lists them in this order, so the files are stable
 TASK_ORDER = ("train", "validate", "submit_model")
 
