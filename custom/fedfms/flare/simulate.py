@@ -54,6 +54,8 @@ def quiet_log_config(workspace: str | Path) -> Path:
     config["loggers"][PROGRESS_LOGGER] = {"level": "INFO", "handlers": ["fedfmsProgress"], "propagate": True}
     # FedAvg here weighs by sample counts, not by per-site aggregation_weights: FLARE's notice about them is noise
     config["loggers"]["nvflare.app_common.aggregators.dxo_aggregator"] = {"level": "ERROR"}
+    # bitsandbytes (under FLARE's float16 quantisation filters) on its optional 4-bit CPU kernels: not used here
+    config["loggers"]["bitsandbytes.backends.cpu.ops"] = {"level": "ERROR"}
     path = Path(workspace) / "local" / "fedfms_quiet_log_config.json"
     path.write_text(json.dumps(config, indent=1))
     return path
