@@ -22,7 +22,7 @@ from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
 from fedfms.numbers import finite_or_none
-from fedfms.training.distributed import OPTIMIZER_FILE, RoundAborted, launch_round
+from fedfms.training.distributed import OPTIMIZER_FILE, RoundAborted, check_processes_per_site, launch_round
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
 
 KEY_METRIC = "val_dice"
@@ -45,12 +45,6 @@ def _round_dir(fl_ctx: FLContext, workspace, site: str) -> str:
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
     return tempfile.mkdtemp(prefix=f"fedfms_ddp_{site}_")
-
-
-def _check_processes(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} is {value!r}; expected a whole number >= 1 (1: train in the site's own process)")
-    return value
 
 
 class FedFMSExecutor(Executor):
@@ -102,7 +96,7 @@ class FedFMSExecutor(Executor):
         if update not in ("weights", "weight_diff"):
             raise ValueError(f"update is {update!r}; expected 'weights' or 'weight_diff'")
         self.update_kind = DataKind.WEIGHT_DIFF if update == "weight_diff" else DataKind.WEIGHTS
-        self.processes_per_site = _check_processes(processes_per_site, "processes_per_site")
+        self.processes_per_site = check_processes_per_site(processes_per_site, "processes_per_site")
         self.round_timeout_s = round_timeout_s
         self.processes = self.processes_per_site  # after _setup: the site's own setting, if it has one
         self.round_inputs: dict | None = None  # what each multi-process round is built from (_setup)
@@ -137,7 +131,7 @@ class FedFMSExecutor(Executor):
         overrides = {k: settings[k] for k in ("device", "threads", "num_workers") if k in settings}
         train_cfg = TrainConfig.from_dict({**self.train_config, **overrides}, f"{site} train_config")
         self.trainer = LocalTrainer(model_cfg, train_cfg, settings["data_dir"])
-        self.processes = _check_processes(settings.get("processes_per_site", self.processes_per_site),
+        self.processes = check_processes_per_site(settings.get("processes_per_site", self.processes_per_site),
                                           f"site {site}: processes_per_site")
         if self.processes > 1:
             self.round_inputs = {"model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),

@@ -129,11 +129,8 @@ class FedFMSJob(FedJob):
         self.to_server(he_parts.get("shareable_generator") or self._made(FullModelShareableGenerator), id="shareable_generator")
         self.to_server(he_parts.get("aggregator") or self._aggregator(s), id="aggregator")
         self.to_server(self._made(IntimeModelSelector, key_metric=KEY_METRIC, weigh_by_local_iter=True), id="model_selector")
-        monitor_args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": jobs.min_sites(s),
-                        "on_missing_site": s["on_missing_site"]}
-        if s["resume"]:
-            monitor_args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
-        self.to_server(he_parts.get("federation_monitor") or self._made(FederationMonitor, **monitor_args), id="federation_monitor")
+        self.to_server(he_parts.get("federation_monitor") or self._made(FederationMonitor, **jobs.monitor_args(s)),
+                       id="federation_monitor")
         self.to_server(self._made(PTFileModelLocator, pt_persistor_id="persistor"), id="model_locator")
         self.to_server(self._made(ValidationJsonGenerator), id="json_generator")
         self.to_server(self._made(TBAnalyticsReceiver, events=["fed.analytix_log_stats"]), id="tb_receiver")

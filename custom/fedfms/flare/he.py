@@ -110,7 +110,7 @@ def _contexts_of_resumed_run(job_dir: str | Path, startup: Path) -> None:
     from fedfms.flare.jobs import job_recipe
 
     recipe = job_recipe(job_dir)
-    record = ((recipe or ("", {}))[1].get("resume") or {}).get("record")
+    record = (recipe[1].get("resume") or {}).get("record") if recipe else None
     if not record:
         return
     found = next((p / "startup" for p in Path(record).parents if (p / "startup" / CLIENT_CONTEXT).is_file()), None)
@@ -423,21 +423,17 @@ def server_components(settings: dict, make=_construct) -> dict[str, object]:
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
 
-    from fedfms.flare.jobs import min_sites, round_timeouts
+    from fedfms.flare.jobs import monitor_args, round_timeouts
 
     check_settings(settings)
     CrossSiteModelEvalHE = globals().get("CrossSiteModelEvalHE") or __getattr__("CrossSiteModelEvalHE")
     timeouts = round_timeouts(settings)
-    monitor_args = {"expected_sites": sorted(settings["sites"]) if settings["sites"] else None,
-                    "min_sites": min_sites(settings), "on_missing_site": settings["on_missing_site"]}
-    if settings.get("resume"):
-        monitor_args["resume"] = {k: settings["resume"][k] for k in ("record", "best_model", "best_metric")}
     return {
         "shareable_generator": make(HEModelShareableGenerator, tenseal_context_file=SERVER_CONTEXT),
         # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
         "aggregator": make(HEInTimeAccumulateWeightedAggregator, expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
         PERSISTOR_FILTER_ID: make(HEModelSerializeFilter, tenseal_context_file=SERVER_CONTEXT),
-        "federation_monitor": make(HEFederationMonitor, **{k: v for k, v in monitor_args.items() if v is not None}),
+        "federation_monitor": make(HEFederationMonitor, **monitor_args(settings)),
         "cross_site_validate": make(CrossSiteModelEvalHE, tenseal_context_file=SERVER_CONTEXT, model_locator_id="model_locator",
                                     submit_model_timeout=timeouts["submit"], validation_timeout=timeouts["validate"]),
     }

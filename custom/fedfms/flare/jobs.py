@@ -214,9 +214,9 @@ def variant_settings(name: str, **overrides) -> dict:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
-    n = s["processes_per_site"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"job {name}: processes_per_site is {n!r}; expected a whole number >= 1 (one DDP process per GPU)")
+    from fedfms.training.distributed import check_processes_per_site
+
+    n = check_processes_per_site(s["processes_per_site"], f"job {name}: processes_per_site")
     if is_nnunet(s):
         if n != 1:
             raise ConfigError(f"job {name}: processes_per_site is {n}; the nnU-Net baseline trains in one process per site")
@@ -265,6 +265,15 @@ def min_sites(s: dict) -> int | None:
     return default_min_sites(len(s["sites"])) if s["sites"] else None
 
 
+def monitor_args(s: dict) -> dict:
+    """The federation monitor's arguments (plaintext and HE jobs alike)."""
+    args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": min_sites(s),
+            "on_missing_site": s["on_missing_site"]}
+    if s["resume"]:
+        args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
+    return args
+
+
 def update_kind(s: dict) -> str:
     """FLARE's DataKind of the training results: the weights, or their change to the global model."""
     return "WEIGHT_DIFF" if s["update"] == "weight_diff" else "WEIGHTS"
@@ -288,9 +297,6 @@ def render_job(name: str, **overrides) -> dict[str, dict]:
 
 
 def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"{out_dir}: job folder already exists; pass --overwrite to replace it")
     return build(name, **overrides).write(out_dir, overwrite=overwrite)
 
 

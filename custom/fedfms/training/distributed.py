@@ -53,6 +53,14 @@ from fedfms.models import ModelConfig
 from fedfms.processes import stop_group
 from fedfms.training.trainer import LocalTrainer, RoundResult, TrainConfig, pick_device, should_cache
 
+
+def check_processes_per_site(value, where: str) -> int:
+    """``processes_per_site`` as a whole number >= 1 (1: the site trains in its own process), or a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} is {value!r}; expected a whole number >= 1 (one DDP process per GPU; "
+                          "1: train in the site's own process)")
+    return value
+
 ENTRY_MODULE = "fedfms.training.distributed"
 ERROR_FILE = "rank{rank}.error.json"
 LOG_FILE = "rank{rank}.log"
