@@ -1,10 +1,10 @@
 """Site-local configuration of a FedFMS startup kit, done once by each hospital after unpacking its kit.
 
-    # hospital site: allow the pre-installed fedfms package, say where the data and checkpoint are
+    # hospital site: allow exactly the classes the fedfms jobs name, say where the data and checkpoint are
     python provisioning/site_setup.py site /opt/fedfms/hospital-a \
         --data-dir /data/fedfms/prepared --checkpoint /models/sam_vit_b_01ec64.pth
 
-    # server: allow fedfms components, keep job storage on a persistent disk instead of /tmp/nvflare,
+    # server: the same allow-list and job guard, nobody may send code; keep job storage on a persistent disk instead of /tmp/nvflare,
     # drop a silent site after 60 s instead of FLARE's 600 s
     python provisioning/site_setup.py server /opt/fedfms/fl.fedfms.example.org --storage /srv/fedfms \
         --heart-beat-timeout 60
@@ -35,10 +35,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-ALLOW_PREFIX = "fedfms."
-# What the production jobs need beyond the provisioned default list: this package (by prefix) and the one
-# stock class the jobs use that FLARE's default list lacks.
-ALLOW_ENTRIES = [ALLOW_PREFIX, "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"]
+# The kit component that checks what a job's arguments point at (fedfms.flare.job_guard), in local/resources.json.
+GUARD = {"id": "fedfms_job_guard", "path": "fedfms.flare.job_guard.JobArgumentGuard", "args": {}}
 SITE_CONFIG = "fedfms_site.json"
 # The rights a FLARE role can hold; "project_admin": "any" abbreviates all of them.
 RIGHTS = ["submit_job", "clone_job", "manage_job", "download_job", "view", "operate", "shell_commands", "byoc",
@@ -63,26 +61,50 @@ def _local(kit: str | Path) -> Path:
 
 
 def fedfms_allow_entries() -> list[str]:
-    """Entries for the installed fedfms version's jobs."""
+    """Exactly the classes the installed fedfms version's jobs name (stock FLARE ones included)."""
     from fedfms.flare.jobs import class_allow_list  # renders every job variant: imported only when needed
 
-    return list(dict.fromkeys(ALLOW_ENTRIES + class_allow_list()))
+    return class_allow_list()
 
 
-def add_class_allow_list(kit: str | Path, prefixes: Iterable[str] | None = None) -> Path:
-    """Add allow-list entries (default: what the fedfms production jobs need) to ``local/resources.json``,
-    keeping the provisioned NVFlare entries and everything else the site configured. Prefix entries end
-    with a dot (``"fedfms."``)."""
-    prefixes = fedfms_allow_entries() if prefixes is None else list(prefixes)
+def _check_exact(entries: list[str]) -> None:
+    """Entries must be importable classes named in full: a prefix (``"fedfms."``) or a function would let a job call
+    any callable below it with arguments of its choosing."""
+    import importlib
+    import inspect
+
+    for entry in entries:
+        module, _, name = entry.rpartition(".")
+        if entry.endswith(".") or not module:
+            raise ValueError(f"allow-list entry {entry!r} is a prefix; expected a full class path")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"allow-list entry {entry!r} cannot be imported here ({exc})") from None
+        if not inspect.isclass(obj):
+            raise ValueError(f"allow-list entry {entry!r} is a {type(obj).__name__}, not a class")
+
+
+def add_class_allow_list(kit: str | Path, classes: Iterable[str] | None = None) -> tuple[Path, list[str]]:
+    """Allow exactly ``classes`` (default: what the fedfms production jobs name) in ``local/resources.json``, keeping
+    the provisioned FLARE class entries and everything else the site configured, but removing every *prefix* entry
+    (ending with a dot): it admits functions too. Also installs the job argument guard
+    (:class:`fedfms.flare.job_guard.JobArgumentGuard`). Returns the file and the prefix entries removed."""
+    classes = fedfms_allow_entries() if classes is None else list(classes)
+    _check_exact(classes)
     local = _local(kit)
     resources = _load_local(local, "resources.json")
-    allow = list(resources.get("class_allow_list", []))
-    allow += [p for p in prefixes if p not in allow]
+    current = list(resources.get("class_allow_list", []))
+    removed = [e for e in current if isinstance(e, str) and (e.endswith(".") or e == "*")]
+    allow = [e for e in current if e not in removed]
+    allow += [c for c in classes if c not in allow]
     resources["class_allow_list"] = allow
-    resources.setdefault("class_list_enforcement_mode", "enforce")
+    resources["class_list_enforcement_mode"] = "enforce"
+    components = [c for c in resources.get("components", []) if c.get("id") != GUARD["id"]]
+    resources["components"] = components + [dict(GUARD)]
     path = local / "resources.json"
     path.write_text(json.dumps(resources, indent=2) + "\n")
-    return path
+    return path, removed
 
 
 def set_server_storage(kit: str | Path, root: str | Path) -> Path:
@@ -176,7 +198,8 @@ def write_site_config(kit: str | Path, **settings) -> Path:
     local = _local(kit)
     path = local / SITE_CONFIG
     current = json.loads(path.read_text()) if path.is_file() else {}
-    current.update({k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if v is not None})
+    as_text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    current.update({k: as_text(v) for k, v in settings.items() if v is not None})
     path.write_text(json.dumps(current, indent=2) + "\n")
     return path
 
@@ -206,16 +229,22 @@ def main(argv=None) -> int:
     s = sub.add_parser("site", help="configure a hospital's client kit")
     s.add_argument("kit", help="the unpacked startup kit folder (contains startup/ and local/)")
     s.add_argument("--data-dir", help="the site's prepared data folder")
+    s.add_argument("--data-root", nargs="+", metavar="DIR",
+                   help="folder(s) below which a job may name its own data_dir (default: only --data-dir)")
     s.add_argument("--checkpoint", help="SAM checkpoint (.pth) on this machine")
+    s.add_argument("--checkpoint-dir", nargs="+", metavar="DIR",
+                   help="folder(s) from which a job may name its own checkpoint (default: --checkpoint's folder)")
     s.add_argument("--device", help="e.g. cuda:0 or cpu")
     s.add_argument("--threads", type=int, help="torch CPU threads for training")
     s.add_argument("--no-allow-list", action="store_true", help="leave class_allow_list as provisioned")
-    s.add_argument("--byoc-roles", nargs="*", metavar="ROLE",
-                   help="roles allowed to send custom code to this site (none given: nobody)")
+    s.add_argument("--byoc-roles", nargs="*", metavar="ROLE", default=[],
+                   help="roles allowed to send custom code to this site (default, or the flag alone: nobody)")
     v = sub.add_parser("server", help="configure the server kit")
     v.add_argument("kit")
     v.add_argument("--storage", help="folder for the job store and snapshots")
     v.add_argument("--no-allow-list", action="store_true")
+    v.add_argument("--byoc-roles", nargs="*", metavar="ROLE", default=[],
+                   help="roles whose code-carrying jobs the server accepts (default, or the flag alone: nobody)")
     v.add_argument("--heart-beat-timeout", type=float, metavar="S",
                    help="drop a site after S seconds without heartbeat (FLARE default 600; 60 recommended)")
     j = sub.add_parser("stale-jobs", help="list (--finish: close) jobs left RUNNING by a killed server")
@@ -231,14 +260,14 @@ def main(argv=None) -> int:
             print("no stale jobs")
         return 0
     if not args.no_allow_list:
-        print(f"wrote {add_class_allow_list(args.kit)}")
+        path, removed = add_class_allow_list(args.kit)
+        print(f"wrote {path}" + (f" (removed prefix entries {removed}: a prefix admits functions too)" if removed else ""))
+    print(f"wrote {set_byoc(args.kit, args.byoc_roles)}")
     if args.cmd == "site":
-        settings = {"data_dir": args.data_dir, "checkpoint": args.checkpoint, "device": args.device,
-                    "threads": args.threads}
+        settings = {"data_dir": args.data_dir, "data_root": args.data_root, "checkpoint": args.checkpoint,
+                    "checkpoint_dir": args.checkpoint_dir, "device": args.device, "threads": args.threads}
         if any(v is not None for v in settings.values()):
             print(f"wrote {write_site_config(args.kit, **settings)}")
-        if args.byoc_roles is not None:
-            print(f"wrote {set_byoc(args.kit, args.byoc_roles)}")
     else:
         if args.storage:
             print(f"wrote {set_server_storage(args.kit, args.storage)}")

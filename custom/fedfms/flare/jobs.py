@@ -13,6 +13,7 @@ that grant the bring-your-own-code right instead.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -382,7 +383,7 @@ def export_byoc(job_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     return out_dir
 
 
-def _executor_args(job_dir: str | Path) -> tuple[Path, dict]:
+def executor_args(job_dir: str | Path) -> tuple[Path, dict]:
     path = Path(job_dir)
     configs = sorted(path.glob("app*/config/config_fed_client.json")) if path.is_dir() else []
     if not configs:
@@ -395,14 +396,14 @@ def _executor_args(job_dir: str | Path) -> tuple[Path, dict]:
 
 def job_model_config(job_dir: str | Path) -> dict:
     """The model_config a job's sites train with (to rebuild its model for prediction or checks)."""
-    where, args = _executor_args(job_dir)
+    where, args = executor_args(job_dir)
     if "model_config" not in args:
         raise ConfigError(f"{where}: executor args have no model_config")
     return args["model_config"]
 
 
 def job_train_config(job_dir: str | Path) -> dict:
-    return _executor_args(job_dir)[1].get("train_config", {})
+    return executor_args(job_dir)[1].get("train_config", {})
 
 
 def components(config) -> list[tuple[str, dict]]:
@@ -428,14 +429,29 @@ def component_paths(job: dict[str, dict]) -> set[str]:
     return {path for path, _ in components(job)}
 
 
-def class_allow_list() -> list[str]:
-    """The ``class_allow_list`` a site needs to run every job here without custom code: the stock FLARE
-    classes the jobs name exactly, and this package by prefix (a prefix entry ends with a dot)."""
-    stock = set()
+def _allow_list_renders():
+    """Option sets that, over every variant, reach each branch of the job builder (and so every class it names)."""
     for name in VARIANTS:
-        options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES for privacy in (None, *PRIVACY_FILTERS)]
+        options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES
+                   for privacy in (None, *PRIVACY_FILTERS)]
+        options.append({"aggregation": "median", "norm_bound": 3.0})
         if VARIANTS[name]["model"].get("mode") == "fedmsa" and not is_nnunet(VARIANTS[name]):
             options.append({"encryption": "he"})
         for option in options:
-            stock |= {p for p in component_paths(render_job(name, tracking="mlflow", **option)) if not p.startswith("fedfms.")}
-    return sorted(stock) + ["fedfms."]
+            yield name, option
+
+
+@functools.cache
+def _class_allow_list() -> tuple[str, ...]:
+    found = set()
+    for name, option in _allow_list_renders():
+        found |= component_paths(render_job(name, tracking="mlflow", **option))
+    return tuple(sorted(found))
+
+
+def class_allow_list() -> list[str]:
+    """The ``class_allow_list`` a site needs to run every job here without custom code: exactly the classes the jobs
+    name, stock FLARE and this package's alike. No prefix entry: a prefix (``"fedfms."``) would admit every callable
+    below it, functions such as ``site_setup.add_class_allow_list`` included, which a job could call with arguments
+    of its choosing. Rendering every variant takes seconds, so the list is made once per process."""
+    return list(_class_allow_list())

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
+from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.capacity import Placement, choose_placement
 from fedfms.flare.jobs import (
     class_allow_list,
+    executor_args,
     job_model_config,
     job_recipe,
     job_train_config,
@@ -24,15 +26,35 @@ from fedfms.flare.jobs import (
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
-def prepare_sim_workspace(workspace: str | Path) -> Path:
+def prepare_sim_workspace(workspace: str | Path, job_dir: str | Path | None = None,
+                          data_root: str | Path | None = None) -> Path:
     """FLARE 2.9's simulator enforces a component allow-list for jobs without custom code; give the
-    simulated sites the same ``local/resources.json`` policy a hospital would set."""
+    simulated sites the same ``local/resources.json`` policy a hospital would set. The simulated sites' own
+    ``local/fedfms_site.json`` names the folders their job may read (fedfms.flare.site_config): ``data_root`` and the
+    job's own data and checkpoint locations, since whoever runs the simulator owns both."""
     local = Path(workspace) / "local"
     local.mkdir(parents=True, exist_ok=True)
     resources = local / "resources.json"
     current = json.loads(resources.read_text()) if resources.is_file() else {"format_version": 2}
     current["class_allow_list"] = class_allow_list()
     resources.write_text(json.dumps(current, indent=2))
+    site_file = local / SITE_CONFIG_FILE
+    settings = read_site_config(local)
+    data_roots = [str(Path(data_root).resolve())] if data_root is not None else []
+    checkpoint_dirs = []
+    if job_dir is not None:
+        _, args = executor_args(job_dir)
+        data_dir, checkpoint = args.get("data_dir"), (args.get("model_config") or {}).get("checkpoint")
+        if data_dir and data_dir != DEFAULT_DATA_DIR and "$" not in data_dir:
+            data_roots.append(str(Path(data_dir.split("{site_name}")[0] or "/").expanduser().resolve()))
+        if checkpoint and checkpoint != DEFAULT_CHECKPOINT and "$" not in checkpoint:
+            checkpoint_dirs.append(str(Path(checkpoint).expanduser().resolve().parent))
+    for key, extra in (("data_root", data_roots), ("checkpoint_dir", checkpoint_dirs)):
+        if extra:
+            have = settings.get(key) or []
+            settings[key] = list(dict.fromkeys(([have] if isinstance(have, str) else have) + extra))
+    if settings:
+        site_file.write_text(json.dumps(settings, indent=2))
     return Path(workspace)
 
 
@@ -198,19 +220,26 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")
-    prepare_sim_workspace(workspace)
+    prepare_sim_workspace(workspace, job_dir, data_root)
     from fedfms.flare.he import prepare_simulation
 
     prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
     job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
-    if data_root is not None:
-        os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     runner = _Runner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
         threads=placement.simulator_threads, gpu=placement.gpu_arg,
         log_config=str(quiet_log_config(workspace)) if quiet else None,
     )
-    return simulation_outcome(workspace, runner.run())
+    before = os.environ.get("FEDFMS_DATA_ROOT")
+    if data_root is not None:  # the jobs' default data_dir, $FEDFMS_DATA_ROOT/{site_name}, for the simulated sites
+        os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
+    try:
+        return simulation_outcome(workspace, runner.run())
+    finally:
+        if before is None:
+            os.environ.pop("FEDFMS_DATA_ROOT", None)
+        else:
+            os.environ["FEDFMS_DATA_ROOT"] = before
 
 
 def server_job_dir(workspace: str | Path) -> Path:
