@@ -166,7 +166,7 @@ def run_rank(spec: dict, rank: int, local_rank: int, world_size: int) -> tuple[L
     if spec.get("weights") is not None:
         trainer.load_travel_weights(spec["weights"])
     if spec.get("optimizer_state") is not None:
-        trainer.optimizer.load_state_dict(torch.load(spec["optimizer_state"], map_location="cpu", weights_only=False))
+        trainer.optimizer.load_state_dict(torch.load(spec["optimizer_state"], map_location="cpu", weights_only=True))
     metrics: dict = {}
     if rank == 0 and len(trainer.datasets["val"]):
         metrics["val_before"] = trainer.evaluate("val")  # of the received model, as LocalTrainer.train_round
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     try:
-        spec = torch.load(args.inp, weights_only=False)
+        spec = torch.load(args.inp, weights_only=True)  # tensors and plain values only: never unpickles code
         cuda = pick_device(spec["train_config"].get("device", "auto")).type == "cuda"
         if cuda:
             if local_rank >= torch.cuda.device_count():
@@ -310,7 +310,7 @@ def launch_round(model_config: Mapping, train_config: Mapping, site_dir: str | S
             raise
     if proc.returncode != 0 or not out.is_file():
         raise DistributedRoundError(_failure(log_dir, nproc, proc.returncode, launcher_log))
-    result = torch.load(out, weights_only=False)
+    result = torch.load(out, weights_only=True)
     return RoundResult(result["weights"], result["num_samples"], result["metrics"])
 
 
