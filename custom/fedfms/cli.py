@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking", choices=["tensorboard", "mlflow"],
                    help="experiment tracking at the server: TensorBoard (default) or MLflow too (SQLite store in the run folder)")
     p.add_argument("--flavour", choices=["project", "reference"],
-                   help="reference: head, input scaling, pos_weight and adapter init as in the paper's code (docs/evaluation.md)")
+                   help="reference: head, input scaling, pos_weight, adapter init and FedMSA block order as in the paper's "
+                        "code (docs/evaluation.md)")
     p.add_argument("--processes-per-site", type=int, help="DDP processes per site, one per GPU (default 1; a site's "
                                                           "local/fedfms_site.json may set its own: docs/multi-gpu.md)")
     fed = p.add_argument_group("federation (docs/federation.md)")

@@ -121,7 +121,7 @@ def _flavour(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--flavour", choices=sorted(FLAVOURS),
                    help="model flavour for a job variant: project (default settings) or reference (the paper code's "
-                        "head, input scaling, no dense prompt, adapter init, pos_weight 2); docs/evaluation.md")
+                        "head, input scaling, no dense prompt, adapter init, FedMSA block order, pos_weight 2); docs/evaluation.md")
 
 
 def add_evaluate_parsers(sub) -> None:

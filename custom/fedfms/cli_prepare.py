@@ -55,6 +55,7 @@ DATASET_OPTIONS = {
     "disc_includes_cup": "--disc-includes-cup",
     "mask_coding": "--mask-coding",
     "skip_bad_cases": "--skip-bad-cases",
+    "mask_resize": "--mask-resize",
 }
 
 
@@ -122,6 +123,11 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         help="warn about and leave out unreadable/inconsistent cases instead of stopping (listed in the manifest)",
     )
 
+    p.add_argument(
+        "--mask-resize", choices=["nearest-exact", "nearest"], default=None,
+        help="masks' nearest-neighbour rule (prostate, fets, fundus, nuclei): nearest-exact (default) or nearest "
+        "(OpenCV's INTER_NEAREST, the paper code's)",
+    )
     p.add_argument(
         "--preset", choices=["project", "reference"], default=None,
         help="project: this project's preprocessing (default; options change it); reference: the paper code's "

@@ -12,11 +12,14 @@ field              project (default)                            reference (the p
 ``normalize``      SAM's pixel mean/std                         the [0, 1] image (image / 255) straight in
 ``dense_prompt``   SAM's ``no_mask_embed`` added                 nothing added (their decoder skips it)
 ``adapter_init``   up-projections zero-initialised              PyTorch's default ``nn.Linear`` init
+``adapted_block_   FedMSA: ``norm1``, then window partition     window partition, then ``norm1`` (padding
+order``            (segment-anything's order)                   tokens enter attention as LayerNorm's bias)
 ``pos_weight``     1 (plain BCE-with-logits)                    2
 =================  ===========================================  ==========================================
 
 Both flavours have the same SAM modules under the same names, so both load the same official checkpoint
 through the strict loader; only the class head (and, for FedMSA, the adapters' starting values) differ.
+The block order changes no weight, only where FedMSA's windowed blocks apply ``norm1`` (models/adapters.py).
 The U-Net baseline has none of the SAM fields; its flavour is the loss weight only.
 
 This module is FLARE-free; the FLARE job layer calls :func:`flavour_overrides` to write a job's configs.
@@ -32,16 +35,18 @@ from fedfms.errors import ConfigError
 
 FLAVOURS: dict[str, dict[str, dict]] = {
     "project": {
-        "model": {"head": "multimask_conv", "normalize": True, "dense_prompt": "no_mask_embed", "adapter_init": "zero_up"},
+        "model": {"head": "multimask_conv", "normalize": True, "dense_prompt": "no_mask_embed", "adapter_init": "zero_up",
+                  "adapted_block_order": "norm_then_window"},
         "train": {"pos_weight": 1.0},
     },
     "reference": {
-        "model": {"head": "reference", "normalize": False, "dense_prompt": "none", "adapter_init": "default"},
+        "model": {"head": "reference", "normalize": False, "dense_prompt": "none", "adapter_init": "default",
+                  "adapted_block_order": "window_then_norm"},
         "train": {"pos_weight": 2.0},
     },
 }
 
-SAM_ONLY_FIELDS = ("head", "normalize", "dense_prompt", "adapter_init")  # the U-Net has none of them
+SAM_ONLY_FIELDS = ("head", "normalize", "dense_prompt", "adapter_init", "adapted_block_order")  # the U-Net has none
 
 
 def flavour_overrides(name: str, variant: str | None = None) -> dict[str, dict]:

@@ -434,7 +434,8 @@ def test_nuclei_cli_folds_option_and_preset_contradiction(tmp_path, capsys):
 def test_nuclei_outputs_made_before_presets_existed_are_still_already_prepared(tmp_path, capsys):
     raw, out = nuclei_raw(tmp_path), tmp_path / "out"
     prepare("nuclei", raw, out, sites=["Uterus", "MoNuSeg"], **EXACT)
-    for site, keys in (("Uterus", ("preset", "pannuke_folds")), ("MoNuSeg", ("preset", "monuseg_subset"))):
+    for site, keys in (("Uterus", ("preset", "pannuke_folds", "mask_resize")),
+                       ("MoNuSeg", ("preset", "monuseg_subset", "mask_resize"))):
         path = out / site / "manifest.json"
         manifest = json.loads(path.read_text())
         for key in keys:
@@ -444,5 +445,110 @@ def test_nuclei_outputs_made_before_presets_existed_are_still_already_prepared(t
     prepare("nuclei", raw, out, sites=["Uterus", "MoNuSeg"], **EXACT)
     assert capsys.readouterr().err.count("already prepared") == 2
     with pytest.raises(DataError, match=r"Uterus: already prepared with different settings "
-                                        r"\(pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
+                                        r"\(mask_resize 'nearest-exact' -> 'nearest'; pannuke_folds 'all' -> \[3\]; "
+                                        r"preset 'project' -> 'reference'\)"):
         prepare("nuclei", raw, out, sites=["Uterus"], preset="reference", **EXACT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mask resizing: OpenCV's INTER_NEAREST under the reference preset, nearest-exact under the project's
+
+
+def opencv_nearest(src, n):
+    """INTER_NEAREST, written out: output pixel i of n takes source pixel floor(i * m / n), m the source side."""
+    rows = [i * src.shape[0] // n for i in range(n)]
+    cols = [j * src.shape[1] // n for j in range(n)]
+    return src[np.ix_(rows, cols)]
+
+
+def nearest_centre(src, n):
+    """The project's rule: the source pixel whose centre is nearest, floor((i + 0.5) * m / n)."""
+    rows = [(2 * i + 1) * src.shape[0] // (2 * n) for i in range(n)]
+    cols = [(2 * j + 1) * src.shape[1] // (2 * n) for j in range(n)]
+    return src[np.ix_(rows, cols)]
+
+
+@pytest.mark.parametrize("shape, size", [((7, 5), 4), ((5, 7), 9), ((13, 11), 6), ((31, 23), 256)])
+def test_mask_resize_rules_pick_the_pixels_their_formulas_name(shape, size):
+    import torch
+
+    from fedfms.data.site_dataset import resize_mask
+
+    labels = np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape)  # every pixel tells where it came from
+    mask = torch.from_numpy(labels)[None]
+    got_opencv = resize_mask(mask, size, "nearest")[0].numpy()
+    got_project = resize_mask(mask, size)[0].numpy()
+    assert (got_opencv == opencv_nearest(labels, size)).all()
+    assert (got_project == nearest_centre(labels, size)).all()
+    assert (got_opencv != got_project).any()  # the two rules differ on these sizes, so each check above bites
+    if shape == (7, 5):  # spelled out once: rows 0, 1, 3, 5 and columns 0, 1, 2, 3 of the 7x5 source
+        assert got_opencv.tolist() == [[5 * r + c for c in (0, 1, 2, 3)] for r in (0, 1, 3, 5)]
+    with pytest.raises(ValueError, match="mask resize rule is 'bilinear'"):
+        resize_mask(mask, size, "bilinear")
+
+
+def prostate_raw_odd(tmp_path):
+    """One prostate case whose 15x13 slices hold a ragged blob (odd sides, so the two rules pick other pixels)."""
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(5)
+    img = rng.uniform(0, 1000, size=(15, 13, 3)).astype(np.float32)
+    seg = (rng.uniform(size=img.shape) > 0.55).astype(np.uint8)
+    nii(raw / "BIDMC" / "Case00.nii.gz", img)
+    nii(raw / "BIDMC" / "Case00_segmentation.nii.gz", seg)
+    return raw, seg
+
+
+def test_reference_preset_resizes_masks_like_opencv_inter_nearest(tmp_path):
+    raw, seg = prostate_raw_odd(tmp_path)
+    sizes = dict(image_size=16, mask_size=6)
+    prepare("prostate", raw, tmp_path / "ref", sites=["BIDMC"], preset="reference", **sizes)
+    prepare("prostate", raw, tmp_path / "proj", sites=["BIDMC"], **sizes)
+    differ = 0
+    for k in range(seg.shape[-1]):
+        ref = masks_of(tmp_path / "ref" / "BIDMC", f"BIDMC_Case00_{k:04d}")[0]
+        proj = masks_of(tmp_path / "proj" / "BIDMC", f"BIDMC_Case00_{k:04d}")[0]
+        assert (ref == opencv_nearest(seg[:, :, k], 6)).all()
+        assert (proj == nearest_centre(seg[:, :, k], 6)).all()
+        differ += int((ref != proj).sum())
+    assert differ > 0
+    assert read_manifest(tmp_path / "ref" / "BIDMC").settings["mask_resize"] == "nearest"
+    assert read_manifest(tmp_path / "proj" / "BIDMC").settings["mask_resize"] == "nearest-exact"
+    # the rule is an option of its own under the project preset, and the reference preset pins it
+    prepare("prostate", raw, tmp_path / "mix", sites=["BIDMC"], mask_resize="nearest", **sizes)
+    assert (masks_of(tmp_path / "mix" / "BIDMC", "BIDMC_Case00_0001") == masks_of(tmp_path / "ref" / "BIDMC", "BIDMC_Case00_0001")).all()
+    with pytest.raises(ConfigError, match=r"--mask-resize is nearest-exact, but --preset reference sets it to nearest "
+                                          r"\(the paper code resizes masks with OpenCV's INTER_NEAREST"):
+        prepare("prostate", raw, tmp_path / "o2", sites=["BIDMC"], preset="reference", mask_resize="nearest-exact", **sizes)
+    with pytest.raises(ConfigError, match=r"mask_resize is 'area'; expected one of nearest-exact, nearest"):
+        prepare("prostate", raw, tmp_path / "o2", sites=["BIDMC"], mask_resize="area", **sizes)
+    assert not (tmp_path / "o2").exists()
+    for dataset in ("prostate", "fets", "fundus", "nuclei"):
+        assert presets.preset_options(dataset, "reference")["mask_resize"] == "nearest"
+
+
+def test_outputs_made_before_the_mask_rule_was_recorded(tmp_path, capsys):
+    raw, _ = prostate_raw_odd(tmp_path)
+    out, sizes = tmp_path / "out", dict(image_size=16, mask_size=6)
+    for preset in ("project", "reference"):
+        prepare("prostate", raw, out / preset, sites=["BIDMC"], preset=preset, **sizes)
+        path = out / preset / "BIDMC" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        del manifest["settings"]["mask_resize"]  # as written before the rule was an option: nearest-exact then
+        path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    prepare("prostate", raw, out / "project", sites=["BIDMC"], **sizes)
+    assert "already prepared" in capsys.readouterr().err
+    # an old reference output was resized with nearest-exact: it is not what the reference preset makes today
+    with pytest.raises(DataError, match=r"already prepared with different settings \(mask_resize 'nearest-exact' -> "
+                                        r"'nearest'\); pass --overwrite"):
+        prepare("prostate", raw, out / "reference", sites=["BIDMC"], preset="reference", **sizes)
+
+
+def test_cli_mask_resize(tmp_path, capsys):
+    raw, seg = prostate_raw_odd(tmp_path)
+    base = ["prepare", "prostate", "--raw", str(raw), "--sites", "BIDMC", "--image-size", "16", "--mask-size", "6"]
+    assert cli(base + ["--out", str(tmp_path / "a"), "--mask-resize", "nearest"]) == 0
+    assert (masks_of(tmp_path / "a" / "BIDMC", "BIDMC_Case00_0002")[0] == opencv_nearest(seg[:, :, 2], 6)).all()
+    with pytest.raises(SystemExit) as exc:
+        cli(base + ["--out", str(tmp_path / "b"), "--preset", "reference", "--mask-resize", "nearest-exact"])
+    assert exc.value.code == 2 and "--mask-resize is nearest-exact, but --preset reference sets it to nearest" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Model flavours: the project's defaults and the paper code's head, input scaling, dense prompt, adapter
-init and loss weight behind one switch; both load the same official checkpoint strictly."""
+init, FedMSA block order and loss weight behind one switch; both load the same official checkpoint strictly.
+(The block order's numbers are pinned in test_adapters.py.)"""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def test_the_registry_and_its_defaults():
         assert getattr(defaults, key) == value, key
     assert train.pos_weight == FLAVOURS["project"]["train"]["pos_weight"] == 1.0
     assert FLAVOURS["reference"] == {
-        "model": {"head": "reference", "normalize": False, "dense_prompt": "none", "adapter_init": "default"},
+        "model": {"head": "reference", "normalize": False, "dense_prompt": "none", "adapter_init": "default",
+                  "adapted_block_order": "window_then_norm"},
         "train": {"pos_weight": 2.0},
     }
     o = flavour_overrides("reference")

@@ -52,11 +52,21 @@ def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     return out if batched else out[0]
 
 
-def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of a (C,H,W) binary mask: labels are never blended."""
+# Nearest-neighbour rules for masks, as torch's interpolate modes. Output pixel i of n, from an input side of m:
+# "nearest-exact" takes input pixel floor((i + 0.5) * m / n), the one whose centre is nearest (this project);
+# "nearest" takes floor(i * m / n), as OpenCV's INTER_NEAREST does (the paper code's preprocessing).
+MASK_RESIZES = ("nearest-exact", "nearest")
+DEFAULT_MASK_RESIZE = "nearest-exact"
+
+
+def resize_mask(mask: torch.Tensor, size: int, rule: str = DEFAULT_MASK_RESIZE) -> torch.Tensor:
+    """Nearest-neighbour resize of a (C,H,W) binary mask: labels are never blended. ``rule``: one of
+    :data:`MASK_RESIZES`."""
+    if rule not in MASK_RESIZES:
+        raise ValueError(f"mask resize rule is {rule!r}; expected one of {', '.join(MASK_RESIZES)}")
     if mask.shape[-2:] == (size, size):
         return mask
-    out = torch.nn.functional.interpolate(mask[None].float(), size=(size, size), mode="nearest-exact")
+    out = torch.nn.functional.interpolate(mask[None].float(), size=(size, size), mode=rule)
     return out[0]
 
 
@@ -326,7 +336,10 @@ class SiteWriter:
 
     ``intensity``: how images become [0, 1] (:mod:`fedfms.data.intensity`): ``"unit"`` (default) takes uint8 / 255
     and floats already in [0, 1] and refuses anything else (uint16, floats outside [0, 1]) with the range it saw;
-    ``"window"`` maps every image's own 1st..99th percentile to [0, 1]."""
+    ``"window"`` maps every image's own 1st..99th percentile to [0, 1].
+
+    ``mask_resize``: the nearest-neighbour rule masks are resized with (:data:`MASK_RESIZES`); another rule than
+    the default is recorded in the settings."""
 
     def __init__(
         self,
@@ -339,6 +352,7 @@ class SiteWriter:
         settings: dict | None = None,
         overwrite: bool = False,
         intensity: str = "unit",
+        mask_resize: str = DEFAULT_MASK_RESIZE,
     ):
         from fedfms.data.intensity import UNIT_RULES
 
@@ -346,6 +360,8 @@ class SiteWriter:
             raise DataError(f"classes is {list(classes)}; expected 1 to {MAX_CLASSES} names")
         if intensity not in UNIT_RULES:
             raise DataError(f"intensity is {intensity!r}; expected one of {', '.join(UNIT_RULES)}")
+        if mask_resize not in MASK_RESIZES:
+            raise DataError(f"mask_resize is {mask_resize!r}; expected one of {', '.join(MASK_RESIZES)}")
         if not str(site) or any(c in str(site) for c in "/\\"):
             raise DataError(f"site is {site!r}; expected a non-empty name without path separators")
         self.out_dir = Path(out_dir)
@@ -359,7 +375,10 @@ class SiteWriter:
         self.settings = dict(settings or {})
         if intensity != "unit":
             self.settings.setdefault("writer_intensity", intensity)
+        if mask_resize != DEFAULT_MASK_RESIZE:
+            self.settings.setdefault("mask_resize", mask_resize)
         self.intensity = intensity
+        self.mask_resize = mask_resize
         self.overwrite = overwrite
         self.samples: list[SampleRecord] = []
         self._positive = 0
@@ -443,7 +462,7 @@ class SiteWriter:
         volume_id = str(volume) if str(volume).startswith(f"{self.site}_") else f"{self.site}_{volume}"
         self._contrast[volume_id] = self._contrast.get(volume_id, False) or not constant
         image_t = resize_image(torch.from_numpy(unit), self.image_size).clamp(0, 1)
-        mask_t = resize_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size)
+        mask_t = resize_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size, self.mask_resize)
         rec = SampleRecord(sample_id, volume_id, f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index)
         if (self.partial / rec.image).exists():
             raise DataError(f"{where} (volume {volume!r}): sample id {sample_id!r} is written twice; expected unique ids")

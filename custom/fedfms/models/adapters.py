@@ -17,6 +17,13 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 ADAPTER_INITS = ("zero_up", "default")
 
+# Where norm1 sits relative to the window partition of a windowed-attention block. They differ only when the
+# token grid does not divide into whole windows (1024 px: 64x64 tokens, windows of 14, padded to 70x70):
+# "norm_then_window" (segment-anything's Block) pads the normalised grid with zeros; "window_then_norm" (the
+# paper code's MSA block) pads first, so its padding tokens pass through LayerNorm and enter attention as
+# the LayerNorm bias (zero only in a randomly initialised model, non-zero in every official SAM checkpoint).
+BLOCK_ORDERS = ("norm_then_window", "window_then_norm")
+
 
 class Adapter(nn.Module):
     """Bottleneck ``Linear(D, D*ratio) -> act -> Linear(D*ratio, D)``, optionally with a skip connection.
@@ -48,11 +55,16 @@ class AdaptedBlock(nn.Module):
     """segment-anything's ``Block`` with a space adapter after attention and an MLP adapter beside the MLP:
 
     ``x = shortcut + SpaceAdapter(attn(norm1(x)))``;  ``x = x + mlp(norm2(x)) + scale * MLPAdapter(norm2(x))``
+
+    ``order``: where ``norm1`` sits relative to the window partition (:data:`BLOCK_ORDERS`).
     """
 
     def __init__(self, block: Block, ratio: float = 0.25, activation: str = "gelu", mlp_adapter_scale: float = 0.5,
-                 init: str = "zero_up"):
+                 init: str = "zero_up", order: str = "norm_then_window"):
         super().__init__()
+        if order not in BLOCK_ORDERS:
+            raise ValueError(f"adapted block order is {order!r}; expected one of {BLOCK_ORDERS}")
+        self.order = order
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         self.window_size = block.window_size
         dim = block.norm1.normalized_shape[0]
@@ -62,10 +74,14 @@ class AdaptedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.norm1(x)
+        norm_first = self.order == "norm_then_window"
+        if norm_first:
+            x = self.norm1(x)
         if self.window_size > 0:
             height, width = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, self.window_size)
+        if not norm_first:
+            x = self.norm1(x)
         x = self.attn(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (height, width))
@@ -74,11 +90,12 @@ class AdaptedBlock(nn.Module):
         return x + self.mlp(xn) + self.mlp_adapter_scale * self.mlp_adapter(xn)
 
 
-def add_adapters(encoder: ImageEncoderViT, ratio: float = 0.25, activation: str = "gelu", init: str = "zero_up") -> ImageEncoderViT:
+def add_adapters(encoder: ImageEncoderViT, ratio: float = 0.25, activation: str = "gelu", init: str = "zero_up",
+                 order: str = "norm_then_window") -> ImageEncoderViT:
     """Replace every block of ``encoder`` in place by an :class:`AdaptedBlock`."""
     for i, block in enumerate(encoder.blocks):
         if not isinstance(block, AdaptedBlock):
-            encoder.blocks[i] = AdaptedBlock(block, ratio, activation, init=init)
+            encoder.blocks[i] = AdaptedBlock(block, ratio, activation, init=init, order=order)
     return encoder
 
 

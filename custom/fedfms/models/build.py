@@ -9,7 +9,7 @@ import torch
 
 from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
-from fedfms.models.adapters import ADAPTER_INITS, add_adapters
+from fedfms.models.adapters import ADAPTER_INITS, BLOCK_ORDERS, add_adapters
 from fedfms.models.attention import use_fused_attention
 from fedfms.models.checkpoint import load_sam_weights
 from fedfms.models.prompt_free import DENSE_PROMPTS, HEADS, PromptFreeSAM
@@ -36,6 +36,9 @@ class ModelConfig:
     adapter_ratio: float = 0.25
     adapter_activation: str = "gelu"  # the MSA code uses GELU; the paper's text says ReLU
     adapter_init: str = "zero_up"  # up-projections start at zero; "default": PyTorch's init (the paper's code)
+    # FedMSA's blocks: norm1 before the window partition (segment-anything); "window_then_norm": after it (the
+    # paper's code: padding tokens become the LayerNorm bias); models/adapters.py BLOCK_ORDERS
+    adapted_block_order: str = "norm_then_window"
     activation_checkpointing: bool = False
     fused_attention: bool = True  # same numbers as SAM's attention, far less memory (models/attention.py)
 
@@ -73,7 +76,8 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
     if cfg.adapter_activation not in ("gelu", "relu"):
         raise ConfigError(f"adapter_activation is {cfg.adapter_activation!r}; expected 'gelu' or 'relu'")
     for field, value, allowed in (("head", cfg.head, HEADS), ("dense_prompt", cfg.dense_prompt, DENSE_PROMPTS),
-                                  ("adapter_init", cfg.adapter_init, ADAPTER_INITS)):
+                                  ("adapter_init", cfg.adapter_init, ADAPTER_INITS),
+                                  ("adapted_block_order", cfg.adapted_block_order, BLOCK_ORDERS)):
         if value not in allowed:
             raise ConfigError(f"model config: {field} is {value!r}; expected one of {', '.join(allowed)}")
     variant = get_variant(cfg.variant, cfg.image_size)
@@ -97,7 +101,8 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
             dense_prompt=cfg.dense_prompt,
         )
         if cfg.mode == "fedmsa":
-            add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation, cfg.adapter_init)
+            add_adapters(model.image_encoder, cfg.adapter_ratio, cfg.adapter_activation, cfg.adapter_init,
+                         cfg.adapted_block_order)
         if cfg.fused_attention:
             use_fused_attention(model.image_encoder)
     if cfg.pretrained:

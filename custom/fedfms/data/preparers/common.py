@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from fedfms.data import intensity
 from fedfms.data import volumes as vol
 from fedfms.data.preparers import inputs
-from fedfms.data.site_dataset import SiteWriter, read_manifest, summarize_sites
+from fedfms.data.site_dataset import DEFAULT_MASK_RESIZE, MASK_RESIZES, SiteWriter, read_manifest, summarize_sites
 from fedfms.errors import ConfigError, DataError
 
 # Bumped when a preparer's output changes for the same settings, so old outputs are not taken as current.
@@ -191,7 +191,7 @@ def write_site(
     provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems),
                   "skip_bad_cases": skip_bad_cases, **source.notes, "inputs": record}
     with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance},
-                    overwrite) as writer:
+                    overwrite, mask_resize=settings.get("mask_resize", DEFAULT_MASK_RESIZE)) as writer:
         used = 0
         for case in progress(source.cases, desc=f"{dataset}/{source.site}"):
             try:
@@ -237,6 +237,18 @@ def _normalise(obj):
 IMPLIED_BEFORE_PRESETS = {"preset": "project", "skip_end_slices": False, "pannuke_folds": "all", "monuseg_subset": "all"}
 
 
+# Settings a manifest may lack because it was written before the setting was recorded, and what was then done:
+# masks were resized with "nearest-exact" before the rule became an option (the reference preset's "nearest").
+IMPLIED_WHEN_MISSING = {"mask_resize": DEFAULT_MASK_RESIZE}
+
+
+def check_mask_resize(rule) -> str:
+    """The ``mask_resize`` option (:data:`fedfms.data.site_dataset.MASK_RESIZES`), or a ConfigError."""
+    if rule not in MASK_RESIZES:
+        raise ConfigError(f"mask_resize is {rule!r}; expected one of {', '.join(MASK_RESIZES)}")
+    return rule
+
+
 def _from_before_presets(old: dict, new: dict) -> dict:
     """``old`` settings of a manifest written before presets existed, in today's form, so an unchanged preparation
     is still "already prepared" (FeTS then recorded ``target_label: 4`` for today's ``target_labels: [4]``)."""
@@ -263,6 +275,7 @@ def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: i
     new = {"dataset": dataset, "classes": classes, "image_size": image_size, "mask_size": mask_size}
     new_settings = {k: v for k, v in _normalise(settings).items() if k != PROVENANCE_KEY}
     old_settings = _from_before_presets({k: v for k, v in m.settings.items() if k != PROVENANCE_KEY}, new_settings)
+    old_settings = {**{k: v for k, v in IMPLIED_WHEN_MISSING.items() if k in new_settings}, **old_settings}
     diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
     diffs += [
         f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"

@@ -196,6 +196,7 @@ def prepare_fets(
     skip_end_slices: bool = False,
     target_labels=None,
     skip_bad_cases: bool = False,
+    mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare one site per FeTS client (``out/client<ID>``).
@@ -204,7 +205,8 @@ def prepare_fets(
     ``[1, 4]`` tumour core (the paper code). ``two_and_half_d``: the reference code's 2.5D input — slices k-1, k,
     k+1 as the three channels instead of slice k copied three times. ``empty_slices_keep``: slices without target
     kept per volume — 'all' (default), an integer count, a fraction in [0, 1] written with a decimal point, or
-    'every:N' (index a multiple of N). ``skip_end_slices``: never keep the first and last slice.
+    'every:N' (index a multiple of N). ``skip_end_slices``: never keep the first and last slice. ``mask_resize``: the
+    masks' nearest-neighbour rule (``"nearest-exact"``, or ``"nearest"`` = OpenCV's INTER_NEAREST).
     ``preset='reference'`` requires the paper code's values for all of these (:mod:`~fedfms.data.preparers.presets`)."""
     raw, out = Path(raw), Path(out)
     vol.check_percentiles(low_pct, high_pct)
@@ -218,6 +220,7 @@ def prepare_fets(
         "empty_slices_keep": "all" if empty_keep is None else empty_keep,
         "two_and_half_d": bool(two_and_half_d),
         "skip_end_slices": bool(skip_end_slices),
+        "mask_resize": common.check_mask_resize(mask_resize),
     }
     presets.check(DATASET, preset, options)
     client_ids = parse_clients(clients)

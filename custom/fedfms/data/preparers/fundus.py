@@ -88,19 +88,23 @@ def prepare_fundus(
     disc_includes_cup: bool = True,
     mask_coding: str = "refuge",
     skip_bad_cases: bool = False,
+    mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
 ) -> list[Path]:
-    """Prepare the fundus sites; classes ``["disc", "cup"]`` (see the module docstring)."""
+    """Prepare the fundus sites; classes ``["disc", "cup"]`` (see the module docstring). ``mask_resize``: the
+    masks' nearest-neighbour rule (``"nearest-exact"``, or ``"nearest"`` = OpenCV's INTER_NEAREST)."""
     raw, out = Path(raw), Path(out)
     if mask_coding not in CODINGS:
         raise ConfigError(f"mask_coding is {mask_coding!r}; expected one of {sorted(CODINGS)}")
-    presets.check(DATASET, presets.check_name(preset), {"disc_includes_cup": bool(disc_includes_cup)})
+    mask_resize = common.check_mask_resize(mask_resize)
+    presets.check(DATASET, presets.check_name(preset), {"disc_includes_cup": bool(disc_includes_cup), "mask_resize": mask_resize})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
     settings = {
         "preset": preset,
         "mask_coding": mask_coding,
         "disc_includes_cup": bool(disc_includes_cup),
+        "mask_resize": mask_resize,
         "intensity": "RGB / 255",
     }
     load = partial(_load_case, coding=mask_coding, disc_includes_cup=bool(disc_includes_cup))

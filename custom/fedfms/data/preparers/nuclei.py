@@ -354,23 +354,27 @@ def prepare_nuclei(
     pannuke_folds=None,
     monuseg_subset: str = "all",
     skip_bad_cases: bool = False,
+    mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare the nuclei sites (four PanNuke tissues, MoNuSAC, TNBC, MoNuSeg); one binary class.
 
     ``pannuke_folds``: the PanNuke folds each tissue is read from (:func:`parse_pannuke_folds`; default all).
     ``monuseg_subset``: ``"all"`` (default) or ``"train"``, leaving out the official MoNuSeg 2018 test images.
-    ``preset='reference'`` requires the paper code's values for both (:mod:`~fedfms.data.preparers.presets`)."""
+    ``mask_resize``: the masks' nearest-neighbour rule (``"nearest-exact"``, or ``"nearest"`` = OpenCV's INTER_NEAREST).
+    ``preset='reference'`` requires the paper code's values for all three (:mod:`~fedfms.data.preparers.presets`)."""
     raw, out = Path(raw), Path(out)
     folds_by_tissue = parse_pannuke_folds(pannuke_folds)
     if monuseg_subset not in MONUSEG_SUBSETS:
         raise ConfigError(f"monuseg subset is {monuseg_subset!r}; expected one of {', '.join(MONUSEG_SUBSETS)}")
-    presets.check(DATASET, presets.check_name(preset), {"pannuke_folds": folds_by_tissue, "monuseg_subset": monuseg_subset})
+    mask_resize = common.check_mask_resize(mask_resize)
+    presets.check(DATASET, presets.check_name(preset),
+                  {"pannuke_folds": folds_by_tissue, "monuseg_subset": monuseg_subset, "mask_resize": mask_resize})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     # Resolve every folder before writing anything, so a layout mistake fails fast.
     pannuke_root, folds = find_pannuke_folds(raw) if any(s in PANNUKE_TISSUES for s in chosen) else (None, [])
     site_dirs = {s: common.find_site_dir(raw, s, OTHER_SITES[s], DATASET) for s in chosen if s in OTHER_SITES}
-    settings = {"preset": preset, "intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
+    settings = {"preset": preset, "mask_resize": mask_resize, "intensity": "RGB / 255", "label_map": "instance id > 0 -> nuclei"}
 
     def sources():
         for site in chosen:

@@ -29,7 +29,11 @@ fets      target_labels         [4] enhancing tumour      [1, 4] necrosis + enha
 fundus    disc_includes_cup     true (whole disc)         false (disc channel = rim, disc minus cup)
 nuclei    pannuke_folds         all                       Adrenal_gland, Esophagus: fold 2; Bile-duct, Uterus: fold 3
           monuseg_subset        all                       train (the 14 MoNuSeg 2018 test images left out)
+all four  mask_resize           nearest-exact             nearest (OpenCV's INTER_NEAREST: output pixel i of n
+                                (floor((i+0.5)*m/n))      takes source pixel floor(i * m / n), m the source side)
 ========  ====================  ========================  ======================================================
+
+Images are resized bilinearly under both presets (the paper code uses OpenCV's INTER_LINEAR, not a nearest rule).
 
 The evidence for each value (file and line of the authors' code) is in docs/datasets.md, "Presets".
 """
@@ -49,6 +53,9 @@ PRESETS = (PROJECT, REFERENCE)
 # PanNuke2Esophagus, PanNuke3Bile-duct, PanNuke3Uterus).
 REFERENCE_PANNUKE_FOLDS = {"Adrenal_gland": [2], "Esophagus": [2], "Bile-duct": [3], "Uterus": [3]}
 
+# The paper code resizes every dataset's labels with OpenCV's INTER_NEAREST, which is torch's "nearest".
+_MASK_RESIZE = ("nearest", "the paper code resizes masks with OpenCV's INTER_NEAREST, torch's 'nearest'")
+
 # dataset -> option -> (value, why): what --preset reference sets, in the canonical form the preparers record
 REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
     "prostate": {
@@ -57,6 +64,7 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "empty_slices_keep": ("all", "the paper code keeps every prostate slice"),
         "two_and_half_d": (False, "the paper code feeds prostate slices in 2D"),
         "skip_end_slices": (False, "the paper code keeps the first and last prostate slice"),
+        "mask_resize": _MASK_RESIZE,
     },
     "fets": {
         "target_labels": ([1, 4], "the paper code's FeTS target is labels 1 and 4"),
@@ -65,14 +73,17 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "two_and_half_d": (True, "the paper code feeds FeTS slices k-1, k, k+1 as RGB"),
         "empty_slices_keep": ("every:5", "the paper code keeps a FeTS slice without target only when its index is a multiple of 5"),
         "skip_end_slices": (True, "the paper code never keeps the first or last FeTS slice"),
+        "mask_resize": _MASK_RESIZE,
     },
     "fundus": {
         "disc_includes_cup": (False, "the paper code's optic-disc class is the rim (disc minus cup)"),
+        "mask_resize": _MASK_RESIZE,
     },
     "nuclei": {
         "pannuke_folds": (REFERENCE_PANNUKE_FOLDS, "the paper code took Adrenal_gland and Esophagus from PanNuke fold 2, "
                                                    "Bile-duct and Uterus from fold 3"),
         "monuseg_subset": ("train", "the paper code used the MoNuSeg 2018 training set only"),
+        "mask_resize": _MASK_RESIZE,
     },
 }
 

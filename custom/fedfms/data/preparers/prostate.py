@@ -87,11 +87,14 @@ def prepare_prostate(
     two_and_half_d: bool = False,
     skip_end_slices: bool = False,
     skip_bad_cases: bool = False,
+    mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
 ) -> list[Path]:
     """Prepare the prostate sites; returns ``out/<site>`` for each. Every depth slice is kept by default
-    (``empty_slices_keep='all'``), as in the paper. ``preset='reference'`` requires the paper code's values
-    (:mod:`fedfms.data.preparers.presets`: window from the volume's minimum to its 99th percentile)."""
+    (``empty_slices_keep='all'``), as in the paper. ``mask_resize``: the masks' nearest-neighbour rule
+    (``"nearest-exact"``, or ``"nearest"`` = OpenCV's INTER_NEAREST). ``preset='reference'`` requires the paper
+    code's values (:mod:`fedfms.data.preparers.presets`: window from the volume's minimum to its 99th percentile,
+    INTER_NEAREST masks)."""
     raw, out = Path(raw), Path(out)
     vol.check_percentiles(low_pct, high_pct)
     empty_keep = vol.parse_empty_keep(empty_slices_keep)
@@ -102,6 +105,7 @@ def prepare_prostate(
         "empty_slices_keep": "all" if empty_keep is None else empty_keep,
         "two_and_half_d": bool(two_and_half_d),
         "skip_end_slices": bool(skip_end_slices),
+        "mask_resize": common.check_mask_resize(mask_resize),
         "label_map": "seg in {1,2} -> prostate",
     }
     presets.check(DATASET, preset, settings)
