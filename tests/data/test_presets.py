@@ -444,5 +444,5 @@ def test_nuclei_outputs_made_before_presets_existed_are_still_already_prepared(t
     prepare("nuclei", raw, out, sites=["Uterus", "MoNuSeg"], **EXACT)
     assert capsys.readouterr().err.count("already prepared") == 2
     with pytest.raises(DataError, match=r"Uterus: already prepared with different settings "
-                                        r"\(pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
+                                        r"\(resize 'pad' -> 'stretch'; pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
         prepare("nuclei", raw, out, sites=["Uterus"], preset="reference", **EXACT)

@@ -326,18 +326,21 @@ def volume_samples(
     two_and_half_d: bool,
     skip_end_slices: bool = False,
     path: Path | str = "volume",
+    sample_prefix: str | None = None,
 ) -> list[Sample]:
     """Window a volume and cut it into depth slices; ``target`` is the binary mask volume (H, W, D), or one per
     class (C, H, W, D). Which slices are kept: :func:`fedfms.data.volumes.select_slices` (a slice "has target" when
     any class is present). A volume without contrast (constant, a label map, an empty window) is refused naming
-    ``path``."""
+    ``path``. Sample ids are ``<volume_id>_<slice>`` or, given ``sample_prefix``, ``<sample_prefix>_<slice>``
+    (when several volumes share one patient id)."""
     windowed = vol.window_volume(image, low_pct, high_pct, path)
     target = np.asarray(target)
     keep = vol.select_slices(target.reshape(-1, target.shape[-1]).any(axis=0), empty_keep, skip_end_slices)
     samples = []
     for k in keep:
         img = vol.neighbour_stack(windowed, k) if two_and_half_d else windowed[:, :, k]
-        samples.append(Sample(img, target[..., k].astype(np.uint8), volume_id, k))
+        samples.append(Sample(img, target[..., k].astype(np.uint8), volume_id, k,
+                              f"{sample_prefix}_{k:04d}" if sample_prefix else None))
     return samples
 
 
@@ -549,8 +552,9 @@ def pair_files(images: dict[str, Path], masks: dict[str, Path], classes: Sequenc
                     break
         used.update(single, per.values())
         if single and per:
+            per_files = _names_of(masks[k] for k in per.values())
             problems.append(Problem(image, f"has both a mask file holding every class ({masks[single[0]].name}) and "
-                                           f"per-class mask files ({_names_of(masks[k] for k in per.values())}); expected one or the other"))
+                                           f"per-class mask files ({per_files}); expected one or the other"))
         elif len(single) > 1:
             problems.append(Problem(image, f"has several mask files ({_names_of(masks[k] for k in single)}); expected exactly one"))
         elif single:
@@ -598,7 +602,7 @@ def load_patient_map(site_dir: Path) -> dict[str, str]:
     for i, row in enumerate(rows, start=2):
         if not row.get("image") or not row.get("patient"):
             raise DataError(f"{path}: line {i} has an empty image or patient; expected both")
-        mapping[Path(row["image"]).stem] = row["patient"]
+        mapping[vol.nifti_stem(row["image"]) or Path(row["image"]).stem] = row["patient"]
     return mapping
 
 

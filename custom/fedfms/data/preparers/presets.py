@@ -29,6 +29,7 @@ fets      target_labels         [4] enhancing tumour      [1, 4] necrosis + enha
 fundus    disc_includes_cup     true (whole disc)         false (disc channel = rim, disc minus cup)
 nuclei    pannuke_folds         all                       Adrenal_gland, Esophagus: fold 2; Bile-duct, Uterus: fold 3
           monuseg_subset        all                       train (the 14 MoNuSeg 2018 test images left out)
+all four  resize                pad (aspect ratio kept)   stretch (both sides to the square, as cv2.resize)
 ========  ====================  ========================  ======================================================
 
 The evidence for each value (file and line of the authors' code) is in docs/datasets.md, "Presets".
@@ -50,6 +51,8 @@ PRESETS = (PROJECT, REFERENCE)
 REFERENCE_PANNUKE_FOLDS = {"Adrenal_gland": [2], "Esophagus": [2], "Bile-duct": [3], "Uterus": [3]}
 
 # dataset -> option -> (value, why): what --preset reference sets, in the canonical form the preparers record
+STRETCH_WHY = "the paper code resized every image to a 1024 x 1024 square without keeping its aspect ratio (cv2.resize)"
+
 REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
     "prostate": {
         "low_pct": (0.0, "the paper code's window starts at the volume's minimum"),
@@ -57,6 +60,7 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "empty_slices_keep": ("all", "the paper code keeps every prostate slice"),
         "two_and_half_d": (False, "the paper code feeds prostate slices in 2D"),
         "skip_end_slices": (False, "the paper code keeps the first and last prostate slice"),
+        "resize": ("stretch", STRETCH_WHY),
     },
     "fets": {
         "target_labels": ([1, 4], "the paper code's FeTS target is labels 1 and 4"),
@@ -65,14 +69,17 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "two_and_half_d": (True, "the paper code feeds FeTS slices k-1, k, k+1 as RGB"),
         "empty_slices_keep": ("every:5", "the paper code keeps a FeTS slice without target only when its index is a multiple of 5"),
         "skip_end_slices": (True, "the paper code never keeps the first or last FeTS slice"),
+        "resize": ("stretch", STRETCH_WHY),
     },
     "fundus": {
         "disc_includes_cup": (False, "the paper code's optic-disc class is the rim (disc minus cup)"),
+        "resize": ("stretch", STRETCH_WHY),
     },
     "nuclei": {
         "pannuke_folds": (REFERENCE_PANNUKE_FOLDS, "the paper code took Adrenal_gland and Esophagus from PanNuke fold 2, "
                                                    "Bile-duct and Uterus from fold 3"),
         "monuseg_subset": ("train", "the paper code used the MoNuSeg 2018 training set only"),
+        "resize": ("stretch", STRETCH_WHY),
     },
 }
 
