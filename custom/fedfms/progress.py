@@ -1,13 +1,13 @@
 """The one progress bar of every loop a person waits for (prepare, predict, centralized, LOSO, pretrain).
 
 tqdm on stderr, drawn only when stderr is a terminal: in a log file, a CI run or a test the bar is silent and the
-caller's own lines (if any) say how far it got. Lines printed while a bar is drawn go through :func:`say` so they
+caller's own lines say how far it got. Lines written while a bar is drawn go through :func:`lines_above`, so they
 appear above the bar instead of cutting through it."""
 
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -27,9 +27,13 @@ def drawn(progress: tqdm) -> bool:
     return not progress.disable
 
 
-def say(progress: tqdm | None, message: str, file=None) -> None:
-    """Print ``message`` as a line of its own; above the bar while ``progress`` is drawn."""
-    if progress is not None and drawn(progress):
-        progress.write(message, file=file or sys.stdout)
-    else:
-        print(message, file=file or sys.stdout, flush=True)
+def lines_above(progress: tqdm, log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log``, made to print above ``progress`` while the bar is drawn (the bar is cleared and redrawn around it)."""
+    if not drawn(progress):
+        return log
+
+    def say(message: str) -> None:
+        with progress.external_write_mode():
+            log(message)
+
+    return say

@@ -387,14 +387,10 @@ def _read_tiff(path: Path) -> np.ndarray:
     return arr
 
 
-def read_image(path: Path, window: tuple[float, float] | None = None,
-               fix: str = "convert it to 8 bits first, choosing the intensity window yourself") -> np.ndarray:
-    """A 2D image file -> (H, W, 3): uint8 as stored, or float32 in [0, 1] when ``window`` = (low, high) percentiles
-    maps each image's own intensity range. PNG, JPEG, BMP through Pillow; TIFF through tifffile.
-
-    8-bit grey/RGB/RGBA/palette images are read as RGB. A 16-bit, 32-bit or float image has no rule that maps it to
-    8 bits without a choice, so it is refused unless ``window`` is given (``fix`` says what the caller can do).
-    Refused too: NaN, constant and mask-like images (:mod:`fedfms.data.intensity`)."""
+def read_pixels(path: Path) -> tuple[np.ndarray, str]:
+    """A 2D image file's pixels as stored, (H, W) or (H, W, C) with C = 1 or 3 (alpha dropped), and a phrase saying
+    what it is (``image mode I;16``, ``image is uint16``). PNG, JPEG, BMP through Pillow (8-bit modes as RGB); TIFF
+    through tifffile (8/16/32-bit, float, planar RGB)."""
     if path.suffix.lower() in TIFF_EXTS:
         arr = _read_tiff(path)
         kind = f"image is {arr.dtype}"
@@ -406,16 +402,34 @@ def read_image(path: Path, window: tuple[float, float] | None = None,
         arr = arr[..., :1] if arr.shape[-1] in (1, 2) else arr[..., :3]  # grey(+alpha) / RGB(+alpha)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
+    return arr, kind
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1 or 3) -> (H, W, 3)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def read_image(path: Path, window: tuple[float, float] | None = None,
+               fix: str = "convert it to 8 bits first, choosing the intensity window yourself",
+               allow_label_like: bool = False) -> np.ndarray:
+    """A 2D image file (:func:`read_pixels`) -> (H, W, 3): uint8 as stored, or float32 in [0, 1] when ``window`` =
+    (low, high) percentiles maps each image's own intensity range.
+
+    A 16-bit, 32-bit or float image has no rule that maps it to 8 bits without a choice, so it is refused unless
+    ``window`` is given (``fix`` says what the caller can do). Refused too: NaN, constant and (unless
+    ``allow_label_like``) mask-like images (:mod:`fedfms.data.intensity`)."""
+    arr, kind = read_pixels(path)
     if arr.dtype != np.uint8 and window is None:
         raise DataError(f"{path}: {kind} (16-bit or float); expected an 8-bit grey or RGB image ({fix})")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise DataError(f"{path}: image has NaN/inf values; expected finite intensities")
-    intensity.check_content(arr, str(path), "image")
+    intensity.check_content(arr, str(path), "image", allow_label_like)
     if window is not None:
         arr = intensity.window(arr, window[0], window[1], where=str(path))
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+    return to_rgb(arr)
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -109,8 +109,8 @@ def prepare_images(
         cases = [layout.image_case(p, patients.get(p.id, p.id), recipe) for p in pairs]
         grouped = sum(p.id in patients for p in pairs)
         if pairs and not extra:
-            common.info(f"images/{site}: each image is its own patient (no {common.PATIENTS_CSV}); tiles of one slide "
-                        f"may then land in both train and val: add {site_dir / common.PATIENTS_CSV} (image,patient) to group them")
+            common.info(f"images/{site}: no {common.PATIENTS_CSV}, so each image is its own patient (to keep tiles of one "
+                        f"slide on one side of the train/val split, list them in {site_dir / common.PATIENTS_CSV})")
         notes = {"patient_ids": {"patients.csv": grouped, "own image": len(pairs) - grouped}}
         return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes=notes)
 
