@@ -153,6 +153,7 @@ class SiteSource:
     problems: list[Problem] = field(default_factory=list)
     extra_files: dict[str, Path] = field(default_factory=dict)  # role -> file read for the whole site (patients.csv, ...)
     notes: dict = field(default_factory=dict)  # recorded under settings.source (e.g. how patient ids were found)
+    advice: list[str] = field(default_factory=list)  # printed once the site is written (not when already prepared)
 
 
 def write_site(
@@ -224,6 +225,8 @@ def write_site(
             raise DataError(f"{source.root}: site '{source.site}' has no usable cases{detail}; nothing was written")
         provenance.update(cases_used=used, skipped=skipped)
     info(f"{dataset}/{source.site}: wrote {len(writer.samples)} samples from {used} case(s) to {site_dir}")
+    for line in source.advice:
+        info(f"{dataset}/{source.site}: {line}")
     return site_dir
 
 

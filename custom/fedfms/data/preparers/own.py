@@ -104,15 +104,16 @@ def prepare_images(
 
     def source(site: str) -> common.SiteSource:
         site_dir = site_dirs[site]
-        pairs, problems = layout.find_image_pairs(site_dir, names, layout=LAYOUT_2D)
+        # JPEG masks are read too (and refused when compression has blurred their values)
+        pairs, problems = layout.find_image_pairs(site_dir, names, mask_exts=(*common.MASK_EXTS, ".jpg", ".jpeg"),
+                                                  layout=LAYOUT_2D)
         patients, extra = _patients(site_dir)
         cases = [layout.image_case(p, patients.get(p.id, p.id), recipe) for p in pairs]
         grouped = sum(p.id in patients for p in pairs)
-        if pairs and not extra:
-            common.info(f"images/{site}: no {common.PATIENTS_CSV}, so each image is its own patient (to keep tiles of one "
-                        f"slide on one side of the train/val split, list them in {site_dir / common.PATIENTS_CSV})")
+        advice = [] if extra else [f"no {common.PATIENTS_CSV}, so each image is its own patient (to keep tiles of one slide "
+                                   f"on one side of the train/val split, list them in {site_dir / common.PATIENTS_CSV})"]
         notes = {"patient_ids": {"patients.csv": grouped, "own image": len(pairs) - grouped}}
-        return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes=notes)
+        return common.SiteSource(site, site_dir, cases, problems, extra_files=extra, notes=notes, advice=advice)
 
     return common.write_sites(
         ((source(site), settings) for site in site_dirs),
