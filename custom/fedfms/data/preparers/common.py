@@ -435,11 +435,6 @@ def read_image(path: Path, window: tuple[float, float] | None = None,
     return to_rgb(arr)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Any 8-bit grey/RGB/RGBA/palette image -> (H, W, 3) uint8 (:func:`read_image` without a window)."""
-    return read_image(path)
-
-
 def read_label_image(path: Path, palette: str = "index", colour: str = "error") -> np.ndarray:
     """Read a mask file as a 2D integer array.
 
@@ -592,12 +587,6 @@ def pair_files(images: dict[str, Path], masks: dict[str, Path], classes: Sequenc
         problems.append(Problem(masks[key], "mask has no image with the same name; expected an image named like it "
                                             "(without a _mask/_<class> suffix) in the images folder"))
     return pairs, problems
-
-
-def pair_by_stem(images: dict[str, Path], masks: dict[str, Path]) -> tuple[list[tuple[str, Path, Path]], list[Problem]]:
-    """:func:`pair_files` for layouts with one mask file per image: (id, image, mask) triples."""
-    pairs, problems = pair_files(images, masks)
-    return [(p.id, p.image, p.masks[0]) for p in pairs], problems
 
 
 def load_patient_map(site_dir: Path) -> dict[str, str]:
