@@ -143,6 +143,27 @@ def test_an_old_stretched_output_is_not_taken_as_prepared_under_padding(tmp_path
         prepare("images", raw, out, **SMALL, summary=False)
 
 
+def test_a_reference_output_of_before_padding_is_still_prepared(tmp_path, capsys):
+    """--preset reference stretches, as every output did before padding existed: such an output is still current."""
+    raw = tmp_path / "raw"
+    png(raw / "REFUGE" / "images" / "g1.png", np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    mask = np.full((20, 24), 255, np.uint8)
+    mask[4:16, 6:18], mask[8:12, 10:14] = 128, 0
+    png(raw / "REFUGE" / "masks" / "g1.png", mask)
+    out = tmp_path / "out"
+    prepare("fundus", raw, out, sites=["REFUGE"], preset="reference", **SMALL, summary=False)
+    path = out / "REFUGE" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["resize"] == "stretch"
+    del manifest["resize"]
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    prepare("fundus", raw, out, sites=["REFUGE"], preset="reference", **SMALL, summary=False)
+    assert "REFUGE: already prepared" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--resize is pad, but --preset reference sets it to stretch"):
+        prepare("fundus", raw, out, sites=["REFUGE"], preset="reference", resize="pad", **SMALL, summary=False)
+
+
 # ----------------------------------------------------------------------------------------------------
 # classes: one file holding every class, index-coded; or one file per class
 

@@ -1,5 +1,6 @@
 """Machinery shared by the dataset preparers: site discovery, the skip-or-raise policy for bad cases,
-idempotent re-runs, 2D file reading, and the end-of-run summary.
+idempotent re-runs, 2D file reading (PNG/JPEG/BMP through Pillow, TIFF through tifffile), pairing images with
+masks by file name (:func:`pair_files`), and the end-of-run summary.
 
 Every preparer turns a raw download into ``OUT/<site>/`` folders in the format of
 :mod:`fedfms.data.site_dataset`. The rules that make re-runs safe live here:
