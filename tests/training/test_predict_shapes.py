@@ -244,3 +244,18 @@ def test_cli_predicts_a_folder(scenario, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["tile0_nuclei.png", "tile1_nuclei.png", "tile2_nuclei.png"]
     assert printed.out.strip().splitlines() == [str(out / n) for n in ("tile0_nuclei.png", "tile1_nuclei.png", "tile2_nuclei.png")]
     assert "1 file(s) that are not images or NIfTI volumes left out (readme.txt)" in printed.err
+
+
+def test_files_of_different_sizes_batched_together_match_one_at_a_time(scenario, tmp_path):
+    _, raw, weights, _ = scenario
+    tiles = [raw / "site1" / "images" / f"tile{k}.png" for k in range(4)]  # tile0 is 96 x 128, the others 128 x 128
+    one = predict_cases(MODEL, weights, tiles, tmp_path / "one", batch_size=1, probabilities=True)
+    many = predict_cases(MODEL, weights, tiles, tmp_path / "many", batch_size=8, probabilities=True)
+    assert [p.name for p in one] == [p.name for p in many]
+    for a, b in zip(one, many):
+        if a.suffix == ".tif":
+            np.testing.assert_allclose(tifffile.imread(a), tifffile.imread(b), atol=1e-5)
+        else:
+            assert np.asarray(Image.open(a)).shape == np.asarray(Image.open(b)).shape
+            assert (np.asarray(Image.open(a)) != np.asarray(Image.open(b))).mean() < 1e-3
+    assert np.asarray(Image.open(one[0])).shape == (96, 128)

@@ -134,32 +134,47 @@ def inference_autocast(device: torch.device, amp: str = "auto"):
     return autocast_for(device, amp)
 
 
-def batched_logits(model: torch.nn.Module, slices: np.ndarray, batch_size: int = PREDICT_BATCH, amp: str = "auto",
+def batched_logits(model: torch.nn.Module, slices, batch_size: int = PREDICT_BATCH, amp: str = "auto",
                    resize: str = PAD):
     """Yield float32 logits (B, C, h, w) at the model's mask size, ``batch_size`` slices per forward pass.
 
-    ``slices``: (N, H, W, 3) float images in [0, 1], made the model's square input on the way (``resize``: ``pad``
-    keeps their aspect ratio, ``stretch`` does not; :mod:`fedfms.data.geometry`). On a CPU (amp "auto") every
-    slice's logits equal those of a pass of its own (within float rounding)."""
+    ``slices``: (N, H, W, 3) float images in [0, 1], or a list of (H, W, 3) images of any sizes (the files of a
+    folder), each made the model's square input on the way (``resize``: ``pad`` keeps their aspect ratio,
+    ``stretch`` does not; :mod:`fedfms.data.geometry`). On a CPU (amp "auto") every slice's logits equal those of
+    a pass of its own (within float rounding)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size is {batch_size}; expected a positive number of slices per forward pass")
     check_resize(resize)
     device = next(model.parameters()).device
     size = model.image_size
     for start in range(0, len(slices), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size])).permute(0, 3, 1, 2)
+        chunk = slices[start : start + batch_size]
+        if isinstance(chunk, np.ndarray):
+            batch = fit_image(torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2), size, resize)
+        else:
+            batch = torch.stack([fit_image(torch.from_numpy(np.ascontiguousarray(s)).permute(2, 0, 1), size, resize)
+                                 for s in chunk])
         with torch.no_grad(), inference_autocast(device, amp):
-            logits = model(fit_image(batch, size, resize).clamp(0, 1).to(device))
+            logits = model(batch.clamp(0, 1).to(device))
         yield logits.float()
 
 
 @torch.no_grad()
-def batched_probabilities(model: torch.nn.Module, slices: np.ndarray, batch_size: int = PREDICT_BATCH, amp: str = "auto",
+def batched_probabilities(model: torch.nn.Module, slices, batch_size: int = PREDICT_BATCH, amp: str = "auto",
                           resize: str = PAD):
-    """Yield float32 probabilities (B, C, H, W) at the slices' own size: the logits taken back as SAM's
-    ``postprocess_masks`` does (:func:`fedfms.data.geometry.restore_logits`), then the sigmoid."""
+    """Yield float32 probabilities at each slice's own size, a batch at a time: the logits taken back as SAM's
+    ``postprocess_masks`` does (:func:`fedfms.data.geometry.restore_logits`), then the sigmoid. ``slices`` as
+    :func:`batched_logits`: for an (N, H, W, 3) array each batch is (B, C, H, W); for a list of images, a list of
+    (C, H, W)."""
+    start = 0
     for logits in batched_logits(model, slices, batch_size, amp, resize):
-        yield torch.sigmoid(restore_logits(logits.cpu(), slices.shape[1:3], model.image_size, resize)).numpy()
+        logits = logits.cpu()
+        if isinstance(slices, np.ndarray):
+            yield torch.sigmoid(restore_logits(logits, slices.shape[1:3], model.image_size, resize)).numpy()
+        else:
+            yield [torch.sigmoid(restore_logits(logits[i : i + 1], slices[start + i].shape[:2], model.image_size,
+                                                resize))[0].numpy() for i in range(len(logits))]
+        start += len(logits)
 
 
 @torch.no_grad()
@@ -240,7 +255,8 @@ def predict_cases(
     progress: bool | None = None,
 ) -> list[Path]:
     """Segment every input (files, or folders of them: :func:`expand_inputs`); returns the files written, input by
-    input: masks class by class, then overlays, then probability maps.
+    input: masks class by class, then overlays, then probability maps. 2D images go through the model
+    ``batch_size`` files at a time (whatever their sizes), a volume ``batch_size`` slices at a time.
 
     All or nothing: every input is read and checked (readable, not constant, not a label map unless
     ``allow_label_like``) and every output name is checked (no clash, nothing existing replaced unless
@@ -261,6 +277,8 @@ def predict_cases(
 
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(dict(model_cfg))
     check_resize(resize)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size is {batch_size!r}; expected a positive number of slices per forward pass")
     if not inputs:
         raise DataError("no inputs given; expected image (.png, .jpg, .tif) or NIfTI (.nii, .nii.gz) files, or a folder of them")
     inputs = expand_inputs(inputs)
@@ -306,27 +324,31 @@ def predict_cases(
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for path, targets in zip(inputs, bar(planned, desc="predict", unit="file", enabled=progress)):
+        files = bar(total=len(inputs), desc="predict", unit="file", enabled=progress)
+        pending: list[tuple[Path, list[Path], np.ndarray]] = []  # 2D inputs waiting to fill a batch
+
+        def flush() -> None:
+            # the files of a folder go through the model batch_size at a time, whatever their sizes
+            soft = next(batched_probabilities(model, [image for *_, image in pending], len(pending), resize=resize))
+            for (path, targets, image), p in zip(pending, soft):
+                _write_outputs(path, targets, image[None], p[None], threshold, c, overlay, probabilities, staging,
+                               two_and_half_d)
+            files.update(len(pending))
+            pending.clear()
+
+        for path, targets in zip(inputs, planned):
+            if _kind(path) == "image":
+                pending.append((path, targets, _read_input(path, two_and_half_d, allow_label_like)[0]))
+                if len(pending) == batch_size:
+                    flush()
+                continue
             slices = _read_input(path, two_and_half_d, allow_label_like)
             soft = np.concatenate(list(batched_probabilities(model, slices, batch_size, resize=resize)))  # (N, C, H, W)
-            masks = (soft > threshold).astype(np.uint8)
-            mask_targets = targets[:c]  # then the overlays, then the probability maps (_output_names)
-            pictures = targets[c : 2 * c] if overlay else []
-            soft_targets = targets[len(targets) - c :] if probabilities else []
-            for k, target in enumerate(pictures):
-                # 2.5D inputs: the middle channel is the slice itself, the others its neighbours
-                shown = slices[..., 1] if two_and_half_d and _kind(path) != "image" else slices
-                Image.fromarray(_overlay_picture(shown, masks[:, k])).save(staging / target.name)
-            if _kind(path) == "image":
-                for target, m in zip(mask_targets, masks[0]):  # (C, H, W)
-                    Image.fromarray(m * 255, "L").save(staging / target.name)
-                for target, p in zip(soft_targets, soft[0]):
-                    _write_tiff(staging / target.name, p.astype(np.float32))
-            else:
-                for target, m in zip(mask_targets, np.moveaxis(masks, 0, -1)):  # (C, H, W, D)
-                    _write_nifti_like(path, staging / target.name, m, np.uint8, (0, 1))
-                for target, p in zip(soft_targets, np.moveaxis(soft, 0, -1)):
-                    _write_nifti_like(path, staging / target.name, p.astype(np.float32), np.float32, (0.0, 1.0))
+            _write_outputs(path, targets, slices, soft, threshold, c, overlay, probabilities, staging, two_and_half_d)
+            files.update()
+        if pending:
+            flush()
+        files.close()
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in made:
@@ -350,6 +372,29 @@ def predict_cases(
         ) from None
     shutil.rmtree(staging, ignore_errors=True)
     return outputs
+
+
+def _write_outputs(path: Path, targets: list[Path], slices: np.ndarray, soft: np.ndarray, threshold: float, c: int,
+                   overlay: bool, probabilities: bool, staging: Path, two_and_half_d: bool) -> None:
+    """One input's outputs into ``staging``: masks (``soft`` > ``threshold``), overlays, probability maps."""
+    masks = (soft > threshold).astype(np.uint8)  # (N, C, H, W)
+    mask_targets = targets[:c]  # then the overlays, then the probability maps (_output_names)
+    pictures = targets[c : 2 * c] if overlay else []
+    soft_targets = targets[len(targets) - c :] if probabilities else []
+    for k, target in enumerate(pictures):
+        # 2.5D inputs: the middle channel is the slice itself, the others its neighbours
+        shown = slices[..., 1] if two_and_half_d and _kind(path) != "image" else slices
+        Image.fromarray(_overlay_picture(shown, masks[:, k])).save(staging / target.name)
+    if _kind(path) == "image":
+        for target, m in zip(mask_targets, masks[0]):  # (C, H, W)
+            Image.fromarray(m * 255, "L").save(staging / target.name)
+        for target, p in zip(soft_targets, soft[0]):
+            _write_tiff(staging / target.name, p.astype(np.float32))
+    else:
+        for target, m in zip(mask_targets, np.moveaxis(masks, 0, -1)):  # (C, H, W, D)
+            _write_nifti_like(path, staging / target.name, m, np.uint8, (0, 1))
+        for target, p in zip(soft_targets, np.moveaxis(soft, 0, -1)):
+            _write_nifti_like(path, staging / target.name, p.astype(np.float32), np.float32, (0.0, 1.0))
 
 
 def _write_tiff(path: Path, array: np.ndarray) -> None:
