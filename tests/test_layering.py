@@ -18,7 +18,8 @@ ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 # FLARE-free: these packages (every module in them) and modules
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
 CORE_MODULES = ["fedfms.report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
-                "fedfms.tables", "fedfms.cli_tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes"]
+                "fedfms.tables", "fedfms.cli_tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
+                "fedfms.progress"]
 FORBIDDEN = ("nvflare", "fedfms.flare")
 
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)

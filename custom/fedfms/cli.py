@@ -199,7 +199,8 @@ def _cmd_predict(args) -> int:
         cfg.checkpoint = args.checkpoint
     written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes,
                             two_and_half_d=args.two_and_half_d, overwrite=args.overwrite,
-                            allow_label_like=args.allow_label_like, overlay=args.overlay)
+                            allow_label_like=args.allow_label_like, overlay=args.overlay,
+                            probabilities=args.probabilities, resize=args.resize)
     for path in written:
         print(path)
     return 0
@@ -346,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default="site", help="this site's FLARE client name (for {site_name} in paths)")
     p.set_defaults(func=_cmd_check_site)
 
-    p = sub.add_parser("predict", help="segment new images (PNG/JPG) or volumes (NIfTI) with a trained global model")
-    p.add_argument("inputs", nargs="+")
+    p = sub.add_parser("predict", help="segment new images (PNG/JPG/TIFF) or volumes (NIfTI) with a trained global model")
+    p.add_argument("inputs", nargs="+", help="image or NIfTI files, or folders of them")
     p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run)")
     p.add_argument("--job", help="the job folder that trained the model (its model_config is used)")
     p.add_argument("--model-config", help="or: a JSON file with the model_config")
@@ -362,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "`fedfms report --data-root` draws (a volume: a few slices side by side)")
     p.add_argument("--allow-label-like", action="store_true",
                    help="predict on inputs that look like masks (a handful of whole-number values), which are refused by default")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <name>_<class>_prob.tif (images) or .nii.gz (volumes): the soft map, float32 in [0, 1]")
+    p.add_argument("--resize", choices=["pad", "stretch"], default="pad",
+                   help="how inputs become the model's square, as for its training sites (their manifest's resize): pad keeps "
+                        "the aspect ratio (default), stretch for sites prepared with --preset reference or before padding existed")
     p.set_defaults(func=_cmd_predict)
     return parser
 

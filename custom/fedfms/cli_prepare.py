@@ -1,4 +1,5 @@
-"""``fedfms prepare DATASET --raw DIR --out DIR``: raw public downloads -> prepared site folders.
+"""``fedfms prepare DATASET --raw DIR --out DIR``: your own data (``images``, ``volumes``) or a raw public download ->
+prepared site folders.
 
 The main CLI calls :func:`add_prepare_parser` and dispatches to ``args.func(args)``, which returns an
 exit code. Data problems raise :class:`fedfms.errors.DataError` for the main CLI to print; misuse of the
@@ -16,6 +17,8 @@ from fedfms.errors import ConfigError, DataError
 from fedfms.config import positive_int_arg
 
 DATASET_HELP = {
+    "images": "your own 2D data: RAW/<site>/images/ + masks/ (PNG, JPG, 8/16-bit TIFF; docs/data-format.md)",
+    "volumes": "your own 3D NIfTI data: RAW/<site>/images/ + labels/ (docs/data-format.md)",
     "prostate": "6-site prostate T2 MRI (BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL)",
     "fets": "FeTS2022 brain tumour, T1ce -> enhancing tumour (label 4; reference preset: labels 1+4), clients 1,6,18,21",
     "fundus": "optic disc/cup: REFUGE, ORIGA, G1020, Drishti-GS1",
@@ -24,6 +27,10 @@ DATASET_HELP = {
 
 EPILOG = """\
 examples:
+  fedfms prepare images  --raw data/raw/my_tiles --out data/my_tiles --classes nuclei
+  fedfms prepare images  --raw data/raw/my_fundus --out data/my_fundus --classes disc,cup
+  fedfms prepare images  --raw data/raw/my_16bit --out data/my_16bit --window
+  fedfms prepare volumes --raw data/raw/my_ct --out data/my_ct --classes liver,tumour
   fedfms prepare prostate --raw data/raw/prostate --out data/prostate
   fedfms prepare fets --raw data/raw/FeTS2022 --out data/fets --two-and-half-d --empty-slices-keep 0.1
   fedfms prepare fundus --raw data/raw/fundus --out data/fundus --sites REFUGE ORIGA
@@ -34,7 +41,12 @@ Presets: --preset project (default) is this project's preprocessing, which the o
 reference is the paper code's (LIU-YUXI/FedFMS) for every point where it differs (docs/datasets.md, "Presets");
 an option that contradicts it is refused. The manifest records the preset.
 
-Raw folder layouts and public sources: docs/datasets.md. Re-running is safe: sites already prepared
+Your own data: one folder per site, images/ and masks/ (volumes: labels/) paired by file name; masks 0/255 or 0/1
+for one class, 0..C for several, or one file per class <id>_<class> (docs/data-format.md). Images keep their
+aspect ratio (longest side to --image-size, then zero padding at the bottom/right, as SAM does; --resize stretch
+scales both sides instead, as the paper code did: --preset reference).
+
+Public raw folder layouts and sources: docs/datasets.md. Re-running is safe: sites already prepared
 with the same settings from the same raw files are skipped; different settings, or raw cases added,
 removed or edited since, are an error saying what changed (--overwrite re-prepares).
 """
@@ -56,6 +68,9 @@ DATASET_OPTIONS = {
     "mask_coding": "--mask-coding",
     "skip_bad_cases": "--skip-bad-cases",
     "mask_resize": "--mask-resize",
+    "classes": "--classes",
+    "window": "--window",
+    "resize": "--resize",
 }
 
 
@@ -98,6 +113,7 @@ def _checked_by(module: str, parser: str, keep_text: bool = True):
 _empty_keep = _checked_by("fedfms.data.volumes", "parse_empty_keep")
 _target_labels = _checked_by("fedfms.data.preparers.fets", "parse_target_labels", keep_text=False)
 _pannuke_folds = _checked_by("fedfms.data.preparers.nuclei", "parse_pannuke_folds")
+_classes = _checked_by("fedfms.data.preparers.layout", "parse_classes", keep_text=False)
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -105,14 +121,15 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "prepare",
-        help="convert a raw public dataset into prepared site folders",
-        description="Convert a raw public dataset into one prepared site folder per site (OUT/<site>/).\n\n"
+        help="convert your own images/volumes or a raw public dataset into prepared site folders",
+        description="Convert your own data or a raw public dataset into one prepared site folder per site (OUT/<site>/).\n\n"
         + "\n".join(f"  {name:9s} {DATASET_HELP.get(name, '')}" for name in PREPARERS),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", choices=list(PREPARERS), help="which dataset to prepare")
-    p.add_argument("--raw", required=True, type=Path, help="folder holding the raw download (layout: docs/datasets.md)")
+    p.add_argument("--raw", required=True, type=Path, help="folder holding the raw data: one folder per site for images/"
+                   "volumes (docs/data-format.md), the download for a public dataset (docs/datasets.md)")
     p.add_argument("--out", required=True, type=Path, help="output folder; one sub-folder per site")
     p.add_argument("--image-size", type=positive_int_arg, default=1024, help="image side in pixels, bilinear (default 1024)")
     p.add_argument("--mask-size", type=positive_int_arg, default=256, help="mask side in pixels, nearest (default 256)")
@@ -121,6 +138,11 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad-cases", action="store_true", default=None,
         help="warn about and leave out unreadable/inconsistent cases instead of stopping (listed in the manifest)",
+    )
+    p.add_argument(
+        "--resize", choices=["pad", "stretch"], default=None,
+        help="pad: keep the aspect ratio, longest side to --image-size, zeros padded at the bottom/right (SAM's way; "
+        "default); stretch: both sides to the square (the paper code's way, set by --preset reference)",
     )
 
     p.add_argument(
@@ -134,7 +156,15 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         "preprocessing for this dataset (docs/datasets.md, 'Presets'); the manifest records it",
     )
 
-    g = p.add_argument_group("3D volumes (prostate, fets)")
+    o = p.add_argument_group("your own data (images, volumes)")
+    o.add_argument("--classes", type=_classes, default=None, metavar="A[,B]",
+                   help="class names in mask order (default: one class, foreground): index-coded masks use 1 for the "
+                   "first, 2 for the second, ...; per-class mask files are named <id>_<class>")
+    o.add_argument("--window", action="store_true", default=None,
+                   help="images: map each image's own 1st..99th percentile (--low-pct/--high-pct) to [0, 1]; needed "
+                   "for 16-bit and float images")
+
+    g = p.add_argument_group("3D volumes (prostate, fets, volumes); --window of images")
     g.add_argument("--low-pct", type=_percent, default=None, help="lower intensity-window percentile per volume (default 1)")
     g.add_argument("--high-pct", type=_percent, default=None, help="upper intensity-window percentile per volume (default 99)")
     g.add_argument(
@@ -167,8 +197,10 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         help="disc channel covers the whole optic disc including the cup (default true); false = rim only",
     )
     u.add_argument(
-        "--mask-coding", choices=["refuge", "index"], default=None,
-        help="mask values: refuge = 0 cup/128 rim/255 background (default); index = 0 background/1 rim/2 cup",
+        "--mask-coding", choices=["refuge", "index", "auto", "instances"], default=None,
+        help="mask values. fundus: refuge = 0 cup/128 rim/255 background (default); index = 0 background/1 rim/2 cup. "
+        "images, volumes: auto = 0/255 or 0/1 for one class, 0..C for several (default); instances = one class, "
+        "every id > 0",
     )
     n = p.add_argument_group("nuclei")
     n.add_argument(

@@ -698,7 +698,7 @@ def test_nuclei_bad_masks_and_wrong_layout(tmp_path):
 
 def test_registry_rejects_unknown_dataset_option_and_site(prostate_raw, tmp_path):
     raw, _ = prostate_raw
-    assert set(registry.PREPARERS) == {"prostate", "fets", "fundus", "nuclei", "mni-demo"}
+    assert set(registry.PREPARERS) == {"images", "volumes", "prostate", "fets", "fundus", "nuclei", "mni-demo"}
     with pytest.raises(ConfigError, match="unknown dataset"):
         prepare("mnist", raw, tmp_path / "o")
     with pytest.raises(ConfigError, match="clients"):

@@ -445,8 +445,8 @@ def test_nuclei_outputs_made_before_presets_existed_are_still_already_prepared(t
     prepare("nuclei", raw, out, sites=["Uterus", "MoNuSeg"], **EXACT)
     assert capsys.readouterr().err.count("already prepared") == 2
     with pytest.raises(DataError, match=r"Uterus: already prepared with different settings "
-                                        r"\(mask_resize 'nearest-exact' -> 'nearest'; pannuke_folds 'all' -> \[3\]; "
-                                        r"preset 'project' -> 'reference'\)"):
+                                        r"\(resize 'pad' -> 'stretch'; mask_resize 'nearest-exact' -> 'nearest'; "
+                                        r"pannuke_folds 'all' -> \[3\]; preset 'project' -> 'reference'\)"):
         prepare("nuclei", raw, out, sites=["Uterus"], preset="reference", **EXACT)
 
 
@@ -502,7 +502,8 @@ def test_reference_preset_resizes_masks_like_opencv_inter_nearest(tmp_path):
     raw, seg = prostate_raw_odd(tmp_path)
     sizes = dict(image_size=16, mask_size=6)
     prepare("prostate", raw, tmp_path / "ref", sites=["BIDMC"], preset="reference", **sizes)
-    prepare("prostate", raw, tmp_path / "proj", sites=["BIDMC"], **sizes)
+    # the project preset stretched too, so that the two differ only by the mask rule
+    prepare("prostate", raw, tmp_path / "proj", sites=["BIDMC"], resize="stretch", **sizes)
     differ = 0
     for k in range(seg.shape[-1]):
         ref = masks_of(tmp_path / "ref" / "BIDMC", f"BIDMC_Case00_{k:04d}")[0]
@@ -514,7 +515,7 @@ def test_reference_preset_resizes_masks_like_opencv_inter_nearest(tmp_path):
     assert read_manifest(tmp_path / "ref" / "BIDMC").settings["mask_resize"] == "nearest"
     assert read_manifest(tmp_path / "proj" / "BIDMC").settings["mask_resize"] == "nearest-exact"
     # the rule is an option of its own under the project preset, and the reference preset pins it
-    prepare("prostate", raw, tmp_path / "mix", sites=["BIDMC"], mask_resize="nearest", **sizes)
+    prepare("prostate", raw, tmp_path / "mix", sites=["BIDMC"], mask_resize="nearest", resize="stretch", **sizes)
     assert (masks_of(tmp_path / "mix" / "BIDMC", "BIDMC_Case00_0001") == masks_of(tmp_path / "ref" / "BIDMC", "BIDMC_Case00_0001")).all()
     with pytest.raises(ConfigError, match=r"--mask-resize is nearest-exact, but --preset reference sets it to nearest "
                                           r"\(the paper code resizes masks with OpenCV's INTER_NEAREST"):
@@ -547,8 +548,23 @@ def test_outputs_made_before_the_mask_rule_was_recorded(tmp_path, capsys):
 def test_cli_mask_resize(tmp_path, capsys):
     raw, seg = prostate_raw_odd(tmp_path)
     base = ["prepare", "prostate", "--raw", str(raw), "--sites", "BIDMC", "--image-size", "16", "--mask-size", "6"]
-    assert cli(base + ["--out", str(tmp_path / "a"), "--mask-resize", "nearest"]) == 0
+    assert cli(base + ["--out", str(tmp_path / "a"), "--mask-resize", "nearest", "--resize", "stretch"]) == 0
     assert (masks_of(tmp_path / "a" / "BIDMC", "BIDMC_Case00_0002")[0] == opencv_nearest(seg[:, :, 2], 6)).all()
     with pytest.raises(SystemExit) as exc:
         cli(base + ["--out", str(tmp_path / "b"), "--preset", "reference", "--mask-resize", "nearest-exact"])
     assert exc.value.code == 2 and "--mask-resize is nearest-exact, but --preset reference sets it to nearest" in capsys.readouterr().err
+
+
+def test_mask_rule_applies_to_the_content_when_the_aspect_ratio_is_kept():
+    import torch
+
+    from fedfms.data.geometry import content_shape, fit_mask
+
+    labels = np.arange(15 * 13, dtype=np.float32).reshape(15, 13)
+    h, w = content_shape(15, 13, 6)
+    for rule in ("nearest", "nearest-exact"):
+        got = fit_mask(torch.from_numpy(labels)[None], 6, "pad", rule)[0].numpy()
+        rows = [i * 15 // h for i in range(h)] if rule == "nearest" else [(2 * i + 1) * 15 // (2 * h) for i in range(h)]
+        cols = [j * 13 // w for j in range(w)] if rule == "nearest" else [(2 * j + 1) * 13 // (2 * w) for j in range(w)]
+        assert (got[:h, :w] == labels[np.ix_(rows, cols)]).all(), rule
+        assert (got[h:, :] == 0).all() and (got[:, w:] == 0).all()

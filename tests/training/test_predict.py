@@ -156,7 +156,7 @@ def test_bad_inputs(weights_file, tmp_path):
     with pytest.raises(DataError, match="input file not found"):
         predict_cases(MODEL, weights_file, [tmp_path / "gone.png"], tmp_path / "out")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(DataError, match=r"broken\.png: unreadable image"):
+    with pytest.raises(DataError, match=r"broken\.png: unreadable or truncated image"):
         predict_cases(MODEL, weights_file, [tmp_path / "broken.png"], tmp_path / "out")
     with pytest.raises(ConfigError, match="class_names"):
         predict_cases(MODEL, weights_file, [tmp_path / "a" / "x.png"], tmp_path / "out", class_names=["a", "b"])
@@ -171,11 +171,11 @@ def test_volume_slices_fed_to_the_model(weights_file, tmp_path, monkeypatch, two
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
     seen = {}
 
-    def fake(model, slices, threshold=0.5, batch_size=4):
+    def fake(model, slices, batch_size=4, amp="auto", resize="pad"):
         seen["slices"] = slices
-        return np.zeros((len(slices), model.num_classes, *slices.shape[1:3]), np.uint8)
+        yield np.zeros((len(slices), model.num_classes, *slices.shape[1:3]), np.float32)
 
-    monkeypatch.setattr(predict, "predict_slices", fake)
+    monkeypatch.setattr(predict, "batched_probabilities", fake)
     predict_cases(MODEL, weights_file, [tmp_path / "v.nii.gz"], tmp_path / "out", two_and_half_d=two_and_half_d)
     lo, hi = np.percentile(volume, [1, 99])
     windowed = np.clip((volume - lo) / (hi - lo), 0, 1)
@@ -258,7 +258,8 @@ def test_out_that_is_a_file_and_an_input_that_is_a_folder(weights_file, tmp_path
         predict_cases(MODEL, weights_file, [good], tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "mine"
     (tmp_path / "cases").mkdir()
-    with pytest.raises(DataError, match=r"cases: is a folder; expected an image or NIfTI file"):
+    (tmp_path / "cases" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"cases: is a folder with no image .* or NIfTI .* file in it"):
         predict_cases(MODEL, weights_file, [tmp_path / "cases"], tmp_path / "out")
 
 

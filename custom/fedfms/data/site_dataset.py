@@ -7,6 +7,9 @@ Layout of a site folder (documented in docs/data-format.md)::
       images/<id>.png        RGB uint8, image_size x image_size (grey slices copied to 3 channels)
       masks/<id>.png         uint8 grey, mask_size x mask_size; bit k set <=> pixel is in class k
 
+Images keep their aspect ratio by default (longest side to the square's side, zeros padded at the bottom and
+right: SAM's way, :mod:`fedfms.data.geometry`); the manifest says so (``resize``) and records every sample's
+original size and padding, so scores leave the padding out and predictions can be cropped back.
 Bit-packed masks keep overlapping classes (fundus: the disc contains the cup) in one lossless PNG.
 Every sample records the volume (patient / case) it came from so splits and 3D metrics work per patient.
 """
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fedfms.data.geometry import (DEFAULT_MASK_RESIZE, LEGACY_RESIZE, MASK_RESIZES, PAD, RESIZE_MODES, content_shape,
+                                  fit_image, fit_mask, resize_image, resize_mask, valid_region)
 from fedfms.errors import DataError
 
 FORMAT_NAME = "fedfms-site"
@@ -36,38 +41,8 @@ DEFAULT_MASK_SIZE = 256
 
 
 # ----------------------------------------------------------------------------------------------------
-# resizing shared by the writer (preparation) and the reader (when a model wants another size)
-
-
-def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of a (3,H,W) or (B,3,H,W) float image; antialiased when shrinking."""
-    if image.shape[-2:] == (size, size):
-        return image
-    batched = image.dim() == 4
-    x = image if batched else image[None]
-    shrinking = x.shape[-1] > size or x.shape[-2] > size
-    out = torch.nn.functional.interpolate(
-        x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking
-    )
-    return out if batched else out[0]
-
-
-# Nearest-neighbour rules for masks, as torch's interpolate modes. Output pixel i of n, from an input side of m:
-# "nearest-exact" takes input pixel floor((i + 0.5) * m / n), the one whose centre is nearest (this project);
-# "nearest" takes floor(i * m / n), as OpenCV's INTER_NEAREST does (the paper code's preprocessing).
-MASK_RESIZES = ("nearest-exact", "nearest")
-DEFAULT_MASK_RESIZE = "nearest-exact"
-
-
-def resize_mask(mask: torch.Tensor, size: int, rule: str = DEFAULT_MASK_RESIZE) -> torch.Tensor:
-    """Nearest-neighbour resize of a (C,H,W) binary mask: labels are never blended. ``rule``: one of
-    :data:`MASK_RESIZES`."""
-    if rule not in MASK_RESIZES:
-        raise ValueError(f"mask resize rule is {rule!r}; expected one of {', '.join(MASK_RESIZES)}")
-    if mask.shape[-2:] == (size, size):
-        return mask
-    out = torch.nn.functional.interpolate(mask[None].float(), size=(size, size), mode=rule)
-    return out[0]
+# resizing shared by the writer (preparation) and the reader (when a model wants another size):
+# fedfms.data.geometry (kept importable from here)
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -94,6 +69,8 @@ class SampleRecord:
     image: str
     mask: str
     slice: int | None = None
+    size: list[int] | None = None  # [H, W] of the raw image (or slice) before resizing
+    pad: list[int] | None = None  # [bottom, right]: padded rows and columns at image_size (resize "pad")
 
 
 @dataclass
@@ -106,6 +83,7 @@ class SiteManifest:
     samples: list[SampleRecord]
     settings: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    resize: str = LEGACY_RESIZE  # fedfms.data.geometry; manifests written before it existed were stretched
 
     @property
     def num_classes(self) -> int:
@@ -124,6 +102,7 @@ class SiteManifest:
             "classes": self.classes,
             "image_size": self.image_size,
             "mask_size": self.mask_size,
+            "resize": self.resize,
             "settings": self.settings,
             "counts": self.counts,
             "samples": [
@@ -169,6 +148,9 @@ def read_manifest(site_dir: str | os.PathLike) -> SiteManifest:
     entries = _require(raw, "samples", list, path, "a list of samples")
     if not entries:
         raise DataError(f"{path}: field 'samples' is empty; expected at least one sample (site has no usable cases)")
+    resize = raw.get("resize", LEGACY_RESIZE)
+    if resize not in RESIZE_MODES:
+        raise DataError(f"{path}: field 'resize' is {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
     samples = []
     seen = set()
     for i, entry in enumerate(entries):
@@ -181,7 +163,13 @@ def read_manifest(site_dir: str | os.PathLike) -> SiteManifest:
         if entry["id"] in seen:
             raise DataError(f"{path}: field '{where}.id' repeats id {entry['id']!r}; expected unique ids")
         seen.add(entry["id"])
-        samples.append(SampleRecord(entry["id"], entry["volume"], entry["image"], entry["mask"], entry.get("slice")))
+        size, pad = entry.get("size"), entry.get("pad")
+        if size is not None and not _int_pair(size, 1):
+            raise DataError(f"{path}: field '{where}.size' is {size!r}; expected [height, width] in pixels")
+        if pad is not None and not _int_pair(pad, 0):
+            raise DataError(f"{path}: field '{where}.pad' is {pad!r}; expected [bottom, right] padded pixels (>= 0)")
+        samples.append(SampleRecord(entry["id"], entry["volume"], entry["image"], entry["mask"], entry.get("slice"),
+                                    list(size) if size is not None else None, list(pad) if pad is not None else None))
     return SiteManifest(
         site=str(raw.get("site", site_dir.name)),
         dataset=str(raw.get("dataset", "unknown")),
@@ -191,7 +179,13 @@ def read_manifest(site_dir: str | os.PathLike) -> SiteManifest:
         samples=samples,
         settings=dict(raw.get("settings", {})),
         counts=dict(raw.get("counts", {})),
+        resize=resize,
     )
+
+
+def _int_pair(value, minimum: int) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,8 +207,9 @@ def _load_png(path: Path, mode: str) -> np.ndarray:
 
 class SiteDataset(torch.utils.data.Dataset):
     """Reads one prepared site. Items are dicts with ``image`` (3,H,W) float in [0,1], ``mask`` (C,h,w)
-    float {0,1}, ``volume`` and ``id``. Images/masks are resized when ``image_size``/``mask_size`` differ
-    from the prepared sizes (bilinear / nearest)."""
+    float {0,1}, ``valid`` (1,h,w) bool (False on padding: the pixels scores leave out), ``volume`` and ``id``.
+    Images/masks are resized when ``image_size``/``mask_size`` differ from the prepared sizes (bilinear /
+    nearest)."""
 
     def __init__(
         self,
@@ -287,6 +282,7 @@ class SiteDataset(torch.utils.data.Dataset):
         sample = {
             "image": resize_image(image_t, self.image_size),
             "mask": resize_mask(mask_t, self.mask_size),
+            "valid": valid_region(rec.size, self.mask_size, m.resize),
             "volume": rec.volume,
             "id": rec.id,
         }
@@ -339,7 +335,12 @@ class SiteWriter:
     ``"window"`` maps every image's own 1st..99th percentile to [0, 1].
 
     ``mask_resize``: the nearest-neighbour rule masks are resized with (:data:`MASK_RESIZES`); another rule than
-    the default is recorded in the settings."""
+    the default is recorded in the settings.
+
+    ``resize`` (:mod:`fedfms.data.geometry`): ``"pad"`` (default) keeps every image's aspect ratio, its longest
+    side scaled to ``image_size`` (masks: ``mask_size``) and the rest padded with zeros at the bottom and right,
+    as SAM does; ``"stretch"`` scales both sides to the square. Every sample records its original ``size`` and,
+    when padded, its ``pad`` ([bottom, right] at ``image_size``)."""
 
     def __init__(
         self,
@@ -353,6 +354,7 @@ class SiteWriter:
         overwrite: bool = False,
         intensity: str = "unit",
         mask_resize: str = DEFAULT_MASK_RESIZE,
+        resize: str = PAD,
     ):
         from fedfms.data.intensity import UNIT_RULES
 
@@ -362,6 +364,8 @@ class SiteWriter:
             raise DataError(f"intensity is {intensity!r}; expected one of {', '.join(UNIT_RULES)}")
         if mask_resize not in MASK_RESIZES:
             raise DataError(f"mask_resize is {mask_resize!r}; expected one of {', '.join(MASK_RESIZES)}")
+        if resize not in RESIZE_MODES:
+            raise DataError(f"resize is {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         if not str(site) or any(c in str(site) for c in "/\\"):
             raise DataError(f"site is {site!r}; expected a non-empty name without path separators")
         self.out_dir = Path(out_dir)
@@ -379,6 +383,7 @@ class SiteWriter:
             self.settings.setdefault("mask_resize", mask_resize)
         self.intensity = intensity
         self.mask_resize = mask_resize
+        self.resize = resize
         self.overwrite = overwrite
         self.samples: list[SampleRecord] = []
         self._positive = 0
@@ -461,9 +466,15 @@ class SiteWriter:
             intensity.check_content(unit, where, "image", allow_label_like=True)  # raises: a 2D image must show something
         volume_id = str(volume) if str(volume).startswith(f"{self.site}_") else f"{self.site}_{volume}"
         self._contrast[volume_id] = self._contrast.get(volume_id, False) or not constant
-        image_t = resize_image(torch.from_numpy(unit), self.image_size).clamp(0, 1)
-        mask_t = resize_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size, self.mask_resize)
-        rec = SampleRecord(sample_id, volume_id, f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index)
+        height, width = unit.shape[1:]
+        image_t = fit_image(torch.from_numpy(unit), self.image_size, self.resize).clamp(0, 1)
+        mask_t = fit_mask(torch.from_numpy(mask_np.astype(np.float32)), self.mask_size, self.resize, self.mask_resize)
+        pad = None
+        if self.resize == PAD:
+            h, w = content_shape(height, width, self.image_size)
+            pad = [self.image_size - h, self.image_size - w]
+        rec = SampleRecord(sample_id, volume_id, f"images/{sample_id}.png", f"masks/{sample_id}.png", slice_index,
+                           [int(height), int(width)], pad)
         if (self.partial / rec.image).exists():
             raise DataError(f"{where} (volume {volume!r}): sample id {sample_id!r} is written twice; expected unique ids")
         try:
@@ -492,6 +503,7 @@ class SiteWriter:
             mask_size=self.mask_size,
             samples=self.samples,
             settings=self.settings,
+            resize=self.resize,
             counts={
                 "volumes": len(volumes),
                 "samples": len(self.samples),

@@ -100,17 +100,25 @@ def load_nifti_pair(
     Raises DataError naming the segmentation file when its shape or affine differs from the image's."""
     image_path, seg_path = Path(image_path), Path(seg_path)
     image, image_affine = load_nifti(image_path)
+    return image, load_segmentation_like(seg_path, image_path, image.shape, image_affine, affine_tol)
+
+
+def load_segmentation_like(seg_path: str | os.PathLike, image_path: str | os.PathLike, shape: tuple, affine: np.ndarray,
+                           affine_tol: float = DEFAULT_AFFINE_TOL) -> np.ndarray:
+    """:func:`load_segmentation`, refused (DataError naming ``seg_path``) unless it lies on the voxel grid of the image
+    ``image_path`` (its ``shape`` and ``affine``)."""
+    seg_path = Path(seg_path)
     seg, seg_affine = load_segmentation(seg_path)
-    if seg.shape != image.shape:
-        raise DataError(f"{seg_path}: segmentation shape {seg.shape} differs from image {image_path.name} shape {image.shape}; "
-                        f"expected the same voxel grid")
-    diff = float(np.abs(seg_affine - image_affine).max())
+    if seg.shape != tuple(shape):
+        raise DataError(f"{seg_path}: segmentation shape {seg.shape} differs from image {Path(image_path).name} shape "
+                        f"{tuple(shape)}; expected the same voxel grid")
+    diff = float(np.abs(seg_affine - affine).max())
     if diff > affine_tol:
         raise DataError(
-            f"{seg_path}: segmentation affine differs from image {image_path.name} affine (max difference {diff:.4g}); "
+            f"{seg_path}: segmentation affine differs from image {Path(image_path).name} affine (max difference {diff:.4g}); "
             f"expected the same voxel-to-world mapping (tolerance {affine_tol:g})"
         )
-    return image, seg
+    return seg
 
 
 def check_percentiles(low_pct: float, high_pct: float) -> None:

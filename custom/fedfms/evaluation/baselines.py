@@ -43,7 +43,7 @@ def score(predict: Predictor, dataset: SiteDataset, indices: Sequence[int], batc
     """Dice/IoU (this project's rule and the paper code's) of ``predict`` on ``dataset[indices]``."""
     metric = SegmentationMetric(dataset.manifest.classes)
     for batch in DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False):
-        metric.update(predict(batch["image"]).float(), batch["mask"], batch["volume"])
+        metric.update(predict(batch["image"]).float(), batch["mask"], batch["volume"], batch.get("valid"))
     result = metric.aggregate()
     result["num_samples"] = len(indices)
     return result
@@ -85,12 +85,13 @@ def fit_threshold(dataset: SiteDataset, train: Sequence[int], candidates: int = 
     items = [dataset[i] for i in train]  # read once; every candidate is scored on the same tensors
     values = _intensity(torch.stack([item["image"] for item in items]), dataset.mask_size)
     masks = torch.stack([item["mask"] for item in items])
+    valid = torch.stack([item["valid"] for item in items])  # padding is scored by no candidate
     foreground = values[values > 0.02]
     pool = foreground if foreground.numel() else values.flatten()
     grid = torch.quantile(pool, torch.linspace(0.01, 0.99, candidates))
     best = {"dice": -1.0, "threshold": None, "polarity": 1}
     for polarity in (1, -1):
-        dice = _slice_dice(values, masks, grid, polarity)
+        dice = _slice_dice(values, masks, grid, polarity, valid)
         k = int(torch.argmax(torch.nan_to_num(dice, nan=-1.0)))
         if math.isfinite(float(dice[k])) and float(dice[k]) > best["dice"]:
             best = {"dice": float(dice[k]), "threshold": float(grid[k]), "polarity": polarity}
@@ -99,12 +100,15 @@ def fit_threshold(dataset: SiteDataset, train: Sequence[int], candidates: int = 
     return {"threshold": best["threshold"], "polarity": best["polarity"], "train_dice": best["dice"]}
 
 
-def _slice_dice(values: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor, polarity: int) -> torch.Tensor:
+def _slice_dice(values: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor, polarity: int,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
     """For each threshold, the project's Dice of ``values > t`` (or ``<``) against ``masks`` (N, C, M, M): per slice
     and class, slices empty in both left out, averaged over slices, then over classes (what SegmentationMetric
-    computes, here for every threshold at once)."""
+    computes, here for every threshold at once); ``valid`` (N, 1, M, M): False on padding, which is left out."""
     pred = (values[None] > thresholds.view(-1, 1, 1, 1, 1)) if polarity > 0 else (values[None] < thresholds.view(-1, 1, 1, 1, 1))
     truth = masks[None] > 0.5
+    if valid is not None:
+        pred, truth = pred & valid[None], truth & valid[None]
     inter = (pred & truth).sum(dim=(-1, -2)).float()
     total = pred.sum(dim=(-1, -2)).float() + truth.sum(dim=(-1, -2)).float()
     scored = total > 0

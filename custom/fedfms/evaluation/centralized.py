@@ -21,6 +21,7 @@ from fedfms.errors import ConfigError
 from fedfms.evaluation.scoring import is_nnunet_model, nnunet_model_dict, resolve_model_config
 from fedfms.models import ModelConfig
 from fedfms.numbers import finite_or_none
+from fedfms.progress import bar, drawn
 from fedfms.training.trainer import LocalTrainer, TrainConfig
 
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
@@ -82,6 +83,9 @@ def train_centralized(
 
     history, best_epoch, best_score, best_weights = [], None, -math.inf, None
     start = time.perf_counter()
+    # on a terminal one bar replaces the per-epoch lines; in a log, a line every tenth of the run
+    epochs_bar = bar(total=epochs, desc="centralized", unit="epoch")
+    every = max(1, epochs // 10)
     for epoch in range(1, epochs + 1):
         fit = trainer.fit(epochs=1)
         val = trainer.evaluate("val") if has_val else {}
@@ -92,9 +96,12 @@ def train_centralized(
             best_epoch, best_score = epoch, score
             # a copy on the CPU: the trainer's tensors keep changing in the next epochs
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.travel_weights().items()}
-        if log:
-            shown = "-" if score is None else f"{score:.3f}"
+        shown = "-" if score is None else f"{score:.3f}"
+        epochs_bar.set_postfix_str(f"loss {fit['loss']:.4f}, val Dice {shown}, best epoch {best_epoch or '-'}", refresh=False)
+        epochs_bar.update()
+        if log and not drawn(epochs_bar) and (epoch % every == 0 or epoch == epochs):
             log(f"  centralized epoch {epoch}/{epochs}: loss {fit['loss']:.4f}, pooled val Dice {shown}")
+    epochs_bar.close()
 
     last = {k: v.detach().cpu() for k, v in trainer.travel_weights().items()}
     if best_weights is None:

@@ -43,6 +43,7 @@ from fedfms.flavours import flavour_of
 from fedfms.models import ModelConfig
 from fedfms.nnunet.config import NnUNetConfig
 from fedfms.numbers import fmt_score
+from fedfms.progress import bar, lines_above
 from fedfms.training.trainer import TrainConfig
 
 __all__ = ["BEST_GLOBAL_MODEL", "FOLD_FILE", "Federation", "GLOBAL_MODEL", "METHODS", "RESULTS_CSV", "RESULTS_JSON",
@@ -167,9 +168,13 @@ def run_loso(federation: Federation, data_root: str | Path, sites: Sequence[str]
     signature = plain({"job": federation.label, "sites": sites, "rounds": rounds,
                        "train_overrides": federation.train_overrides, "model_overrides": federation.model_overrides})
     workspace.mkdir(parents=True, exist_ok=True)
-    for i, holdout in enumerate(holdouts, 1):
-        run_fold(federation, data_root, sites, holdout, folds[holdout], rounds, centralized, signature,
-                 f"{i}/{len(holdouts)}", batch_size, device, say)
+    with bar(total=len(holdouts), desc="LOSO", unit="fold", leave=True, enabled=None if log else False) as folds_bar:
+        fold_say = lines_above(folds_bar, say)
+        for i, holdout in enumerate(holdouts, 1):
+            folds_bar.set_postfix_str(f"holding out {holdout}")
+            run_fold(federation, data_root, sites, holdout, folds[holdout], rounds, centralized, signature,
+                     f"{i}/{len(holdouts)}", batch_size, device, fold_say)
+            folds_bar.update()
     rows, report = collect(workspace, signature)
     report["data_root"] = str(data_root)
     write_json(workspace / RESULTS_JSON, report)

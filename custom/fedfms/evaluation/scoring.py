@@ -113,7 +113,7 @@ def score_site(model: torch.nn.Module, site_dir: str | os.PathLike, batch_size: 
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with autocast_for(device, amp):
             logits = model(batch["image"].to(device))
-        metric.update(logits.float(), batch["mask"].to(device), batch["volume"])
+        metric.update(logits.float(), batch["mask"].to(device), batch["volume"], batch.get("valid"))
         n += len(batch["image"])
     return {"site": dataset.manifest.site, "site_dir": str(Path(site_dir)), **metric.aggregate(), "num_samples": n}
 

@@ -2,10 +2,11 @@
 
 Every 2D sample of a site folder (``fedfms.data.site_dataset``) becomes one nnU-Net case at the **mask
 resolution** (where every model of this project is scored): the image is shrunk to the mask size with the same
-resize the other models use and stored as uint8 (0..255, the values nnU-Net's PNG reader would read), the mask
-stays bit-packed (bit k = class k). Nothing is written anywhere: the cases live in this process's memory, and
-nnU-Net's own preprocessing (crop to the non-zero region, normalisation, foreground locations) runs per case
-when the training loop or the evaluation asks for it (:meth:`NnUNetSiteData.nnunet_case`).
+resize the other models use, its padding (a sample whose aspect ratio was kept) cropped off, and stored as uint8
+(0..255, the values nnU-Net's PNG reader would read); the mask stays bit-packed (bit k = class k). Nothing is
+written anywhere: the cases live in this process's memory, and nnU-Net's own preprocessing (crop to the non-zero
+region, normalisation, foreground locations) runs per case when the training loop or the evaluation asks for it
+(:meth:`NnUNetSiteData.nnunet_case`).
 
 Splits are the project's: each site by patient with ``val_fraction``/``split_seed`` (``patient_split``), so the
 nnU-Net baseline trains and validates on exactly the samples the other methods do.
@@ -58,8 +59,10 @@ class NnUNetSiteData:
             offset = len(self.cases)
             for i in range(len(ds)):
                 item = ds[i]
-                image = np.clip(np.round(item["image"].numpy() * 255.0), 0, 255).astype(np.uint8)
-                bits = item["mask"].numpy() > 0.5
+                # a sample padded to the square (aspect ratio kept) becomes a case of its content only
+                rows, cols = item["valid"][0].any(dim=1).sum().item(), item["valid"][0].any(dim=0).sum().item()
+                image = np.clip(np.round(item["image"].numpy() * 255.0), 0, 255).astype(np.uint8)[:, :rows, :cols]
+                bits = item["mask"].numpy()[:, :rows, :cols] > 0.5
                 packed = np.zeros(bits.shape[1:], dtype=np.uint8)
                 for k in range(bits.shape[0]):
                     packed |= bits[k].astype(np.uint8) << k

@@ -12,6 +12,11 @@ scores are averaged over the thresholds, then over slices. Dice is ``(2 |P & G| 
 and IoU ``(|P & G| + 1e-6) / (|P | G| + 1e-6)``, so a slice whose ground truth and prediction are both empty
 scores 1. The authors' code uses five thresholds, 0.1, 0.3, 0.5, 0.7 and 0.9 (every version of
 ``train_fed_sam.py``, ``train_fed_sam_ft.py`` and ``train_fed_unet.py`` in their history), not nine.
+
+Under both rules only a sample's content counts: where a sample was padded to the square (its aspect ratio kept,
+:mod:`fedfms.data.geometry`), the ``valid`` map the reader gives is False, and there prediction and ground
+truth are both taken as empty. A padded pixel thus adds no true or false positive and no false negative: it can
+neither raise nor lower a Dice or IoU.
 """
 
 from __future__ import annotations
@@ -51,11 +56,13 @@ def reference_slice_scores(
     target: torch.Tensor,
     thresholds: Sequence[float] = REFERENCE_THRESHOLDS,
     on: str = "logits",
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C) Dice and IoU of every slice and class under the paper code's rule (module docstring).
 
     ``outputs``: the model's logits (B, C, H, W); ``on="probabilities"`` thresholds ``sigmoid(outputs)``
-    instead. The ground truth is thresholded at each threshold too, as the authors did (the same for 0/1 masks)."""
+    instead. The ground truth is thresholded at each threshold too, as the authors did (the same for 0/1 masks).
+    ``valid``: (B, 1 or C, H, W) bool, False on padding (left out of the score); None: every pixel counts."""
     if on not in REFERENCE_SPACES:
         raise ValueError(f"reference scoring applies thresholds to {REFERENCE_SPACES}, not {on!r}")
     if not thresholds:
@@ -64,11 +71,12 @@ def reference_slice_scores(
     if on == "probabilities":
         x = torch.sigmoid(x)
     truth = target.detach().float().cpu()
+    keep = torch.ones(1, dtype=torch.bool) if valid is None else valid.detach().cpu().bool()
     dice = torch.zeros(x.shape[:2], dtype=torch.float64)
     iou = torch.zeros_like(dice)
     for th in thresholds:
-        pred = (x > th).flatten(2)
-        gt = (truth > th).flatten(2)
+        pred = ((x > th) & keep).flatten(2)
+        gt = ((truth > th) & keep).flatten(2)
         inter = (pred & gt).sum(-1).double()
         p_sum, g_sum = pred.sum(-1).double(), gt.sum(-1).double()
         dice += (2 * inter + _REFERENCE_DICE_EPS) / (p_sum + g_sum + _REFERENCE_DICE_EPS)
@@ -85,8 +93,9 @@ class SegmentationMetric:
     """Accumulates batches; :meth:`aggregate` returns slice-level and volume-level Dice/IoU under this
     project's rule and slice-level Dice/IoU under the paper code's rule (``*_reference`` keys).
 
-    ``update(logits, target, volumes)``: logits and target (B, C, H, W); volumes, the case id of each slice
-    (3D Dice/IoU are computed from the voxel counts summed over each volume's slices).
+    ``update(logits, target, volumes, valid)``: logits and target (B, C, H, W); volumes, the case id of each slice
+    (3D Dice/IoU are computed from the voxel counts summed over each volume's slices); valid, (B, 1, H, W) bool,
+    False on padding (``SiteDataset`` items' ``valid``; None: every pixel counts).
     ``reference_on``: what the paper code's thresholds apply to (see :func:`reference_space`)."""
 
     def __init__(self, class_names: Sequence[str], threshold: float = 0.5,
@@ -107,15 +116,20 @@ class SegmentationMetric:
         self._volume_counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(self.class_names), 3))
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor, volumes: Sequence[str] | None = None) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, volumes: Sequence[str] | None = None,
+               valid: torch.Tensor | None = None) -> None:
         if logits.shape != target.shape or logits.shape[1] != len(self.class_names):
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must both be "
                              f"(B, {len(self.class_names)}, H, W)")
-        ref_dice, ref_iou = reference_slice_scores(logits, target, self.reference_thresholds, self.reference_on)
+        if valid is not None and (valid.dim() != 4 or valid.shape[0] != logits.shape[0] or valid.shape[2:] != logits.shape[2:]
+                                  or valid.shape[1] not in (1, logits.shape[1])):
+            raise ValueError(f"valid {tuple(valid.shape)} must be (B, 1 or C, H, W) like logits {tuple(logits.shape)}")
+        ref_dice, ref_iou = reference_slice_scores(logits, target, self.reference_thresholds, self.reference_on, valid)
         self._ref_dice.append(ref_dice)
         self._ref_iou.append(ref_iou)
-        pred = (torch.sigmoid(logits.float()) > self.threshold).float().cpu()
-        target = (target > 0.5).float().cpu()
+        keep = 1.0 if valid is None else valid.detach().cpu().float()
+        pred = (torch.sigmoid(logits.float()) > self.threshold).float().cpu() * keep
+        target = (target > 0.5).float().cpu() * keep
         skip = _empty_both(pred, target)
         dice = compute_dice(pred, target, include_background=True, ignore_empty=False)
         iou = compute_iou(pred, target, include_background=True, ignore_empty=False)

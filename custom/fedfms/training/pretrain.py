@@ -32,6 +32,7 @@ from monai.losses import DiceLoss
 from scipy import ndimage
 
 from fedfms.errors import ConfigError
+from fedfms.progress import bar, drawn
 from fedfms.models import ModelConfig, build_model
 from fedfms.models.checkpoint import SAM_PREFIXES, load_sam_weights
 
@@ -233,6 +234,8 @@ def pretrain(
     image_size, mask_size = model.image_size, model.mask_size
     curve, window, start = [], [], time.perf_counter()
     say(f"pretraining tiny SAM: {steps} steps x {batch_size} generated scenes, seed {seed}, lr {lr:g}")
+    # on a terminal a bar (with the running loss) replaces the lines every log_every steps
+    steps_bar = bar(total=steps, desc="pretrain", unit="step")
     for step in range(1, steps + 1):
         images, masks = synthetic_batch(rng, batch_size, image_size, mask_size)
         logits = model(images).float()
@@ -246,11 +249,15 @@ def pretrain(
         if not math.isfinite(value):
             raise FloatingPointError(f"pretraining loss became {value} at step {step}; try a lower --lr")
         window.append(value)
+        steps_bar.update()
         if step % log_every == 0 or step == steps:
             mean = sum(window) / len(window)
             curve.append({"step": step, "loss": round(mean, 5)})
-            say(f"  step {step}/{steps}: loss {mean:.4f} ({time.perf_counter() - start:.0f} s)")
+            steps_bar.set_postfix_str(f"loss {mean:.4f}")
+            if not drawn(steps_bar):
+                say(f"  step {step}/{steps}: loss {mean:.4f} ({time.perf_counter() - start:.0f} s)")
             window = []
+    steps_bar.close()
     seconds = time.perf_counter() - start
     path = save_sam_checkpoint(model, out)
     info = {

@@ -309,7 +309,7 @@ class LocalTrainer:
                 logits = self.model(images)
             total += self._loss(logits, masks).item() * len(images)
             n += len(images)
-            metric.update(logits.float(), masks, batch["volume"])
+            metric.update(logits.float(), masks, batch["volume"], batch.get("valid"))
         result = metric.aggregate()
         result["loss"] = total / n if n else math.nan
         result["num_samples"] = n

@@ -1,5 +1,6 @@
 """Machinery shared by the dataset preparers: site discovery, the skip-or-raise policy for bad cases,
-idempotent re-runs, 2D file reading, and the end-of-run summary.
+idempotent re-runs, 2D file reading (PNG/JPEG/BMP through Pillow, TIFF through tifffile), pairing images with
+masks by file name (:func:`pair_files`), and the end-of-run summary.
 
 Every preparer turns a raw download into ``OUT/<site>/`` folders in the format of
 :mod:`fedfms.data.site_dataset`. The rules that make re-runs safe live here:
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from fedfms.data import intensity
 from fedfms.data import volumes as vol
+from fedfms.data.geometry import PAD, check_resize
 from fedfms.data.preparers import inputs
 from fedfms.data.site_dataset import DEFAULT_MASK_RESIZE, MASK_RESIZES, SiteWriter, read_manifest, summarize_sites
 from fedfms.errors import ConfigError, DataError
@@ -38,8 +40,10 @@ PREPARER_VERSION = 2
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".npy")
+TIFF_EXTS = (".tif", ".tiff")
 # Mask files sometimes carry a suffix after the image's name (e.g. ``img01_mask.png``).
 MASK_SUFFIXES = ("", "_mask", "_masks", "_seg", "_gt", "_label", "-mask")
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow modes of 16-bit / 32-bit / float images
 PATIENTS_CSV = "patients.csv"
 
 # Settings that describe where the data came from rather than how it was processed; a re-run from a
@@ -66,10 +70,10 @@ def visible(path: Path) -> bool:
 
 
 def progress(items: Sequence, desc: str, unit: str = "case"):
-    """tqdm progress on stderr; silent when stderr is not a terminal (logs, tests)."""
-    from tqdm import tqdm
+    """A progress bar over ``items`` (:func:`fedfms.progress.bar`: drawn only when stderr is a terminal)."""
+    from fedfms.progress import bar
 
-    return tqdm(items, desc=desc, unit=unit, total=len(items), disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return bar(items, desc=desc, unit=unit)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,6 +154,7 @@ class SiteSource:
     problems: list[Problem] = field(default_factory=list)
     extra_files: dict[str, Path] = field(default_factory=dict)  # role -> file read for the whole site (patients.csv, ...)
     notes: dict = field(default_factory=dict)  # recorded under settings.source (e.g. how patient ids were found)
+    advice: list[str] = field(default_factory=list)  # printed once the site is written (not when already prepared)
 
 
 def write_site(
@@ -163,10 +168,16 @@ def write_site(
     settings: dict,
     overwrite: bool,
     skip_bad_cases: bool,
+    resize: str = PAD,
 ) -> Path:
     """Write one site (or skip it when already prepared identically). Returns ``out/<site>``.
 
-    Strict by default: the first bad case raises DataError naming its file and nothing is written.
+    ``resize``: how images become the square (:mod:`fedfms.data.geometry`): ``pad`` keeps their aspect ratio,
+    ``stretch`` does not; the manifest records it, and a site prepared the other way is not "already prepared".
+
+    Strict by default: a bad case raises DataError naming its file and nothing is written (files found unusable
+    while pairing — an image without its mask, a mask without its image — are each named on a line of their
+    own first).
     With ``skip_bad_cases`` each bad case is reported as a warning, left out, and listed in the
     manifest's ``settings.source.skipped``. Volume ids are ``<site>_<patient>`` (SiteWriter), so sites
     never share one."""
@@ -174,10 +185,15 @@ def write_site(
     settings = {"preparer": dataset, "preparer_version": PREPARER_VERSION, **settings}
     if site_dir.exists() and not site_dir.is_dir():
         raise DataError(f"{site_dir}: a file is where the site folder goes; expected a folder or nothing (move the file away)")
-    if _already_prepared(site_dir, dataset, list(classes), image_size, mask_size, settings, source, overwrite):
+    if _already_prepared(site_dir, dataset, list(classes), image_size, mask_size, check_resize(resize), settings, source,
+                         overwrite):
         return site_dir
     if source.problems and not skip_bad_cases:
-        raise DataError(f"{source.problems[0]} (use --skip-bad-cases to leave such cases out)")
+        for p in source.problems[1:]:
+            print(f"error: {p}", file=sys.stderr, flush=True)
+        more = (f" [and {len(source.problems) - 1} more unusable file(s) of site '{source.site}', listed above]"
+                if len(source.problems) > 1 else "")
+        raise DataError(f"{source.problems[0]}{more} (use --skip-bad-cases to leave such cases out)")
     skipped = [{"file": str(p.path), "problem": p.message} for p in source.problems]
     for p in source.problems:
         warn(f"{p}; case skipped")
@@ -191,7 +207,7 @@ def write_site(
     provenance = {"raw": str(source.root), "cases_found": len(source.cases) + len(source.problems),
                   "skip_bad_cases": skip_bad_cases, **source.notes, "inputs": record}
     with SiteWriter(site_dir, source.site, dataset, classes, image_size, mask_size, {**settings, PROVENANCE_KEY: provenance},
-                    overwrite, mask_resize=settings.get("mask_resize", DEFAULT_MASK_RESIZE)) as writer:
+                    overwrite, resize=resize, mask_resize=settings.get("mask_resize", DEFAULT_MASK_RESIZE)) as writer:
         used = 0
         for case in progress(source.cases, desc=f"{dataset}/{source.site}"):
             try:
@@ -210,6 +226,8 @@ def write_site(
             raise DataError(f"{source.root}: site '{source.site}' has no usable cases{detail}; nothing was written")
         provenance.update(cases_used=used, skipped=skipped)
     info(f"{dataset}/{source.site}: wrote {len(writer.samples)} samples from {used} case(s) to {site_dir}")
+    for line in source.advice:
+        info(f"{dataset}/{source.site}: {line}")
     return site_dir
 
 
@@ -263,16 +281,17 @@ def _from_before_presets(old: dict, new: dict) -> dict:
     return old
 
 
-def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, settings: dict,
-                      source: SiteSource, overwrite: bool) -> bool:
+def _already_prepared(site_dir: Path, dataset: str, classes: list, image_size: int, mask_size: int, resize: str,
+                      settings: dict, source: SiteSource, overwrite: bool) -> bool:
     if not site_dir.exists() or overwrite:
         return False  # nothing there, or SiteWriter replaces it atomically
     try:
         m = read_manifest(site_dir)
     except DataError as exc:
         raise DataError(f"{site_dir}: output exists but is not a complete prepared site ({exc}); pass --overwrite to replace it") from None
-    old = {"dataset": m.dataset, "classes": m.classes, "image_size": m.image_size, "mask_size": m.mask_size}
-    new = {"dataset": dataset, "classes": classes, "image_size": image_size, "mask_size": mask_size}
+    # a manifest without "resize" was written when every image was stretched (read_manifest says so)
+    old = {"dataset": m.dataset, "classes": m.classes, "image_size": m.image_size, "mask_size": m.mask_size, "resize": m.resize}
+    new = {"dataset": dataset, "classes": classes, "image_size": image_size, "mask_size": mask_size, "resize": resize}
     new_settings = {k: v for k, v in _normalise(settings).items() if k != PROVENANCE_KEY}
     old_settings = _from_before_presets({k: v for k, v in m.settings.items() if k != PROVENANCE_KEY}, new_settings)
     old_settings = {**{k: v for k, v in IMPLIED_WHEN_MISSING.items() if k in new_settings}, **old_settings}
@@ -324,16 +343,21 @@ def volume_samples(
     two_and_half_d: bool,
     skip_end_slices: bool = False,
     path: Path | str = "volume",
+    sample_prefix: str | None = None,
 ) -> list[Sample]:
-    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume. Which slices are kept:
-    :func:`fedfms.data.volumes.select_slices`. A volume without contrast (constant, a label map, an empty window)
-    is refused naming ``path``."""
+    """Window a volume and cut it into depth slices; ``target`` is the binary mask volume (H, W, D), or one per
+    class (C, H, W, D). Which slices are kept: :func:`fedfms.data.volumes.select_slices` (a slice "has target" when
+    any class is present). A volume without contrast (constant, a label map, an empty window) is refused naming
+    ``path``. Sample ids are ``<volume_id>_<slice>`` or, given ``sample_prefix``, ``<sample_prefix>_<slice>``
+    (when several volumes share one patient id)."""
     windowed = vol.window_volume(image, low_pct, high_pct, path)
-    keep = vol.select_slices(target.any(axis=(0, 1)), empty_keep, skip_end_slices)
+    target = np.asarray(target)
+    keep = vol.select_slices(target.reshape(-1, target.shape[-1]).any(axis=0), empty_keep, skip_end_slices)
     samples = []
     for k in keep:
         img = vol.neighbour_stack(windowed, k) if two_and_half_d else windowed[:, :, k]
-        samples.append(Sample(img, target[:, :, k].astype(np.uint8), volume_id, k))
+        samples.append(Sample(img, target[..., k].astype(np.uint8), volume_id, k,
+                              f"{sample_prefix}_{k:04d}" if sample_prefix else None))
     return samples
 
 
@@ -360,16 +384,69 @@ def _open_image(path: Path) -> Image.Image:
                         f"expected a valid {path.suffix.lstrip('.').upper() or 'image'} file") from None
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Any 8-bit grey/RGB/RGBA/palette image -> (H, W, 3) uint8. 16-bit and float images are refused (no
-    rule would map them to 8 bits without guessing), and so are constant and mask-like images."""
-    im = _open_image(path)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        raise DataError(f"{path}: image mode {im.mode} (16-bit or float); expected an 8-bit grey or RGB image "
-                        f"(convert it to 8 bits first, choosing the intensity window yourself)")
-    rgb = np.asarray(im.convert("RGB"))
-    intensity.check_content(rgb, str(path), "image")
-    return rgb
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's pixels as stored (tifffile: 8/16/32-bit, float, RGB, planar RGB): (H, W) or (H, W, C)."""
+    import tifffile
+
+    try:
+        arr = np.asarray(tifffile.imread(path))
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); expected a readable TIFF") from None
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, tifffile.TiffFileError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc}); expected a valid TIFF file") from None
+    while arr.ndim > 2 and arr.shape[0] == 1:  # a single page or plane stored with its own axis
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (separate) RGB
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4)):
+        raise DataError(f"{path}: TIFF holds an array of shape {arr.shape} (several pages, planes or channels); "
+                        f"expected one 2D image (H, W), (H, W, 3) or (H, W, 4)")
+    return arr
+
+
+def read_pixels(path: Path) -> tuple[np.ndarray, str]:
+    """A 2D image file's pixels as stored, (H, W) or (H, W, C) with C = 1 or 3 (alpha dropped), and a phrase saying
+    what it is (``image mode I;16``, ``image is uint16``). PNG, JPEG, BMP through Pillow (8-bit modes as RGB); TIFF
+    through tifffile (8/16/32-bit, float, planar RGB)."""
+    if path.suffix.lower() in TIFF_EXTS:
+        arr = _read_tiff(path)
+        kind = f"image is {arr.dtype}"
+    else:
+        im = _open_image(path)
+        kind = f"image mode {im.mode}"
+        arr = np.asarray(im) if im.mode in HIGH_BIT_MODES else np.asarray(im.convert("RGB"))
+    if arr.ndim == 3:
+        arr = arr[..., :1] if arr.shape[-1] in (1, 2) else arr[..., :3]  # grey(+alpha) / RGB(+alpha)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return arr, kind
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1 or 3) -> (H, W, 3)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def read_image(path: Path, window: tuple[float, float] | None = None,
+               fix: str = "convert it to 8 bits first, choosing the intensity window yourself",
+               allow_label_like: bool = False) -> np.ndarray:
+    """A 2D image file (:func:`read_pixels`) -> (H, W, 3): uint8 as stored, or float32 in [0, 1] when ``window`` =
+    (low, high) percentiles maps each image's own intensity range.
+
+    A 16-bit, 32-bit or float image has no rule that maps it to 8 bits without a choice, so it is refused unless
+    ``window`` is given (``fix`` says what the caller can do). Refused too: NaN, constant and (unless
+    ``allow_label_like``) mask-like images (:mod:`fedfms.data.intensity`)."""
+    arr, kind = read_pixels(path)
+    if arr.dtype != np.uint8 and window is None:
+        raise DataError(f"{path}: {kind} (16-bit or float); expected an 8-bit grey or RGB image ({fix})")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise DataError(f"{path}: image has NaN/inf values; expected finite intensities")
+    intensity.check_content(arr, str(path), "image", allow_label_like)
+    if window is not None:
+        arr = intensity.window(arr, window[0], window[1], where=str(path))
+    return to_rgb(arr)
 
 
 def read_label_image(path: Path, palette: str = "index", colour: str = "error") -> np.ndarray:
@@ -379,13 +456,22 @@ def read_label_image(path: Path, palette: str = "index", colour: str = "error") 
     (instance/class ids), ``"grey"`` takes the grey level of each palette colour (REFUGE-style masks).
     ``colour``: an RGB mask whose channels differ is an error (``"error"``), or reduced to the channel
     maximum (``"max"``, enough to binarise colour-coded instance masks). ``.npy`` masks: (H, W) or
-    (H, W, C), reduced over C by maximum."""
+    (H, W, C), reduced over C by maximum. TIFF masks (8/16/32-bit) through tifffile."""
     if path.suffix.lower() == ".npy":
         arr = load_npy(path)
         if arr.ndim == 3:
             arr = arr.max(axis=-1)
         if arr.ndim != 2:
             raise DataError(f"{path}: mask array has shape {arr.shape}; expected (H, W) or (H, W, C)")
+        return _integral(arr, path)
+    if path.suffix.lower() in TIFF_EXTS:
+        arr = _read_tiff(path)
+        if arr.ndim == 3:
+            arr = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+            same = (arr == arr[..., :1]).all()
+            if not same and colour == "error":
+                raise DataError(f"{path}: colour mask (RGB channels differ); expected a grey-level label image")
+            arr = arr[..., 0] if same else arr.max(axis=-1)
         return _integral(arr, path)
     im = _open_image(path)
     if im.mode == "P":
@@ -454,18 +540,66 @@ def list_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def pair_by_stem(images: dict[str, Path], masks: dict[str, Path]) -> tuple[list[tuple[str, Path, Path]], list[Problem]]:
-    """Match each image to ``masks[<stem><suffix>]`` for the accepted :data:`MASK_SUFFIXES`."""
+@dataclass(frozen=True)
+class Pair:
+    """An image and its mask file(s): one file holding every class, or one file per class in class order."""
+
+    id: str
+    image: Path
+    masks: tuple[Path, ...]
+    per_class: bool = False
+
+
+def _names_of(paths) -> str:
+    return ", ".join(p.name for p in paths)
+
+
+def pair_files(images: dict[str, Path], masks: dict[str, Path], classes: Sequence[str] | None = None,
+               suffixes: Sequence[str] = MASK_SUFFIXES, ids=lambda stem: (stem,)) -> tuple[list[Pair], list[Problem]]:
+    """Pair images with masks by file name (keys: file names without their extension); docs/data-format.md.
+
+    The mask of image ``<id>`` is ``<id><suffix>`` for one of ``suffixes`` (``<id>``, ``<id>_mask``, ...) — one file
+    holding every class. With several ``classes`` it may instead be one file per class, ``<id>_<class>`` for every
+    class; with one class, ``<id>_<class>`` is its mask file too. ``ids(stem)``: the names an image's masks may be
+    keyed by (e.g. nnU-Net's ``case_0000`` image and ``case`` label). Every image without exactly one of these, and
+    every mask no image claims, is a :class:`Problem` naming that file."""
+    classes = list(classes or [])
+    single_suffixes = list(dict.fromkeys([*suffixes, *([f"_{classes[0]}"] if len(classes) == 1 else [])]))
     pairs, problems, used = [], [], set()
     for stem, image in images.items():
-        mask_key = next((stem + s for s in MASK_SUFFIXES if stem + s in masks), None)
-        if mask_key is None:
-            problems.append(Problem(image, "image has no mask file with the same name; expected one in the masks folder"))
-            continue
-        used.add(mask_key)
-        pairs.append((stem, image, masks[mask_key]))
+        bases = list(dict.fromkeys(ids(stem)))
+        single = list(dict.fromkeys(b + s for b in bases for s in single_suffixes if b + s in masks))
+        per: dict[str, str] = {}
+        per_base = bases[0]
+        if len(classes) > 1:
+            for per_base in bases:
+                per = {c: f"{per_base}_{c}" for c in classes if f"{per_base}_{c}" in masks}
+                if per:
+                    break
+        used.update(single, per.values())
+        if single and per:
+            per_files = _names_of(masks[k] for k in per.values())
+            problems.append(Problem(image, f"has both a mask file holding every class ({masks[single[0]].name}) and "
+                                           f"per-class mask files ({per_files}); expected one or the other"))
+        elif len(single) > 1:
+            problems.append(Problem(image, f"has several mask files ({_names_of(masks[k] for k in single)}); expected exactly one"))
+        elif single:
+            pairs.append(Pair(stem, image, (masks[single[0]],)))
+        elif per:
+            missing = [c for c in classes if c not in per]
+            if missing:
+                problems.append(Problem(image, f"per-class mask files {_names_of(masks[k] for k in per.values())} lack class(es) "
+                                               f"{', '.join(missing)}; expected {', '.join(f'{per_base}_{c}.<ext>' for c in missing)} "
+                                               f"in the masks folder"))
+            else:
+                pairs.append(Pair(stem, image, tuple(masks[per[c]] for c in classes), True))
+        else:
+            per_class = f", or one file per class ({', '.join(f'{bases[0]}_{c}' for c in classes)})" if len(classes) > 1 else ""
+            problems.append(Problem(image, f"image has no mask file with the same name; expected {bases[0]}.<ext> "
+                                           f"(or {bases[0]}_mask.<ext>){per_class} in the masks folder"))
     for key in sorted(set(masks) - used):
-        problems.append(Problem(masks[key], "mask has no image with the same name; expected one in the images folder"))
+        problems.append(Problem(masks[key], "mask has no image with the same name; expected an image named like it "
+                                            "(without a _mask/_<class> suffix) in the images folder"))
     return pairs, problems
 
 
@@ -488,7 +622,7 @@ def load_patient_map(site_dir: Path) -> dict[str, str]:
     for i, row in enumerate(rows, start=2):
         if not row.get("image") or not row.get("patient"):
             raise DataError(f"{path}: line {i} has an empty image or patient; expected both")
-        mapping[Path(row["image"]).stem] = row["patient"]
+        mapping[vol.nifti_stem(row["image"]) or Path(row["image"]).stem] = row["patient"]
     return mapping
 
 

@@ -9,7 +9,8 @@ Raw layout (docs/datasets.md)::
 ``RAW`` may also be the training-data folder itself, and the CSVs may sit in ``RAW``. Input is T1ce,
 target the enhancing tumour (label 4) by default; the other tumour labels (1 necrosis, 2 oedema) are background.
 ``target_labels`` chooses other labels: ``[1, 4]`` is the tumour core, the paper code's target
-(``--preset reference``, :mod:`fedfms.data.preparers.presets`).
+(``--preset reference``, :mod:`fedfms.data.preparers.presets`). A layout over the general volume importer
+(:mod:`fedfms.data.preparers.layout`): subjects found through the partitioning CSV, the chosen labels as one class.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from fedfms.data import volumes as vol
-from fedfms.data.preparers import common, presets
+from fedfms.data.geometry import PAD, check_resize
+from fedfms.data.preparers import common, layout, presets
 from fedfms.errors import ConfigError, DataError
 
 DATASET = "fets"
@@ -150,20 +152,15 @@ def _nifti(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _load_case(image_path: Path, seg_path: Path, subject: str, *, low_pct, high_pct, empty_keep, two_and_half_d,
-               skip_end_slices=False, target_labels=(TARGET_LABEL,)) -> list[common.Sample]:
-    image, seg = vol.load_nifti_pair(image_path, seg_path)
+def to_target(seg: np.ndarray, seg_path: Path, *, target_labels=(TARGET_LABEL,)) -> np.ndarray:
     common.check_labels(
         seg, ALLOWED_LABELS, seg_path,
         "FeTS2022 coding: 1 necrosis, 2 oedema, 4 enhancing tumour; BraTS 2023 data codes enhancing tumour as 3",
     )
-    return common.volume_samples(
-        image, np.isin(seg, list(target_labels)), subject, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep,
-        two_and_half_d=two_and_half_d, skip_end_slices=skip_end_slices, path=image_path,
-    )
+    return np.isin(seg, list(target_labels))
 
 
-def find_cases(site: str, data_dir: Path, subjects: list[str], csv_path: Path, load) -> common.SiteSource:
+def find_cases(site: str, data_dir: Path, subjects: list[str], csv_path: Path, recipe: layout.VolumeRecipe) -> common.SiteSource:
     cases, problems = [], []
     for sid in subjects:
         folder = data_dir / sid
@@ -175,7 +172,7 @@ def find_cases(site: str, data_dir: Path, subjects: list[str], csv_path: Path, l
             missing = folder / f"{sid}_{MODALITY if image is None else 'seg'}.nii.gz"
             problems.append(common.Problem(missing, "file is missing; expected the subject's T1ce image and segmentation"))
             continue
-        cases.append(common.Case(sid, image, partial(load, image, seg, sid), (image, seg)))
+        cases.append(layout.volume_case(sid, image, (seg,), sid, recipe))
     return common.SiteSource(site, data_dir, cases, problems, extra_files={"partition CSV": csv_path})
 
 
@@ -198,6 +195,7 @@ def prepare_fets(
     skip_bad_cases: bool = False,
     mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
+    resize: str = PAD,
 ) -> list[Path]:
     """Prepare one site per FeTS client (``out/client<ID>``).
 
@@ -222,7 +220,7 @@ def prepare_fets(
         "skip_end_slices": bool(skip_end_slices),
         "mask_resize": common.check_mask_resize(mask_resize),
     }
-    presets.check(DATASET, preset, options)
+    presets.check(DATASET, preset, {**options, "resize": check_resize(resize)})
     client_ids = parse_clients(clients)
     data_dir = find_data_dir(raw)
     csv_path = find_partition_csv(raw, data_dir, partition_csv)
@@ -240,11 +238,12 @@ def prepare_fets(
         **options,
         "label_map": _label_map(labels),
     }
-    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
-                   skip_end_slices=bool(skip_end_slices), target_labels=tuple(labels))
+    recipe = layout.VolumeRecipe((class_name(labels),), partial(to_target, target_labels=tuple(labels)),
+                                 low_pct=float(low_pct), high_pct=float(high_pct), empty_keep=empty_keep,
+                                 two_and_half_d=bool(two_and_half_d), skip_end_slices=bool(skip_end_slices))
     return common.write_sites(
-        ((find_cases(site, data_dir, partitions[names[site]], csv_path, load), {**settings, "partition_id": names[site]})
+        ((find_cases(site, data_dir, partitions[names[site]], csv_path, recipe), {**settings, "partition_id": names[site]})
          for site in chosen),
         out=out, dataset=DATASET, classes=[class_name(labels)], image_size=image_size, mask_size=mask_size,
-        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases, resize=resize,
     )

@@ -13,6 +13,9 @@ Output classes: channel 0 ``disc``, channel 1 ``cup``. By default the disc chann
 disc *including* the cup (the clinical definition used for the cup-to-disc ratio and by the REFUGE
 evaluation); ``disc_includes_cup=False`` makes it the rim only, so the two channels do not overlap. The paper's
 code used the rim (``--preset reference``, :mod:`fedfms.data.preparers.presets`).
+
+A layout over the general image importer (:mod:`fedfms.data.preparers.layout`): the same pairing and checks as
+``fedfms prepare images``, with the REFUGE/index coding as its mask-to-class mapping.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfms.data.preparers import common, presets
+from fedfms.data.geometry import PAD, check_resize
+from fedfms.data.preparers import common, layout, presets
 from fedfms.errors import ConfigError, DataError
 
 DATASET = "fundus"
@@ -40,30 +44,18 @@ CODINGS = {
 }
 
 
-def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
-    subdirs = {common.norm_name(p.name): p for p in site_dir.iterdir() if p.is_dir() and common.visible(p)}
-    if "images" not in subdirs or "masks" not in subdirs:
-        raise DataError(
-            f"{site_dir}: subfolders are {sorted(p.name for p in subdirs.values()) or 'none'}; "
-            f"expected images/ and masks/ (see docs/datasets.md for converting the {site} release)"
-        )
-    images = common.list_files(subdirs["images"], common.IMAGE_EXTS)
-    masks = common.list_files(subdirs["masks"], common.MASK_EXTS)
+def find_cases(site: str, site_dir: Path, recipe: layout.ImageRecipe) -> common.SiteSource:
+    """The site's image pairs (one coded mask file per image) as cases; patients from ``patients.csv``."""
+    pairs, problems = layout.find_image_pairs(site_dir, layout=f"see docs/datasets.md for converting the {site} release")
     patients = common.load_patient_map(site_dir)
-    pairs, problems = common.pair_by_stem(images, masks)
-    cases = [common.Case(stem, image, partial(load, image, mask, stem, patients.get(stem, stem)), (image, mask))
-             for stem, image, mask in pairs]
+    cases = [layout.image_case(p, patients.get(p.id, p.id), recipe) for p in pairs]
     extra = {common.PATIENTS_CSV: site_dir / common.PATIENTS_CSV} if (site_dir / common.PATIENTS_CSV).is_file() else {}
     return common.SiteSource(site, site_dir, cases, problems, extra_files=extra)
 
 
-def _load_case(image_path: Path, mask_path: Path, stem: str, patient: str, *, coding: str, disc_includes_cup: bool) -> list[common.Sample]:
-    (bg_v, rim_v, cup_v), palette = CODINGS[coding]
-    image = common.read_rgb(image_path)
-    labels = common.read_label_image(mask_path, palette=palette, colour="error")
-    if labels.shape != image.shape[:2]:
-        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; "
-                        f"expected the same height and width")
+def to_classes(labels: np.ndarray, mask_path: Path, *, coding: str, disc_includes_cup: bool) -> np.ndarray:
+    """A coded fundus mask -> (2, H, W): disc (with or without the cup), cup."""
+    bg_v, rim_v, cup_v = CODINGS[coding][0]
     other = "index" if coding == "refuge" else "refuge"
     common.check_labels(
         labels, (bg_v, rim_v, cup_v), mask_path,
@@ -74,7 +66,15 @@ def _load_case(image_path: Path, mask_path: Path, stem: str, patient: str, *, co
                         f"is the mask coded differently? try --mask-coding {other}")
     cup = labels == cup_v
     disc = (labels == rim_v) | cup if disc_includes_cup else labels == rim_v
-    return [common.Sample(image, np.stack([disc, cup]).astype(np.uint8), patient, None, stem)]
+    return np.stack([disc, cup]).astype(np.uint8)
+
+
+def recipe(coding: str, disc_includes_cup: bool) -> layout.ImageRecipe:
+    palette = CODINGS[coding][1]
+    return layout.ImageRecipe(
+        tuple(CLASSES), partial(to_classes, coding=coding, disc_includes_cup=disc_includes_cup),
+        read_mask=lambda path, _size: common.read_label_image(path, palette=palette, colour="error"),
+    )
 
 
 def prepare_fundus(
@@ -90,6 +90,7 @@ def prepare_fundus(
     skip_bad_cases: bool = False,
     mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
+    resize: str = PAD,
 ) -> list[Path]:
     """Prepare the fundus sites; classes ``["disc", "cup"]`` (see the module docstring). ``mask_resize``: the
     masks' nearest-neighbour rule (``"nearest-exact"``, or ``"nearest"`` = OpenCV's INTER_NEAREST)."""
@@ -97,7 +98,8 @@ def prepare_fundus(
     if mask_coding not in CODINGS:
         raise ConfigError(f"mask_coding is {mask_coding!r}; expected one of {sorted(CODINGS)}")
     mask_resize = common.check_mask_resize(mask_resize)
-    presets.check(DATASET, presets.check_name(preset), {"disc_includes_cup": bool(disc_includes_cup), "mask_resize": mask_resize})
+    presets.check(DATASET, presets.check_name(preset), {"disc_includes_cup": bool(disc_includes_cup), "mask_resize": mask_resize,
+                                                         "resize": check_resize(resize)})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
     settings = {
@@ -107,9 +109,9 @@ def prepare_fundus(
         "mask_resize": mask_resize,
         "intensity": "RGB / 255",
     }
-    load = partial(_load_case, coding=mask_coding, disc_includes_cup=bool(disc_includes_cup))
+    how = recipe(mask_coding, bool(disc_includes_cup))
     return common.write_sites(
-        ((find_cases(site, site_dirs[site], load), settings) for site in chosen),
+        ((find_cases(site, site_dirs[site], how), settings) for site in chosen),
         out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases, resize=resize,
     )

@@ -18,13 +18,11 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from fedfms.data import volumes as vol
-from fedfms.data.preparers import common, prostate
+from fedfms.data.preparers import common, layout, prostate
 from fedfms.errors import DataError
 
 DATASET = "mni-demo"
@@ -162,12 +160,9 @@ def build_raw(raw: Path, seed: int = 0, overwrite: bool = False) -> Path:
     return raw
 
 
-def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct: float, high_pct: float) -> list[common.Sample]:
-    image, seg = vol.load_nifti_pair(image_path, seg_path)
+def to_white_matter(seg: np.ndarray, seg_path: Path) -> np.ndarray:
     common.check_labels(seg, (0, 1), seg_path, "0 background, 1 white matter")
-    # every slice of a demo scan holds white matter: all of them are kept
-    return common.volume_samples(image, seg > 0, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=None,
-                                 two_and_half_d=False, path=image_path)
+    return seg > 0
 
 
 def prepare_demo(raw: Path, out: Path, *, image_size: int = 128, mask_size: int = 32, overwrite: bool = False,
@@ -175,9 +170,10 @@ def prepare_demo(raw: Path, out: Path, *, image_size: int = 128, mask_size: int 
     """Build the raw demo volumes in ``raw`` if needed, then prepare each site through the NIfTI path of real data."""
     build_raw(raw)
     settings = {"low_pct": 1.0, "high_pct": 99.0, **_settings()}
-    load = partial(_load_case, low_pct=1.0, high_pct=99.0)
+    # every slice of a demo scan holds white matter: all of them are kept
+    recipe = layout.VolumeRecipe(("white_matter",), to_white_matter, low_pct=1.0, high_pct=99.0)
     return common.write_sites(
-        ((prostate.find_cases(site, Path(raw) / site, load), {**settings, "scanner": asdict(SCANNERS[site])})
+        ((prostate.find_cases(site, Path(raw) / site, recipe), {**settings, "scanner": asdict(SCANNERS[site])})
          for site in common.select_sites(sites, list(SITES), DATASET)),
         out=Path(out), dataset=DATASET, classes=["white_matter"], image_size=image_size, mask_size=mask_size,
         overwrite=overwrite, skip_bad_cases=False,

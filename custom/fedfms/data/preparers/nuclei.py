@@ -11,7 +11,9 @@ Raw layout (docs/datasets.md)::
     RAW/<MoNuSAC|TNBC|MoNuSeg>/masks/<id>.{png,tif,npy,xml}   instance ids, binary, or Aperio XML
 
 The native TNBC (``Slide_XX/`` + ``GT_XX/``) and MoNuSeg (``Tissue Images/*.tif`` + ``Annotations/*.xml``)
-releases are read as they are. Every mask becomes one binary ``nuclei`` channel (instance id > 0).
+releases are read as they are. Every mask becomes one binary ``nuclei`` channel (instance id > 0): the
+``instances`` coding of the general image importer (:mod:`fedfms.data.preparers.layout`), whose pairing and
+checks these sites share; PanNuke's arrays are read by their own loader.
 
 By default every PanNuke fold and every MoNuSeg image is used. ``pannuke_folds`` restricts the folds per tissue
 and ``monuseg_subset='train'`` leaves out the 14 images of the official MoNuSeg 2018 test set; the paper's code
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fedfms.data import intensity
-from fedfms.data.preparers import common, presets
+from fedfms.data.geometry import PAD, check_resize
+from fedfms.data.preparers import common, layout, presets
 from fedfms.errors import ConfigError, DataError
 
 DATASET = "nuclei"
@@ -232,32 +235,26 @@ def pannuke_source(tissue: str, folds: list[PanNukeFold], root: Path, wanted: li
 # image + mask sites
 
 
-def _load_pair(image_path: Path, mask_path: Path, stem: str, patient: str) -> list[common.Sample]:
-    image = common.read_rgb(image_path)
-    if mask_path.suffix.lower() == ".xml":
-        labels = common.rasterise_xml(mask_path, *image.shape[:2])
-    else:
-        labels = common.read_label_image(mask_path, palette="index", colour="max")
-    if labels.shape != image.shape[:2]:
-        raise DataError(f"{mask_path}: mask size {labels.shape} differs from image {image_path.name} size {image.shape[:2]}; "
-                        f"expected the same height and width")
-    if (labels < 0).any():
-        raise DataError(f"{mask_path}: unexpected label values {sorted(np.unique(labels[labels < 0]).tolist())[:8]}; "
-                        f"expected instance ids >= 0 (0 = background)")
-    return [common.Sample(image, (labels > 0).astype(np.uint8), patient, None, stem)]
+def read_nuclei_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Instance ids, binary or colour-coded masks (channel maximum), or Aperio XML polygons drawn at the image size."""
+    if path.suffix.lower() == ".xml":
+        return common.rasterise_xml(path, *size)
+    return common.read_label_image(path, palette="index", colour="max")
+
+
+# every mask becomes one binary class: instance id > 0
+RECIPE = layout.ImageRecipe(tuple(CLASSES), partial(layout.classes_from_labels, classes=CLASSES, coding="instances"),
+                            read_mask=read_nuclei_mask)
 
 
 def _pairs_normalised(site_dir: Path, subdirs: dict[str, Path]):
     if "masks" not in subdirs:
         raise DataError(f"{site_dir}: has images/ but no masks/ folder; expected images/ and masks/ with matching file names")
-    images = common.list_files(subdirs["images"], common.IMAGE_EXTS)
-    masks = common.list_files(subdirs["masks"], (*common.MASK_EXTS, ".xml"))
-    pairs, problems = common.pair_by_stem(images, masks)
-    return [(stem, img, mask, *patient_rule(stem)) for stem, img, mask in pairs], problems
+    return layout.find_image_pairs(site_dir, mask_exts=(*common.MASK_EXTS, ".xml"))
 
 
 def _pairs_tnbc(site_dir: Path, subdirs: dict[str, Path]):
-    pairs, problems = [], []
+    pairs, problems, slides = [], [], {}
     for key, slide in sorted(subdirs.items()):
         if not key.startswith("slide"):
             continue
@@ -266,10 +263,11 @@ def _pairs_tnbc(site_dir: Path, subdirs: dict[str, Path]):
         if gt is None:
             problems.append(common.Problem(slide, f"no matching GT_{number} folder; expected TNBC's Slide_XX/GT_XX pairs"))
             continue
-        p, q = common.pair_by_stem(common.list_files(slide, common.IMAGE_EXTS), common.list_files(gt, common.MASK_EXTS))
-        pairs += [(stem, img, mask, number, RULE_TNBC) for stem, img, mask in p]
+        p, q = common.pair_files(common.list_files(slide, common.IMAGE_EXTS), common.list_files(gt, common.MASK_EXTS))
+        pairs += p
+        slides.update({pair.id: number for pair in p})
         problems += q
-    return pairs, problems
+    return pairs, problems, slides
 
 
 def _pairs_xml(site_dir: Path):
@@ -282,7 +280,7 @@ def _pairs_xml(site_dir: Path):
         if xml is None:
             problems.append(common.Problem(image, "no XML annotation; expected <id>.xml beside it or in a sibling Annotations/ folder"))
         else:
-            pairs.append((image.stem, image, xml, *patient_rule(image.stem)))
+            pairs.append(common.Pair(image.stem, image, (xml,)))
     return pairs, problems
 
 
@@ -292,11 +290,12 @@ def is_monuseg_test_image(stem: str) -> bool:
 
 
 def find_image_cases(site: str, site_dir: Path, monuseg_subset: str = "all") -> common.SiteSource:
-    subdirs = {common.norm_name(p.name): p for p in site_dir.iterdir() if p.is_dir() and common.visible(p)}
+    subdirs = layout.subfolders(site_dir)
+    slides: dict[str, str] = {}  # TNBC: image id -> slide number (the patient)
     if "images" in subdirs:
         pairs, problems = _pairs_normalised(site_dir, subdirs)
     elif any(k.startswith("slide") for k in subdirs):
-        pairs, problems = _pairs_tnbc(site_dir, subdirs)
+        pairs, problems, slides = _pairs_tnbc(site_dir, subdirs)
     elif any(p.suffix.lower() == ".xml" for p in site_dir.rglob("*.xml")):
         pairs, problems = _pairs_xml(site_dir)
     else:
@@ -306,29 +305,30 @@ def find_image_cases(site: str, site_dir: Path, monuseg_subset: str = "all") -> 
         )
     left_out = []
     if monuseg_subset == "train":
-        left_out = sorted(stem for stem, *_ in pairs if is_monuseg_test_image(stem))
+        left_out = sorted(p.id for p in pairs if is_monuseg_test_image(p.id))
         if left_out and len(left_out) == len(pairs):
             raise DataError(
                 f"{site_dir}: all {len(pairs)} image(s) are in the MoNuSeg 2018 test set ({', '.join(left_out[:3])}"
                 f"{', ...' if len(left_out) > 3 else ''}), which --monuseg-subset train leaves out; expected the training "
                 f"images ('MoNuSeg 2018 Training Data')"
             )
-        pairs = [p for p in pairs if not is_monuseg_test_image(p[0])]
+        pairs = [p for p in pairs if not is_monuseg_test_image(p.id)]
         problems = [p for p in problems if not is_monuseg_test_image(p.path.stem)]
         if left_out:
             common.info(f"{DATASET}/{site}: left out {len(left_out)} image(s) of the MoNuSeg 2018 test set (monuseg subset train)")
     stems = {}
-    for stem, img, *_ in pairs:
-        if stem in stems:
-            raise DataError(f"{img}: image id {stem!r} also used by {stems[stem]}; expected unique file names within a site")
-        stems[stem] = img
+    for pair in pairs:
+        if pair.id in stems:
+            raise DataError(f"{pair.image}: image id {pair.id!r} also used by {stems[pair.id]}; expected unique file names within a site")
+        stems[pair.id] = pair.image
     patients = common.load_patient_map(site_dir)
     cases, rules = [], {}
-    for stem, img, mask, patient, rule in pairs:
-        if stem in patients:
-            patient, rule = patients[stem], RULE_CSV
+    for pair in pairs:
+        patient, rule = (slides[pair.id], RULE_TNBC) if pair.id in slides else patient_rule(pair.id)
+        if pair.id in patients:
+            patient, rule = patients[pair.id], RULE_CSV
         rules[rule] = rules.get(rule, 0) + 1
-        cases.append(common.Case(stem, img, partial(_load_pair, img, mask, stem, patient), (img, mask)))
+        cases.append(layout.image_case(pair, patient, RECIPE))
     own = rules.get(RULE_OWN, 0)
     if own:
         common.warn(
@@ -356,6 +356,7 @@ def prepare_nuclei(
     skip_bad_cases: bool = False,
     mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
+    resize: str = PAD,
 ) -> list[Path]:
     """Prepare the nuclei sites (four PanNuke tissues, MoNuSAC, TNBC, MoNuSeg); one binary class.
 
@@ -368,8 +369,8 @@ def prepare_nuclei(
     if monuseg_subset not in MONUSEG_SUBSETS:
         raise ConfigError(f"monuseg subset is {monuseg_subset!r}; expected one of {', '.join(MONUSEG_SUBSETS)}")
     mask_resize = common.check_mask_resize(mask_resize)
-    presets.check(DATASET, presets.check_name(preset),
-                  {"pannuke_folds": folds_by_tissue, "monuseg_subset": monuseg_subset, "mask_resize": mask_resize})
+    presets.check(DATASET, presets.check_name(preset), {"pannuke_folds": folds_by_tissue, "monuseg_subset": monuseg_subset,
+                                                         "mask_resize": mask_resize, "resize": check_resize(resize)})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     # Resolve every folder before writing anything, so a layout mistake fails fast.
     pannuke_root, folds = find_pannuke_folds(raw) if any(s in PANNUKE_TISSUES for s in chosen) else (None, [])
@@ -390,5 +391,5 @@ def prepare_nuclei(
     return common.write_sites(
         sources(),
         out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases, resize=resize,
     )

@@ -31,6 +31,7 @@ nuclei    pannuke_folds         all                       Adrenal_gland, Esophag
           monuseg_subset        all                       train (the 14 MoNuSeg 2018 test images left out)
 all four  mask_resize           nearest-exact             nearest (OpenCV's INTER_NEAREST: output pixel i of n
                                 (floor((i+0.5)*m/n))      takes source pixel floor(i * m / n), m the source side)
+all four  resize                pad (aspect ratio kept)   stretch (both sides to the square, as cv2.resize)
 ========  ====================  ========================  ======================================================
 
 Images are resized bilinearly under both presets (the paper code uses OpenCV's INTER_LINEAR, not a nearest rule).
@@ -57,6 +58,8 @@ REFERENCE_PANNUKE_FOLDS = {"Adrenal_gland": [2], "Esophagus": [2], "Bile-duct": 
 _MASK_RESIZE = ("nearest", "the paper code resizes masks with OpenCV's INTER_NEAREST, torch's 'nearest'")
 
 # dataset -> option -> (value, why): what --preset reference sets, in the canonical form the preparers record
+STRETCH_WHY = "the paper code resized every image to a 1024 x 1024 square without keeping its aspect ratio (cv2.resize)"
+
 REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
     "prostate": {
         "low_pct": (0.0, "the paper code's window starts at the volume's minimum"),
@@ -65,6 +68,7 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "two_and_half_d": (False, "the paper code feeds prostate slices in 2D"),
         "skip_end_slices": (False, "the paper code keeps the first and last prostate slice"),
         "mask_resize": _MASK_RESIZE,
+        "resize": ("stretch", STRETCH_WHY),
     },
     "fets": {
         "target_labels": ([1, 4], "the paper code's FeTS target is labels 1 and 4"),
@@ -74,16 +78,19 @@ REFERENCE_VALUES: dict[str, dict[str, tuple[object, str]]] = {
         "empty_slices_keep": ("every:5", "the paper code keeps a FeTS slice without target only when its index is a multiple of 5"),
         "skip_end_slices": (True, "the paper code never keeps the first or last FeTS slice"),
         "mask_resize": _MASK_RESIZE,
+        "resize": ("stretch", STRETCH_WHY),
     },
     "fundus": {
         "disc_includes_cup": (False, "the paper code's optic-disc class is the rim (disc minus cup)"),
         "mask_resize": _MASK_RESIZE,
+        "resize": ("stretch", STRETCH_WHY),
     },
     "nuclei": {
         "pannuke_folds": (REFERENCE_PANNUKE_FOLDS, "the paper code took Adrenal_gland and Esophagus from PanNuke fold 2, "
                                                    "Bile-duct and Uterus from fold 3"),
         "monuseg_subset": ("train", "the paper code used the MoNuSeg 2018 training set only"),
         "mask_resize": _MASK_RESIZE,
+        "resize": ("stretch", STRETCH_WHY),
     },
 }
 

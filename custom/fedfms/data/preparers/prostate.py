@@ -6,17 +6,21 @@ Raw layout (docs/datasets.md)::
     RAW/<SITE>/Case00_segmentation.nii.gz     (or Case00_Segmentation.nii.gz; .nii also accepted)
 
 Sites BIDMC, HK, I2CVB, ISBI, ISBI1.5, UCL. The SAML release names some folders by institution
-(RUNMC = ISBI, BMC = ISBI1.5, HCRUDB = I2CVB); those names are accepted too.
+(RUNMC = ISBI, BMC = ISBI1.5, HCRUDB = I2CVB); those names are accepted too. A layout over the general volume
+importer (:mod:`fedfms.data.preparers.layout`, ``fedfms prepare volumes``): its own file names, labels 1 and 2 as
+one class.
 """
 
 from __future__ import annotations
 
 import re
-from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from fedfms.data import volumes as vol
-from fedfms.data.preparers import common, presets
+from fedfms.data.geometry import PAD, check_resize
+from fedfms.data.preparers import common, layout, presets
 from fedfms.errors import DataError
 
 DATASET = "prostate"
@@ -34,7 +38,8 @@ ALLOWED_LABELS = (0, 1, 2)
 _SEG = re.compile(r"(.+)_segmentation", re.IGNORECASE)
 
 
-def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
+def find_cases(site: str, site_dir: Path, recipe: layout.VolumeRecipe) -> common.SiteSource:
+    """``CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` pairs in the site folder itself."""
     images: dict[str, Path] = {}
     segs: dict[str, Path] = {}
     problems: list[common.Problem] = []
@@ -54,23 +59,15 @@ def find_cases(site: str, site_dir: Path, load) -> common.SiteSource:
             continue
         # Every site numbers its cases from Case00, so the site is part of the volume id: pooled
         # (centralised) training must not treat BIDMC/Case00 and HK/Case00 as one patient.
-        cases.append(common.Case(key, image, partial(load, image, segs[key], f"{site}_{key}"), (image, segs[key])))
+        cases.append(layout.volume_case(key, image, (segs[key],), f"{site}_{key}", recipe))
     for key in sorted(set(segs) - set(images)):
         problems.append(common.Problem(segs[key], f"segmentation without image; expected {key}.nii.gz next to it"))
     return common.SiteSource(site, site_dir, cases, problems)
 
 
-def _load_case(image_path: Path, seg_path: Path, case_id: str, *, low_pct, high_pct, empty_keep, two_and_half_d,
-               skip_end_slices) -> list[common.Sample]:
-    image, seg = vol.load_nifti_pair(image_path, seg_path)
+def to_prostate(seg: np.ndarray, seg_path: Path) -> np.ndarray:
     common.check_labels(seg, ALLOWED_LABELS, seg_path, "0 background, 1 and 2 prostate (zones)")
-    target = seg > 0
-    if not target.any():
-        common.warn(f"{seg_path}: segmentation is empty (no prostate voxels)")
-    return common.volume_samples(
-        image, target, case_id, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
-        skip_end_slices=skip_end_slices, path=image_path,
-    )
+    return seg > 0
 
 
 def prepare_prostate(
@@ -89,6 +86,7 @@ def prepare_prostate(
     skip_bad_cases: bool = False,
     mask_resize: str = common.DEFAULT_MASK_RESIZE,
     preset: str = presets.PROJECT,
+    resize: str = PAD,
 ) -> list[Path]:
     """Prepare the prostate sites; returns ``out/<site>`` for each. Every depth slice is kept by default
     (``empty_slices_keep='all'``), as in the paper. ``mask_resize``: the masks' nearest-neighbour rule
@@ -108,14 +106,14 @@ def prepare_prostate(
         "mask_resize": common.check_mask_resize(mask_resize),
         "label_map": "seg in {1,2} -> prostate",
     }
-    presets.check(DATASET, preset, settings)
+    presets.check(DATASET, preset, {**settings, "resize": check_resize(resize)})
     chosen = common.select_sites(sites, list(SITES), DATASET)
     # Resolve every folder before writing anything, so a layout mistake fails fast.
     site_dirs = {s: common.find_site_dir(raw, s, SITES[s], DATASET) for s in chosen}
-    load = partial(_load_case, low_pct=low_pct, high_pct=high_pct, empty_keep=empty_keep, two_and_half_d=two_and_half_d,
-                   skip_end_slices=bool(skip_end_slices))
+    recipe = layout.VolumeRecipe(tuple(CLASSES), to_prostate, low_pct=float(low_pct), high_pct=float(high_pct),
+                                 empty_keep=empty_keep, two_and_half_d=bool(two_and_half_d), skip_end_slices=bool(skip_end_slices))
     return common.write_sites(
-        ((find_cases(site, site_dirs[site], load), settings) for site in chosen),
+        ((find_cases(site, site_dirs[site], recipe), settings) for site in chosen),
         out=out, dataset=DATASET, classes=CLASSES, image_size=image_size, mask_size=mask_size,
-        overwrite=overwrite, skip_bad_cases=skip_bad_cases,
+        overwrite=overwrite, skip_bad_cases=skip_bad_cases, resize=resize,
     )

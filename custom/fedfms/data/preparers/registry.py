@@ -1,9 +1,11 @@
 """Dataset name -> preparer, and :func:`prepare`, the entry point behind ``fedfms prepare``.
 
 A preparer is ``fn(raw, out, *, image_size, mask_size, overwrite, sites, **dataset_options) -> list[Path]``
-returning the site folders ``out/<site>`` it wrote or found already prepared. The public datasets' preparers
-take a ``preset`` option too (:mod:`fedfms.data.preparers.presets`): :func:`prepare` fills in the options the
-preset sets, and the preparer refuses options that contradict it.
+returning the site folders ``out/<site>`` it wrote or found already prepared. ``images`` and ``volumes`` read a
+hospital's own data (:mod:`fedfms.data.preparers.own`); the public datasets are layouts over the same importer
+(:mod:`fedfms.data.preparers.layout`). The public datasets' preparers take a ``preset`` option too
+(:mod:`fedfms.data.preparers.presets`): :func:`prepare` fills in the options the preset sets, and the preparer
+refuses options that contradict it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from fedfms.data.preparers.fundus import prepare_fundus
 from fedfms.data.preparers.mni_demo import build_raw as build_demo_raw
 from fedfms.data.preparers.mni_demo import prepare_demo
 from fedfms.data.preparers.nuclei import prepare_nuclei
+from fedfms.data.preparers.own import prepare_images, prepare_volumes
 from fedfms.data.preparers.prostate import prepare_prostate
 from fedfms.errors import ConfigError, DataError
 from fedfms.config import missing_folders
 
 PREPARERS: dict[str, Callable[..., list[Path]]] = {
+    "images": prepare_images,  # your own 2D data: RAW/<site>/images + masks (docs/data-format.md)
+    "volumes": prepare_volumes,  # your own 3D NIfTI data: RAW/<site>/images + labels
     "prostate": prepare_prostate,
     "fets": prepare_fets,
     "fundus": prepare_fundus,
@@ -34,6 +39,7 @@ PREPARERS: dict[str, Callable[..., list[Path]]] = {
 BUILDS_OWN_RAW = {"mni-demo": build_demo_raw}
 
 COMMON_PARAMS = ("raw", "out", "image_size", "mask_size", "overwrite", "sites")
+OWN_DATA = ("images", "volumes")  # a hospital's own data, one folder per site; the others are public datasets
 
 
 def dataset_options(dataset: str) -> dict[str, object]:
@@ -81,6 +87,7 @@ def prepare(
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} is {value!r}; expected a positive integer (paper: image 1024, mask 256)")
     raw, out = Path(raw), Path(out)
+    layout_help = "docs/data-format.md" if dataset in OWN_DATA else "docs/datasets.md"
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: output is a file; expected a folder to hold one sub-folder per site (the file is left alone)")
     if dataset in BUILDS_OWN_RAW:
@@ -91,9 +98,9 @@ def prepare(
                             f"expected a writable --raw folder") from None
     if raw.exists() and not raw.is_dir():
         raise DataError(f"{raw}: raw path is a file; "
-                        f"expected the folder holding the downloaded {dataset} data (layout in docs/datasets.md)")
+                        f"expected the folder holding the {dataset} data (layout in {layout_help})")
     if not raw.is_dir():
-        raise DataError(f"{raw}: raw folder does not exist; expected the downloaded {dataset} data (layout in docs/datasets.md)")
+        raise DataError(f"{raw}: raw folder does not exist; expected the {dataset} data (layout in {layout_help})")
     if out.resolve() == raw.resolve():
         # site folders would land among the raw site folders and be read back as raw data next time
         raise DataError(f"{out}: output folder is the raw folder; expected a separate output folder")
