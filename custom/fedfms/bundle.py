@@ -373,7 +373,6 @@ def metadata_json(cfg, class_names: list[str], two_and_half_d: bool, card: dict,
         "pytorch_version": _version("torch"),
         "numpy_version": _version("numpy"),
         "required_packages_version": {k: _version(k) for k in ("fedfms", "segment-anything", "nibabel", "pillow")},
-        "optional_packages_version": {},
         "name": f"FedFMS {job.get('variant') or cfg.variant} {cfg.mode} segmentation",
         "task": f"2D segmentation of {', '.join(class_names)} (volumes slice by slice along the last axis)",
         "description": (f"{which} of a federated {cfg.mode} run ({cfg.variant}, {run['rounds_finished']} round(s), "
