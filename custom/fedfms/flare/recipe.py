@@ -70,6 +70,11 @@ class FedFMSRecipe(Recipe):
         return cls(variant, **settings)
 
     @property
+    def job(self):
+        """The :class:`fedfms.flare.fed_job.FedFMSJob` the recipe deploys."""
+        return self._job
+
+    @property
     def sites(self) -> list[str] | None:
         return self._job.sites
 
