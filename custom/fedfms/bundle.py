@@ -186,8 +186,7 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
         what = ("FedMSA's travel set: adapters, mask decoder, head" if cfg.mode == "fedmsa" else "every weight of the model")
         exported = {"model": "personalised" if personal else model, "source": str(source), "file": MODEL_FILE,
                     "sha256": digest, "tensors": len(weights), "what": what,
-                    "sam_checkpoint": (f"{checkpoint_default} (frozen encoder fingerprint {fingerprint[:12] if fingerprint else 'not recorded'})"
-                                       if needs_sam else None)}
+                    "frozen_encoder": _encoder_text(cfg, checkpoint_default, fingerprint)}
         card = model_card(run_dir, job=job, data_root=data_root, exported=exported)
         inference = inference_config(bundle_cfg, checkpoint_default, fingerprint, names, two_and_half_d)
         metadata = metadata_json(cfg, names, two_and_half_d, card, personal is not None, model)
@@ -205,6 +204,13 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _encoder_text(cfg, checkpoint, fingerprint: str | None) -> str | None:
+    if cfg.mode != "fedmsa":
+        return None
+    source = f"the SAM checkpoint {checkpoint}" if cfg.pretrained else f"init_seed {cfg.init_seed} (random init, -PT)"
+    return f"from {source}; fingerprint {fingerprint[:12] if fingerprint else 'not recorded'}"
 
 
 def _global_model(run_dir: Path, model: str) -> Path:

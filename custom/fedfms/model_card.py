@@ -333,8 +333,8 @@ def card_markdown(card: dict) -> str:
         out += ["## This model", "", f"- model: **{exported.get('model')}**, from `{exported.get('source')}`",
                 f"- weights: `{exported.get('file')}`, sha256 `{exported.get('sha256')}` ({exported.get('tensors')} tensors; "
                 f"{exported.get('what')})"]
-        if exported.get("sam_checkpoint"):
-            out.append(f"- needs the SAM checkpoint: {exported['sam_checkpoint']}")
+        if exported.get("frozen_encoder"):
+            out.append(f"- frozen encoder (not in the bundle): {exported['frozen_encoder']}")
         out.append("")
     out += ["## The federation", "",
             f"- run: `{run['folder']}`; status **{run['status']}**, {run['rounds_finished']} of "
