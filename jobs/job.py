@@ -57,17 +57,26 @@ def main(argv=None) -> int:
 
         from fedfms.flare.recipe import DATA_ROOT, FedFMSRecipe, run_outcome
 
-    recipe = FedFMSRecipe(args.variant, sites=sites, num_rounds=args.rounds)
-    if args.export:
-        root = args.export if isinstance(args.export, str) else (args.export_dir or DEFAULT_EXPORT_DIR)
-        recipe.export(root)
-        print(f"wrote {os.path.join(root, recipe.name)}")
-    if args.simulate:
-        env = SimEnv(clients=sites, num_threads=args.threads, gpu_config=args.gpu,
-                     workspace_root=os.path.abspath(args.simulate), extra={DATA_ROOT: os.path.abspath(args.data_root)})
-        outcome = run_outcome(recipe.run(env))
-        print(outcome.summary or "no run record", file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
-        return outcome.exit_code
+    from fedfms.errors import FedFMSError
+
+    try:
+        recipe = FedFMSRecipe(args.variant, sites=sites, num_rounds=args.rounds)
+        if args.export:
+            root = args.export if isinstance(args.export, str) else (args.export_dir or DEFAULT_EXPORT_DIR)
+            recipe.export(root)
+            print(f"wrote {os.path.join(root, recipe.name)}")
+        if args.simulate:
+            env = SimEnv(clients=sites, num_threads=args.threads, gpu_config=args.gpu,
+                         workspace_root=os.path.abspath(args.simulate), extra={DATA_ROOT: os.path.abspath(args.data_root)})
+            outcome = run_outcome(recipe.run(env))
+            print(outcome.summary or "no run record", file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
+            return outcome.exit_code
+    except FedFMSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # SimEnv: the simulator itself failed (its logs are in the workspace)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -43,10 +43,17 @@ def monai_run(bundle: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def in_process_run(bundle: Path, **override) -> None:
-    """MONAI's runner in this process (``monai.bundle.run``), the bundle's ids overridden as on its command line."""
+    """MONAI's runner in this process (``monai.bundle.run``), the bundle's ids overridden as on its command line. MONAI
+    wraps an error of a component in its own RuntimeError; the bundle's own error (the cause) is raised."""
     from monai.bundle import run
 
-    run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), logging_file=False, **override)
+    try:
+        run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), logging_file=False, **override)
+    except RuntimeError as exc:
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise cause from None
 
 
 def fedfms_predict(*args: str) -> subprocess.CompletedProcess:
@@ -112,7 +119,7 @@ def test_monai_bundle_run_writes_the_masks_fedfms_predict_writes(demo_fedmsa_run
     assert assert_same_masks(tmp_path / "bundle_masks", tmp_path / "predict_masks") > 0
     # outputs are never replaced silently: a second run into the same folder is refused
     before = {p: p.read_bytes() for p in (tmp_path / "bundle_masks").iterdir()}
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(DataError, match="already exists"):
         in_process_run(demo_bundle, dataset_dir=str(inputs), output_dir=str(tmp_path / "bundle_masks"))
     assert {p: p.read_bytes() for p in (tmp_path / "bundle_masks").iterdir()} == before
 
@@ -179,7 +186,7 @@ def test_best_and_personal_models_and_what_a_bundle_refuses(demo_fedmsa_run, dem
     sam["image_encoder.blocks.0.attn.qkv.weight"] = sam["image_encoder.blocks.0.attn.qkv.weight"] + 0.01
     torch.save(sam, tmp_path / "other_sam.pth")
     inputs = validation_inputs(demo_fedmsa_run, tmp_path / "inputs")
-    with pytest.raises(Exception, match="frozen encoder built from SAM checkpoint"):
+    with pytest.raises(CheckpointError, match="frozen encoder built from SAM checkpoint"):
         in_process_run(demo_bundle, dataset_dir=str(inputs), output_dir=str(tmp_path / "masks"),
                        sam_checkpoint=str(tmp_path / "other_sam.pth"))
     assert not (tmp_path / "masks").exists()

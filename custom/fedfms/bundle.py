@@ -102,12 +102,12 @@ class BundlePredictor:
     """``inference.json``'s evaluator: segment every input of the dataset folder into ``output_dir`` with
     ``fedfms predict``'s own function (all or nothing, existing outputs kept unless ``overwrite``)."""
 
-    def __init__(self, model_config: dict, weights: str, inputs: Sequence[str | os.PathLike], output_dir: str,
+    def __init__(self, model_config: dict, weights: str, dataset_dir: str, output_dir: str,
                  sam_checkpoint: str | None = None, frozen_fingerprint: str | None = None,
                  class_names: Sequence[str] | None = None, two_and_half_d: bool = False, overwrite: bool = False,
                  allow_label_like: bool = False, device: str = "auto"):
-        self.model_config = model_config_for(model_config, sam_checkpoint)
-        self.weights, self.inputs, self.output_dir = weights, list(inputs), output_dir
+        # everything is checked in run(): an error there ends MONAI's traceback with its own one-line message
+        self.model_config, self.weights, self.dataset_dir, self.output_dir = model_config, weights, dataset_dir, output_dir
         self.sam_checkpoint, self.frozen_fingerprint = sam_checkpoint, frozen_fingerprint
         self.class_names = list(class_names) if class_names else None
         self.two_and_half_d, self.overwrite, self.allow_label_like, self.device = (
@@ -116,11 +116,13 @@ class BundlePredictor:
     def run(self) -> list[Path]:
         from fedfms.training.predict import predict_cases
 
-        check_frozen(self.model_config, self.frozen_fingerprint, self.sam_checkpoint)
-        written = predict_cases(self.model_config, self.weights, self.inputs, self.output_dir,
-                                class_names=self.class_names, two_and_half_d=self.two_and_half_d,
-                                overwrite=self.overwrite, allow_label_like=self.allow_label_like, device=self.device)
-        print(f"fedfms bundle: {len(self.inputs)} input(s) segmented, {len(written)} file(s) written to {self.output_dir}",
+        inputs = input_files(self.dataset_dir)
+        cfg = model_config_for(self.model_config, self.sam_checkpoint)
+        check_frozen(cfg, self.frozen_fingerprint, self.sam_checkpoint)
+        written = predict_cases(cfg, self.weights, inputs, self.output_dir, class_names=self.class_names,
+                                two_and_half_d=self.two_and_half_d, overwrite=self.overwrite,
+                                allow_label_like=self.allow_label_like, device=self.device)
+        print(f"fedfms bundle: {len(inputs)} input(s) segmented, {len(written)} file(s) written to {self.output_dir}",
               flush=True)
         return written
 
@@ -339,12 +341,12 @@ def inference_config(bundle_cfg: dict, sam_checkpoint, fingerprint: str | None, 
         "two_and_half_d": two_and_half_d,
         "overwrite": False,
         "allow_label_like": False,
-        "dataset": {"_target_": "fedfms.bundle.input_files", "folder": "@dataset_dir"},
+        "dataset": {"_target_": "fedfms.bundle.input_files", "folder": "@dataset_dir"},  # the inputs, for programs
         "network_def": {"_target_": "fedfms.bundle.load_network", "model_config": "@model_config", "weights": "@weights",
                         "sam_checkpoint": "@sam_checkpoint", "frozen_fingerprint": "@frozen_fingerprint",
                         "device": "@device"},
         "evaluator": {"_target_": "fedfms.bundle.BundlePredictor", "model_config": "@model_config", "weights": "@weights",
-                      "inputs": "@dataset", "output_dir": "@output_dir", "sam_checkpoint": "@sam_checkpoint",
+                      "dataset_dir": "@dataset_dir", "output_dir": "@output_dir", "sam_checkpoint": "@sam_checkpoint",
                       "frozen_fingerprint": "@frozen_fingerprint", "class_names": "@class_names",
                       "two_and_half_d": "@two_and_half_d", "overwrite": "@overwrite",
                       "allow_label_like": "@allow_label_like", "device": "@device"},

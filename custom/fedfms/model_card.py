@@ -91,8 +91,9 @@ def job_configs(run_dir: Path, job: str | Path | None = None) -> tuple[dict, dic
                 break
     if "config_fed_client.json" not in found:
         raise DataError(f"{where}: no config_fed_client.json; expected the job's deployed configs")
-    meta_paths = [p for p in (Path(job) / "meta.json" if job else run_dir / "meta.json",) if p.is_file()]
-    return found["config_fed_client.json"], found.get("config_fed_server.json", {}), _read_json(meta_paths[0]) if meta_paths else {}
+    meta = (Path(job) if job is not None else Path(run_dir)) / "meta.json"
+    return (found["config_fed_client.json"], found.get("config_fed_server.json", {}),
+            _read_json(meta) if meta.is_file() else {})
 
 
 def _read_json(path: Path) -> dict:
@@ -226,8 +227,9 @@ def _scores_part(cross: dict, model: dict) -> dict:
         "average": average,
         "model_names": {"global_final": "the final global model (FL_global_model.pt)",
                         "global_best": "the best global model FLARE's selector kept (best_FL_global_model.pt)",
-                        "site_model:<site>": "that site's own last local model, as it submitted it for cross-site "
-                                             "evaluation"},
+                        "site_model:<name>": "a model a site submitted for FLARE's cross-site evaluation: its own "
+                                             "local model after the last round (or a personalised model, where the "
+                                             "job keeps one)"},
     }
 
 

@@ -105,7 +105,8 @@ class FedFMSRecipe(Recipe):
             prepare_sim_workspace(Path(env.workspace_root) / self._job.name, job_dir, data_root)
 
     def _ship_package(self) -> None:
-        """The package as the job's ``custom/fedfms`` (server and sites), as ``fedfms job export-byoc`` adds it."""
+        """The package as the job's ``custom/fedfms`` (server and sites), as ``fedfms job export-byoc`` adds it. The
+        recipe's job carries the code from then on (a later ``export`` too)."""
         if self._byoc_dir is not None:
             return
         self._byoc_dir = tempfile.TemporaryDirectory(prefix="fedfms-byoc-")
