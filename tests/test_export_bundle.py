@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from fedfms.bundle import MODEL_FILE, export_bundle
-from fedfms.errors import CheckpointError, DataError
+from fedfms.errors import CheckpointError, ConfigError, DataError
 from fedfms.evaluation.baselines import site_split
 from fedfms.models import ModelConfig, build_model, is_travel_key, travel_keys, travel_state_dict
 from fedfms.training.predict import predict_cases
@@ -265,6 +265,14 @@ def test_export_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    first = export_bundle(run, tmp_path / "b6")
+    (first / "docs" / "note.txt").write_text("replaced with --overwrite")
+    export_bundle(run, tmp_path / "b6", overwrite=True)
+    assert not (first / "docs" / "note.txt").exists() and (first / MODEL_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b6", "run"]  # no staging or set-aside folder left
+    (tmp_path / "notabundle").mkdir()
+    with pytest.raises(DataError, match="is not a bundle"):
+        export_bundle(run, tmp_path / "notabundle", overwrite=True)
     wrong = tmp_path / "wrong.pt"
     torch.save({"mask_decoder.iou_token.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(CheckpointError, match="does not match a tiny fedmsa model"):
@@ -273,3 +281,25 @@ def test_export_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
         from fedfms.bundle import input_files
 
         input_files(tmp_path)
+
+
+def test_a_checkpoint_template_is_expanded_by_monais_parser_at_run_time(monkeypatch, tmp_path):
+    """A job's ``$FEDFMS_SAM_CHECKPOINT`` becomes a MONAI expression (a bare ``$...`` string would be Python to MONAI)."""
+    from monai.bundle import ConfigParser
+
+    from fedfms.bundle import _checkpoint_default, inference_config, model_config_for
+
+    cfg = ModelConfig(variant="vit_b", mode="fedmsa", checkpoint="$FEDFMS_SAM_CHECKPOINT")
+    default = _checkpoint_default(cfg.checkpoint, cfg)
+    (tmp_path / "inference.json").write_text(json.dumps(inference_config({"variant": "vit_b"}, default, None, ["c"], False)))
+    monkeypatch.setenv("FEDFMS_SAM_CHECKPOINT", "/models/sam_vit_b_01ec64.pth")
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "inference.json"))
+    assert parser.get_parsed_content("sam_checkpoint") == "/models/sam_vit_b_01ec64.pth"
+    monkeypatch.delenv("FEDFMS_SAM_CHECKPOINT")
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "inference.json"))
+    unset = parser.get_parsed_content("sam_checkpoint")
+    with pytest.raises(ConfigError, match="environment variable that is not set"):
+        model_config_for({"variant": "vit_b", "pretrained": True}, unset)
+    assert _checkpoint_default(None, cfg) == "sam_vit_b_01ec64.pth"

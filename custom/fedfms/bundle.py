@@ -173,7 +173,7 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
     if not needs_sam:
         bundle_cfg["pretrained"] = False  # every weight is in models/model.pt (or the encoder comes from init_seed)
     checkpoint_default = _checkpoint_default(sam_checkpoint or raw_model.get("checkpoint"), cfg) if needs_sam else None
-    fingerprint, fingerprint_note = _fingerprint(bundle_cfg, cfg, sam_checkpoint or raw_model.get("checkpoint"), needs_sam)
+    fingerprint, fingerprint_note = _fingerprint(cfg, sam_checkpoint or raw_model.get("checkpoint"), needs_sam)
 
     staging = out.parent / f".{out.name}.fedfms-export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -198,13 +198,21 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
         write_card(card, staging / "docs")
         (staging / "docs" / "README.md").write_text(readme(cfg, card, checkpoint_default, fingerprint_note, names,
                                                            two_and_half_d))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # the old bundle (--overwrite) is set aside until the new one is in place
+    previous = out.parent / f".{out.name}.fedfms-previous-{os.getpid()}"
+    if out.exists():
+        os.replace(out, previous)
+    try:
+        os.replace(staging, out)
+    except OSError as exc:
+        if previous.exists():
+            os.replace(previous, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{out}: could not move the bundle into place ({exc.strerror or exc}); nothing was changed") from None
+    shutil.rmtree(previous, ignore_errors=True)
     return out
 
 
@@ -282,7 +290,7 @@ def _checkpoint_default(checkpoint: str | None, cfg):
     return str(checkpoint)
 
 
-def _fingerprint(bundle_cfg: dict, cfg, checkpoint: str | None, needs_sam: bool) -> tuple[str | None, str]:
+def _fingerprint(cfg, checkpoint: str | None, needs_sam: bool) -> tuple[str | None, str]:
     """The frozen encoder's fingerprint (FedMSA) and a line saying how the bundle checks it."""
     if cfg.mode != "fedmsa":
         return None, "every weight is in models/model.pt: no SAM checkpoint is needed"
