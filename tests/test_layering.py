@@ -19,14 +19,14 @@ ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
 CORE_MODULES = ["fedfms.report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
                 "fedfms.tables", "fedfms.cli_tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
-                "fedfms.progress"]
+                "fedfms.progress", "fedfms.bundle", "fedfms.model_card", "fedfms.cli_export"]
 FORBIDDEN = ("nvflare", "fedfms.flare")
 
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)
 RUNTIME = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
            "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.evaluation.loso",
            "fedfms.evaluation.results", "fedfms.evaluation.protocol", "fedfms.evaluation.baselines", "fedfms.report",
-           "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity"]
+           "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.bundle", "fedfms.model_card"]
 
 
 def _modules() -> dict[str, Path]:

@@ -141,6 +141,11 @@ def _cmd_report(args) -> int:
         Path(args.json).write_text(json.dumps({"sites": rows, "federation": record}, indent=2))
     for line in best_model_note(run_dir):
         print(line)
+    if args.card:
+        from fedfms.model_card import model_card, write_card
+
+        md, card_json = write_card(model_card(run_dir, job=args.job, data_root=args.data_root), args.card)
+        print(f"model card: {md} and {card_json}")
     if args.png:
         pictures = None
         if args.data_root:
@@ -148,8 +153,9 @@ def _cmd_report(args) -> int:
         print(f"figure: {plot_report(run_dir, args.png, pictures=pictures)}")
         if not args.data_root:
             print("(pass --data-root with the sites' prepared folders to add pictures of the predictions)")
-    elif args.data_root:
-        raise FedFMSError("--data-root draws pictures into the figure; pass --png too")
+    elif args.data_root and not args.card:
+        raise FedFMSError("--data-root draws pictures into the figure (--png) or adds the sites' manifests to the model "
+                          "card (--card); pass one of them")
     return exit_code(record)
 
 
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parsers(sub)
     from fedfms.cli_tables import add_table_parsers
     add_table_parsers(sub)
+    from fedfms.cli_export import add_export_parsers
+    add_export_parsers(sub)
 
     job = sub.add_parser("job", help="FLARE job folders").add_subparsers(dest="job_command", required=True)
     p = job.add_parser("generate", help="rewrite every job variant under jobs/ from fedfms.flare.jobs")
@@ -334,10 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the figure here")
     p.add_argument("--json", help="write the table here")
     p.add_argument("--data-root", help="folder with the sites' prepared data (one folder per site): the figure gets "
-                                       "image / ground truth / prediction pictures of a few validation samples per site")
+                                       "image / ground truth / prediction pictures of a few validation samples per site; "
+                                       "the model card (--card) gets their manifests' sample counts and presets")
     p.add_argument("--job", help="the job folder the run used (default: the sites' config found in the run's workspace)")
     p.add_argument("--checkpoint", help="SAM checkpoint for a pretrained model's frozen parts (replaces $FEDFMS_SAM_CHECKPOINT)")
     p.add_argument("--samples", type=positive_int_arg, default=2, help="validation samples pictured per site (default 2)")
+    p.add_argument("--card", metavar="DIR", help="write the run's model card, DIR/model_card.md and .json (job, sites, "
+                                                 "contributions, scores under both rules, privacy, limits)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("check-site", help="pre-flight: can this site run this job? (data, checkpoint, device, fingerprint)")

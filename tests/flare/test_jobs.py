@@ -183,7 +183,8 @@ def test_an_argument_the_job_api_would_drop_stops_the_export():
 
 @pytest.mark.integration
 def test_job_py_runs_the_job_in_flares_simulator(tmp_path):
-    """NVFlare's example convention: job.py builds the FedJob and runs simulator_run (with gpu= when asked)."""
+    """NVFlare's example convention: job.py builds the job (FedFMSRecipe) and runs it in FLARE's SimEnv (gpu_config when
+    asked); the run lands in WORKSPACE/<variant>."""
     import subprocess
     import sys
 

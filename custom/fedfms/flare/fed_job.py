@@ -268,10 +268,29 @@ class FedFMSJob(FedJob):
         tasks in :data:`TASK_ORDER`, ``meta.json``'s ``deploy_map`` naming the job's sites when it has them
         (FLARE's Job API deploys one app to ``@ALL``)."""
         with tempfile.TemporaryDirectory(prefix="fedfms-job-") as tmp:
-            self.export_job(tmp)
-            root = Path(tmp) / self.name
+            root = self._flare_export(tmp)
             found = {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
             leftovers = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".json"]
+        if leftovers:
+            raise RuntimeError(f"FedJob exported files besides the JSON configs: {leftovers}")
+        return self._stable(found)
+
+    def export_job(self, job_root: str):
+        """FLARE's export in the stable form of :meth:`files`: what ``fedfms job new`` writes. FLARE calls this to
+        submit a job (``Recipe.export``, its POC and production environments' ``submit_job``), so a submitted job names
+        its sites in ``deploy_map`` as the written one does. Files besides the JSON configs (the code a BYOC recipe
+        ships in ``custom/``) stay as FLARE wrote them."""
+        root = self._flare_export(job_root)
+        found = {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.glob("*/config/*.json"))}
+        found["meta.json"] = json.loads((root / "meta.json").read_text())
+        for rel, content in self._stable(found).items():
+            (root / rel).write_text(json.dumps(content, indent=2) + "\n")
+
+    def _flare_export(self, job_root) -> Path:
+        FedJob.export_job(self, str(job_root))
+        return Path(job_root) / self.name
+
+    def _stable(self, found: dict[str, dict]) -> dict[str, dict]:
         for content in found.values():
             for key in ("task_data_filters", "task_result_filters"):
                 for chain in content.get(key, []):
@@ -279,8 +298,6 @@ class FedFMSJob(FedJob):
         if self.sites:
             found["meta.json"]["deploy_map"] = {"app": ["server", *self.sites]}
         self._check_arguments(found)
-        if leftovers:
-            raise RuntimeError(f"FedJob exported files besides the JSON configs: {leftovers}")
         return found
 
     def _check_arguments(self, files: dict[str, dict]) -> None:
