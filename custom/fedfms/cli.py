@@ -127,7 +127,7 @@ def _cmd_simulate(args) -> int:
 def _cmd_report(args) -> int:
     from fedfms.report import SCORING_NOTE, best_model_note, find_run_dir, format_table, plot_report, run_pictures, site_table
 
-    from fedfms.run_record import RUN_RECORD, exit_code, read_run_record, summarize
+    from fedfms.run_record import EXIT_GAPS, RUN_RECORD, exit_code, read_run_record, summarize
 
     run_dir = find_run_dir(args.run)
     rows = site_table(run_dir)
@@ -137,8 +137,14 @@ def _cmd_report(args) -> int:
     if record is not None:
         print()
         print(summarize(record))
+    from fedfms.evaluation.personal import format_record, personal_gaps, read_personal_record
+
+    personal = read_personal_record(run_dir)
+    if personal is not None:
+        print()
+        print(format_record(personal))
     if args.json:
-        Path(args.json).write_text(json.dumps({"sites": rows, "federation": record}, indent=2))
+        Path(args.json).write_text(json.dumps({"sites": rows, "federation": record, "personalisation": personal}, indent=2))
     for line in best_model_note(run_dir):
         print(line)
     if args.png:
@@ -150,16 +156,20 @@ def _cmd_report(args) -> int:
             print("(pass --data-root with the sites' prepared folders to add pictures of the predictions)")
     elif args.data_root:
         raise FedFMSError("--data-root draws pictures into the figure; pass --png too")
-    return exit_code(record)
+    code = exit_code(record)
+    return EXIT_GAPS if code == 0 and personal_gaps(personal) else code
 
 
 def _cmd_demo(args) -> int:
-    """Prepare the offline MNI152 demo sites, then compare a threshold, each site alone, FedMSA (pretrained and -PT),
-    FedSAM (all three through FLARE's simulator) and centralised training on the same validation slices."""
+    """Prepare the offline MNI152 demo sites, then compare a threshold, each site alone, FedMSA (pretrained,
+    personalised and -PT), FedSAM (all four through FLARE's simulator) and centralised training on the same
+    validation slices."""
     from fedfms.demo import run_demo
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     kwargs = {"methods": methods} if methods else {}
+    if args.personalise:
+        kwargs["personalise"] = args.personalise
     return run_demo(args.out, rounds=args.rounds, epochs=args.epochs, verbose=args.verbose, **kwargs)
 
 
@@ -300,14 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedfms.config import positive_int_arg
 
-    p = sub.add_parser("demo", help="offline demo: MNI152 white matter at 3 simulated sites (one scarce); a threshold, "
-                                    "each site alone, FedMSA (pretrained, -PT), FedSAM and centralised side by side")
+    p = sub.add_parser("demo", help="offline demo: MNI152 white matter at 4 simulated sites (one scarce, one with inverted "
+                                    "contrast); a threshold, each site alone, FedMSA (pretrained, personalised, -PT), FedSAM "
+                                    "and centralised side by side")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--rounds", type=positive_int_arg, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=positive_int_arg, default=3, help="local epochs per round (default 3); "
                                                                       "alone and centralised train rounds x epochs epochs")
-    p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_pt,fedsam,central "
-                                     "(default: all)")
+    p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_personal,fedmsa_pt,fedsam,"
+                                     "central (default: all)")
+    p.add_argument("--personalise", help="the personalised FedMSA row's setting (default norm,finetune:5; "
+                                         "docs/federation.md#personalised-federation)")
     p.add_argument("--verbose", action="store_true", help="show FLARE's full console log (INFO) instead of one line per round")
     p.set_defaults(func=_cmd_demo)
 
