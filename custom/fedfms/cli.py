@@ -57,7 +57,7 @@ def _federation_settings(args) -> dict:
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
         tracking=args.tracking, update=args.update, privacy=args.privacy,
         privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
-        processes_per_site=args.processes_per_site, encryption=args.encryption,
+        processes_per_site=args.processes_per_site, encryption=args.encryption, personalise=args.personalise,
     )
 
 
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--trim-fraction", type=float, help="trimmed_mean: share cut at each end per coordinate (0.2)")
     fed.add_argument("--norm-bound", type=float, help="clip updates farther than K x the round's median distance")
     fed.add_argument("--norm-bound-action", choices=["clip", "reject"])
+    fed.add_argument("--personalise", help="personalised federation: what each site keeps and does after the last round, "
+                                           "comma-separated: norm (FedBN), head, decoder, finetune:N, alone (a site-alone "
+                                           "comparison); e.g. norm,finetune:5 (docs/federation.md#personalised-federation)")
     priv = p.add_argument_group("privacy (docs/federation.md#privacy-options)")
     priv.add_argument("--update", choices=["weights", "weight_diff"], help="what a site sends: its weights (default) or "
                                                                           "their change to the global model")

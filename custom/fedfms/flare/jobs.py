@@ -474,6 +474,11 @@ def job_train_config(job_dir: str | Path) -> dict:
     return _executor_args(job_dir)[1].get("train_config", {})
 
 
+def job_personalise(job_dir: str | Path) -> str | None:
+    """The job's ``personalise`` setting (None: not personalised)."""
+    return _executor_args(job_dir)[1].get("personalise")
+
+
 def components(config) -> list[tuple[str, dict]]:
     """(class path, args) of every component a job's JSON (a file's content, or several) names, nested ones too."""
     found: list[tuple[str, dict]] = []
