@@ -114,14 +114,18 @@ def format_comparison(rows: Sequence[Mapping], noise: float = NOISE_DICE, labels
     """The per-site table: global, personalised, alone, personalised - max(global, alone), and a flag where the
     personalised model is below the better of the other two by more than ``noise``."""
     labels = {**KIND_LABELS, **(labels or {})}
-    header = ["site", labels["global"], labels["personal"], labels["alone"], "personalised - max(global, alone)", ""]
+    flagged = any(r.get("below") for r in rows)
+    header = ["site", labels["global"], labels["personal"], labels["alone"], "personalised - max(global, alone)"]
     body = []
     for r in rows:
         gap = r.get("gap")
-        flag = f"below by {-gap:.3f} (> {noise})" if r.get("below") else ""
         body.append([r["site"], fmt_score(r.get("global")), fmt_score(r.get("personal")), fmt_score(r.get("alone")),
-                     "-" if gap is None else f"{gap:+.3f}", flag])
-    return render_table(header, body).rstrip()
+                     "-" if gap is None else f"{gap:+.3f}"])
+        if flagged:
+            body[-1].append(f"below by {-gap:.3f} (> {noise})" if r.get("below") else "")
+    if flagged:
+        header.append("flag")
+    return "\n".join(line.rstrip() for line in render_table(header, body).splitlines())
 
 
 def record_dice(record: Mapping) -> dict[str, dict]:
