@@ -639,7 +639,8 @@ def format_table2(rows: Sequence[Mapping]) -> str:
 
 
 def write_table2_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    keys = ["variant", "mode", "local_parts", "local_bytes_fp32", "num_classes", "image_size", "attention", "flavour", "total_params", "trainable_params",
+    keys = ["variant", "mode", "local_parts", "local_bytes_fp32", "num_classes", "image_size", "attention", "flavour",
+            "total_params", "trainable_params",
             "bytes_fp32", "bytes_16bit", "flops_train", "flops_inference", "batch_size", "step_s", "peak_bytes",
             "predict_s", "device_name"]
     path = Path(path)

@@ -62,7 +62,8 @@ def test_personalise_renders_the_local_part_the_step_and_its_task():
     data_chain = f16["app/config/config_fed_client.json"]["task_data_filters"][0]
     assert data_chain["tasks"] == ["train", "validate", "personalise"]
     # a job without the setting is the job it always was
-    assert "local_parts" not in render_job("fedmsa_tiny")["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]["model_config"]
+    plain = render_job("fedmsa_tiny")["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]
+    assert "local_parts" not in plain["model_config"] and "personalise" not in plain
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -137,6 +138,24 @@ def test_site_filter_and_server_check_accept_the_shared_part_and_refuse_the_loca
     short = _update(shared)
     short.pop(next(iter(short)))
     assert "missing tensor" in result(short).get_header(REASON_HEADER)
+
+
+def test_a_site_without_its_personalised_model_makes_the_run_a_run_with_gaps(tmp_path, capsys):
+    from fedfms.flare.simulate import simulation_outcome
+
+    run = server_job_dir(tmp_path / "ws")
+    run.mkdir(parents=True)
+    (run / "fedfms_run.json").write_text(json.dumps({"status": "completed", "expected_sites": ["s1", "s2"], "rounds": []}))
+    ok = {"status": "ok", "global": {"dice": 0.7}, "personal": {"dice": 0.75}}
+    (run / "fedfms_personal.json").write_text(json.dumps({"personalise": "norm", "sites": {"s1": ok, "s2": ok}}))
+    assert simulation_outcome(tmp_path / "ws", 0).exit_code == 0
+    failed = {"status": "failed", "reason": "the personalisation step did not finish"}
+    (run / "fedfms_personal.json").write_text(json.dumps({"personalise": "norm", "sites": {"s1": ok, "s2": failed}}))
+    outcome = simulation_outcome(tmp_path / "ws", 0)
+    assert outcome.exit_code == 3
+    assert "s2: no personalised model (the personalisation step did not finish)" in outcome.summary
+    assert main(["report", str(tmp_path / "ws")]) == 3
+    assert "warning: s2: no personalised model" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ simulator runs

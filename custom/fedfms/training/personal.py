@@ -96,10 +96,10 @@ class Personalisation:
         kept = {"norm": "normalisation layers", "head": "class head", "decoder": "mask decoder and head"}
         words = []
         if self.local_parts:
-            words.append("each site keeps its own " + " and ".join(kept[p] for p in self.local_parts))
+            words.append("keeps its own " + " and ".join(kept[p] for p in self.local_parts))
         if self.finetune_epochs:
             words.append(f"fine-tunes the final global model for {self.finetune_epochs} local epoch(s)")
-        return "; ".join(words)
+        return "each site " + " and ".join(words)
 
 
 SCORE_KEYS = ("dice", "iou", "volume_dice", "volume_iou", "dice_reference", "iou_reference", "num_samples")
