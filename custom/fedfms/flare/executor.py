@@ -230,7 +230,7 @@ class FedFMSExecutor(Executor):
             result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
-        if self.trainer.local_parts:
+        if getattr(self.trainer, "local_parts", ()):  # (the nnU-Net baseline's trainer has no local part)
             save_local_part(self.personal_dir, self.trainer.local_weights())
         val = result.metrics.get("val_before", {})
         initial = {KEY_METRIC: finite_or_none(val.get("dice")), "val_iou": finite_or_none(val.get("iou"))}
