@@ -53,10 +53,13 @@ def test_shortened_demo_table_pictures_and_pretrained_beats_minus_pt(tmp_path, c
 
     # one line per round and federated run, nothing of FLARE's INFO log
     progress = [PROGRESS.match(line) for line in lines if line.startswith("round ")]
-    assert len(progress) == 12 and all(progress), [l for l in lines if l.startswith("round ")]
-    assert [int(m.group(1)) for m in progress] == [1, 2, 3] * 4 and {m.group(2) for m in progress} == {"3"}
+    assert len(progress) == 9 and all(progress), [l for l in lines if l.startswith("round ")]
+    assert [int(m.group(1)) for m in progress] == [1, 2, 3] * 3 and {m.group(2) for m in progress} == {"3"}
     assert not any(" - INFO - " in line or "task_id=" in line for line in lines)
-    assert sum(line.startswith("finished: every round averaged every site") for line in lines) == 4
+    # three federations: the personalised row (finetune only) is the FedMSA federation's sites, fine-tuned
+    assert sum(line.startswith("finished: every round averaged every site") for line in lines) == 3
+    assert any(line.startswith(f"[4/7] FedMSA personalised ({DEMO_PERSONALISE}): each site fine-tuned the FedMSA run's")
+               for line in lines)
 
     # the table: every method a row, the four sites and their mean as columns
     start = lines.index(next(l for l in lines if l.startswith("validation Dice")))
@@ -93,13 +96,15 @@ def test_shortened_demo_table_pictures_and_pretrained_beats_minus_pt(tmp_path, c
     cross = json.loads((run_dir / "cross_site_val" / "cross_val_results.json").read_text())
     for site in SITES:
         assert abs(cross[site]["SRV_FL_global_model.pt"]["dice"] - table["methods"]["fedmsa"]["sites"][site]["dice"]) < 1e-6
-    # the personalised row: each site's own model, as its FLARE site saved and scored it on the same slices
+    # the personalised row: each site's own model, as its FLARE site saved and scored it on the same slices; the
+    # global row is the same federation's global model (the sites' "global" is the FedMSA row)
     record = table["personalisation_record"]
     assert record["personalise"] == DEMO_PERSONALISE and table["sites"][INVERTED_SITE]["train"] > 0
     for site in SITES:
         entry = record["sites"][site]
         assert entry["status"] == "ok" and entry["files"]["personal"].endswith(f"{site}/simulate_job/fedfms_personal/personal_model.pt")
         assert abs(entry["personal"]["dice"] - table["methods"]["fedmsa_personal"]["sites"][site]["dice"]) < 1e-6
+        assert abs(entry["global"]["dice"] - table["methods"]["fedmsa"]["sites"][site]["dice"]) < 1e-6
 
     figure = next(out.glob("runs/*/report.png"))
     assert figure.stat().st_size > 50_000

@@ -207,6 +207,11 @@ def _cmd_predict(args) -> int:
     cfg = ModelConfig.from_dict(raw, "model config")
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
+    from fedfms.evaluation.personal import describe_site_model, site_model_info
+
+    info = site_model_info(args.weights)
+    if info:
+        print(f"weights: {describe_site_model(info)}", file=sys.stderr)
     written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes,
                             two_and_half_d=args.two_and_half_d, overwrite=args.overwrite,
                             allow_label_like=args.allow_label_like, overlay=args.overlay)
@@ -363,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment new images (PNG/JPG) or volumes (NIfTI) with a trained global model")
     p.add_argument("inputs", nargs="+")
-    p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run)")
+    p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run), or a site's model "
+                                                   "of a personalised job (fedfms_personal/global_model.pt or personal_model.pt "
+                                                   "in the site's run folder)")
     p.add_argument("--job", help="the job folder that trained the model (its model_config is used)")
     p.add_argument("--model-config", help="or: a JSON file with the model_config")
     p.add_argument("--checkpoint", help="SAM checkpoint for the frozen parts (pretrained models)")

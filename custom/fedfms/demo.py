@@ -10,8 +10,11 @@ segmenter, each scored on the *same* validation slices of every site by the same
 2. ``alone``: each site trains the FedMSA model (adapters + decoder on the pretrained frozen encoder) on its own
    training slices only, for as many epochs as the federation's rounds x local epochs;
 3. ``fedmsa``: FedMSA with the pretrained frozen encoder, FedAvg over the four sites in FLARE's simulator;
-4. ``fedmsa_personal``: the same federation personalised (:mod:`fedfms.training.personal`, ``DEMO_PERSONALISE``):
-   each site scored with its own personalised model, which FLARE's simulated site saved;
+4. ``fedmsa_personal``: FedMSA personalised (:mod:`fedfms.training.personal`, ``DEMO_PERSONALISE``): each site
+   scored with its own personalised model, which its simulated FLARE site saved. A setting that keeps no part of
+   the model at the sites (``finetune:N``, the default) trains exactly as ``fedmsa``, so both rows come from one
+   federation: the global model and each site's fine-tuned copy of it; one with a local part (``norm``, ``head``,
+   ``decoder``) trains differently and runs its own federation;
 5. ``fedmsa_pt``: FedMSA with a random frozen encoder (the paper's -PT ablation), in FLARE's simulator;
 6. ``fedsam``: FedSAM, every weight of the pretrained tiny SAM trained, in FLARE's simulator;
 7. ``central``: the FedMSA model trained on the pooled training slices of all sites (what federation approximates).
@@ -59,9 +62,9 @@ DEMO_TRAIN = {"batch_size": 6, "lr": 3e-3, "betas": [0.9, 0.999], "loss": "bce_d
 SCARCE_SITE = "site-3"
 INVERTED_SITE = "site-4"
 OVERLAY_SAMPLES = 2
-# The personalised FedMSA row: every site keeps its own normalisation layers, and fine-tunes the final global model
-# on its own slices after the last round (`fedfms demo --personalise` to try another setting)
-DEMO_PERSONALISE = "norm,finetune:5"
+# The personalised FedMSA row: after the last round every site fine-tunes the final global model on its own slices
+# for 5 epochs (`fedfms demo --personalise norm,finetune:5` etc. to try another setting: docs/federation.md)
+DEMO_PERSONALISE = "finetune:5"
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,11 @@ class Demo:
                 raise ConfigError(f"--{name} is {value}; expected a positive integer")
         self.out, self.rounds, self.epochs, self.verbose, self.say = Path(out), rounds, epochs, verbose, say
         self.methods = [m for m in METHODS if m.key in methods]
-        self.personalise = str(Personalisation.parse(personalise, "--personalise"))
+        setting = Personalisation.parse(personalise, "--personalise")
+        self.personalise = str(setting)
         self.labels = {m.key: f"{m.label} ({self.personalise})" if m.personalised else m.label for m in self.methods}
+        # no local part: the personalised row is the FedMSA federation's own sites, fine-tuned after its last round
+        self.shared_personal = not setting.local_parts and {"fedmsa", "fedmsa_personal"} <= set(methods)
         self.tcfg = train_config(epochs)
         self.run = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
         self.scores: dict[str, dict[str, dict]] = {}  # method -> site -> metrics
@@ -179,9 +185,10 @@ class Demo:
         cfg = model_config(mode, method.pretrained)
         model = {"pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint}
         folder = self.run / method.key
+        personalised = method.personalised or (method.key == "fedmsa" and self.shared_personal)
         job = write_job(method.variant, folder / "job", num_rounds=self.rounds, train={**DEMO_TRAIN, "epochs": self.epochs},
                         model={k: v for k, v in model.items() if v is not None} if cfg.pretrained else {"pretrained": False},
-                        personalise=self.personalise if method.personalised else None)
+                        personalise=self.personalise if personalised else None)
         outcome = simulate(job, folder / "workspace", list(SITES), data_root=self.out / "sites", quiet=not self.verbose,
                            echo=self._echo_once)
         rc = _report_outcome(folder / "workspace", outcome)
@@ -189,20 +196,18 @@ class Demo:
             return rc
         run_dir = server_job_dir(folder / "workspace")
         self.runs[method.key] = run_dir
-        if method.personalised:
+        if personalised:
             # each site's own personalised model, as its simulated FLARE site saved it (fedfms_personal/ in its folder)
             from fedfms.evaluation.personal import read_personal_record
 
             record = read_personal_record(run_dir)
             cfg.local_parts = Personalisation.parse(self.personalise).local_parts
             self.personal_record = record
-            predictors = {site: model_predictor(load_model(cfg, record["sites"][site]["files"]["personal"]))
-                          for site in self.site_dirs}
-        else:
-            weights = run_dir / "app_server" / "FL_global_model.pt"
-            predictor = model_predictor(load_model(cfg, weights))
-            predictors = {site: predictor for site in self.site_dirs}
-        self._score_all(method.key, predictors)
+            self._score_all("fedmsa_personal", {site: model_predictor(load_model(cfg, record["sites"][site]["files"]["personal"]))
+                                                for site in self.site_dirs})
+        if not method.personalised:
+            predictor = model_predictor(load_model(cfg, run_dir / "app_server" / "FL_global_model.pt"))
+            self._score_all(method.key, {site: predictor for site in self.site_dirs})
         return 0
 
     def _echo_once(self, line: str) -> None:
@@ -230,8 +235,14 @@ class Demo:
         n = len(self.methods)
         for i, method in enumerate(self.methods, 1):
             t = time.perf_counter()
-            if method.federated:
-                how = f"FedAvg, then personalised ({self.personalise})" if method.personalised else "FedAvg"
+            if method.personalised and self.shared_personal:
+                self.seconds[method.key] = float(self.personal_record.get("seconds") or 0.0)
+                self.say(f"[{i}/{n}] {self.labels[method.key]}: each site fine-tuned the FedMSA run's final global model "
+                         "on its own slices: " + _per_site({s: v["dice"] for s, v in self.scores[method.key].items()})
+                         + f" ({self.seconds[method.key]:.0f} s in that run)")
+            elif method.federated:
+                shared = method.key == "fedmsa" and self.shared_personal
+                how = f"FedAvg, then personalised ({self.personalise})" if method.personalised or shared else "FedAvg"
                 self.say(f"[{i}/{n}] {self.labels[method.key]}: {how} in FLARE's simulator "
                          f"(logs: {self.run / method.key / 'workspace'})")
                 rc = self.federate(method)
