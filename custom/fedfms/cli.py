@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "alone and centralised train rounds x epochs epochs")
     p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_personal,fedmsa_pt,fedsam,"
                                      "central (default: all)")
-    p.add_argument("--personalise", help="the personalised FedMSA row's setting (default norm,finetune:5; "
+    p.add_argument("--personalise", help="the personalised FedMSA row's setting (default finetune:5, from the FedMSA run "
+                                         "itself; one with a local part, e.g. norm,finetune:5, runs its own federation; "
                                          "docs/federation.md#personalised-federation)")
     p.add_argument("--verbose", action="store_true", help="show FLARE's full console log (INFO) instead of one line per round")
     p.set_defaults(func=_cmd_demo)
