@@ -32,6 +32,7 @@ class ProbeFilter(Filter):
         site = fl_ctx.get_identity_name()
         task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
         entry = {"site": site, "task": task, "rc": shareable.get_return_code(ReturnCode.OK)}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             dxo = from_shareable(shareable)
             entry["kind"] = dxo.data_kind
@@ -83,3 +84,11 @@ class LocalPartRecordingExecutor(FedFMSExecutor):
         _append(self.out_dir / "local.jsonl", {"site": fl_ctx.get_identity_name(), "round": rnd, "start": start,
                                                  "end": end, "pid": os.getpid()})
         return result
+
+    def _personalise(self, shareable, fl_ctx, abort_signal):
+        import os
+
+        _append(self.out_dir / "local.jsonl", {"site": fl_ctx.get_identity_name(), "round": "personalise",
+                                                 "start": local_digest(tensors_to_numpy(self.trainer.local_weights())),
+                                                 "pid": os.getpid()})
+        return super()._personalise(shareable, fl_ctx, abort_signal)
