@@ -1,5 +1,6 @@
-"""`fedfms demo`: six ways to a segmenter, scored on the same validation slices; one line per round on the console;
-pictures of predictions; the pretrained FedMSA beats its -PT ablation. (A shortened demo: 3 rounds x 2 epochs.)"""
+"""`fedfms demo`: seven ways to a segmenter, scored on the same validation slices; one line per round on the console;
+pictures of predictions; the pretrained FedMSA beats its -PT ablation; each site's personalised model, compared with
+the better of global and alone. (A shortened demo: 3 rounds x 2 epochs.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedfms.cli import main
-from fedfms.demo import METHOD_KEYS, SCARCE_SITE
+from fedfms.demo import DEMO_PERSONALISE, INVERTED_SITE, METHOD_KEYS, SCARCE_SITE
 
-SITES = ("site-1", "site-2", "site-3")
-PROGRESS = re.compile(r"^round (\d+)/(\d+)  site-1 loss \d\.\d{3} Dice \d\.\d{3} \| site-2 loss .* \| site-3 loss .* \| \d+\.\d s$")
+SITES = ("site-1", "site-2", "site-3", "site-4")
+PROGRESS = re.compile(r"^round (\d+)/(\d+)  site-1 loss \d\.\d{3} Dice \d\.\d{3} \| site-2 loss .* \| site-3 loss .* "
+                      r"\| site-4 loss .* \| \d+\.\d s$")
 
 
 def _table(out: Path) -> dict:
@@ -54,16 +56,27 @@ def test_shortened_demo_table_pictures_and_pretrained_beats_minus_pt(tmp_path, c
     assert len(progress) == 9 and all(progress), [l for l in lines if l.startswith("round ")]
     assert [int(m.group(1)) for m in progress] == [1, 2, 3] * 3 and {m.group(2) for m in progress} == {"3"}
     assert not any(" - INFO - " in line or "task_id=" in line for line in lines)
+    # three federations: the personalised row (finetune only) is the FedMSA federation's sites, fine-tuned
     assert sum(line.startswith("finished: every round averaged every site") for line in lines) == 3
+    assert any(line.startswith(f"[4/7] FedMSA personalised ({DEMO_PERSONALISE}): each site fine-tuned the FedMSA run's")
+               for line in lines)
 
-    # the table: every method a row, the three sites and their mean as columns
+    # the table: every method a row, the four sites and their mean as columns
     start = lines.index(next(l for l in lines if l.startswith("validation Dice")))
-    header, rule, *rows = lines[start + 1: start + 9]
-    assert header.split() == ["method", "site-1", "site-2", "site-3", "(scarce)", "mean"] and set(rule) == {"-", " "}
+    header, rule, *rows = lines[start + 1: start + 10]
+    assert header.split() == ["method", "site-1", "site-2", "site-3", "(scarce)", "site-4", "(inverted)", "mean"]
+    assert set(rule) == {"-", " "}
     assert [r.split("  ")[0] for r in rows] == ["threshold per site", "each site alone (FedMSA model)",
-                                                "FedMSA, pretrained encoder", "FedMSA -PT (random encoder)",
-                                                "FedSAM, pretrained", "centralised (FedMSA, pooled)"]
-    assert lines[start + 9].startswith(f"at the scarce {SCARCE_SITE}: FedMSA (pretrained)")
+                                                "FedMSA, pretrained encoder", f"FedMSA personalised ({DEMO_PERSONALISE})",
+                                                "FedMSA -PT (random encoder)", "FedSAM, pretrained",
+                                                "centralised (FedMSA, pooled)"]
+    assert lines[start + 10].startswith(f"at the scarce {SCARCE_SITE}: FedMSA (pretrained)")
+    # below it, each site's personalised model against the better of global and alone, and the verdict
+    comparison = lines.index(f"personalised FedMSA ({DEMO_PERSONALISE}) against the better of the global FedMSA model and "
+                             "the site alone:")
+    assert lines[comparison + 1].split()[:4] == ["site", "FedMSA", "global", "personalised"]
+    assert [line.split()[0] for line in lines[comparison + 3: comparison + 8]] == [*SITES, "mean"]
+    assert lines[comparison + 8].startswith(("at every site the personalised model", "below the better of global and alone"))
 
     table = _table(out)
     assert list(table["methods"]) == list(METHOD_KEYS)
@@ -73,7 +86,7 @@ def test_shortened_demo_table_pictures_and_pretrained_beats_minus_pt(tmp_path, c
             assert 0 <= scores["dice"] <= 1 and scores["num_samples"] == table["sites"][site]["val"], (key, site)
 
     def mean(key):
-        return sum(table["methods"][key]["sites"][s]["dice"] for s in SITES) / 3
+        return sum(table["methods"][key]["sites"][s]["dice"] for s in SITES) / len(SITES)
 
     # the point of the pretrained encoder: FedMSA on it beats FedMSA on a random one
     assert mean("fedmsa") > mean("fedmsa_pt") + 0.02, table["methods"]
@@ -83,6 +96,15 @@ def test_shortened_demo_table_pictures_and_pretrained_beats_minus_pt(tmp_path, c
     cross = json.loads((run_dir / "cross_site_val" / "cross_val_results.json").read_text())
     for site in SITES:
         assert abs(cross[site]["SRV_FL_global_model.pt"]["dice"] - table["methods"]["fedmsa"]["sites"][site]["dice"]) < 1e-6
+    # the personalised row: each site's own model, as its FLARE site saved and scored it on the same slices; the
+    # global row is the same federation's global model (the sites' "global" is the FedMSA row)
+    record = table["personalisation_record"]
+    assert record["personalise"] == DEMO_PERSONALISE and table["sites"][INVERTED_SITE]["train"] > 0
+    for site in SITES:
+        entry = record["sites"][site]
+        assert entry["status"] == "ok" and entry["files"]["personal"].endswith(f"{site}/simulate_job/fedfms_personal/personal_model.pt")
+        assert abs(entry["personal"]["dice"] - table["methods"]["fedmsa_personal"]["sites"][site]["dice"]) < 1e-6
+        assert abs(entry["global"]["dice"] - table["methods"]["fedmsa"]["sites"][site]["dice"]) < 1e-6
 
     figure = next(out.glob("runs/*/report.png"))
     assert figure.stat().st_size > 50_000

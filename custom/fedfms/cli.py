@@ -57,7 +57,7 @@ def _federation_settings(args) -> dict:
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
         tracking=args.tracking, update=args.update, privacy=args.privacy,
         privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
-        processes_per_site=args.processes_per_site, encryption=args.encryption,
+        processes_per_site=args.processes_per_site, encryption=args.encryption, personalise=args.personalise,
     )
 
 
@@ -127,7 +127,7 @@ def _cmd_simulate(args) -> int:
 def _cmd_report(args) -> int:
     from fedfms.report import SCORING_NOTE, best_model_note, find_run_dir, format_table, plot_report, run_pictures, site_table
 
-    from fedfms.run_record import RUN_RECORD, exit_code, read_run_record, summarize
+    from fedfms.run_record import EXIT_GAPS, RUN_RECORD, exit_code, read_run_record, summarize
 
     run_dir = find_run_dir(args.run)
     rows = site_table(run_dir)
@@ -137,8 +137,14 @@ def _cmd_report(args) -> int:
     if record is not None:
         print()
         print(summarize(record))
+    from fedfms.evaluation.personal import format_record, personal_gaps, read_personal_record
+
+    personal = read_personal_record(run_dir)
+    if personal is not None:
+        print()
+        print(format_record(personal))
     if args.json:
-        Path(args.json).write_text(json.dumps({"sites": rows, "federation": record}, indent=2))
+        Path(args.json).write_text(json.dumps({"sites": rows, "federation": record, "personalisation": personal}, indent=2))
     for line in best_model_note(run_dir):
         print(line)
     if args.card:
@@ -156,16 +162,20 @@ def _cmd_report(args) -> int:
     elif args.data_root and not args.card:
         raise FedFMSError("--data-root draws pictures into the figure (--png) or adds the sites' manifests to the model "
                           "card (--card); pass one of them")
-    return exit_code(record)
+    code = exit_code(record)
+    return EXIT_GAPS if code == 0 and personal_gaps(personal) else code
 
 
 def _cmd_demo(args) -> int:
-    """Prepare the offline MNI152 demo sites, then compare a threshold, each site alone, FedMSA (pretrained and -PT),
-    FedSAM (all three through FLARE's simulator) and centralised training on the same validation slices."""
+    """Prepare the offline MNI152 demo sites, then compare a threshold, each site alone, FedMSA (pretrained,
+    personalised and -PT), FedSAM (all four through FLARE's simulator) and centralised training on the same
+    validation slices."""
     from fedfms.demo import run_demo
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     kwargs = {"methods": methods} if methods else {}
+    if args.personalise:
+        kwargs["personalise"] = args.personalise
     return run_demo(args.out, rounds=args.rounds, epochs=args.epochs, verbose=args.verbose, **kwargs)
 
 
@@ -203,6 +213,11 @@ def _cmd_predict(args) -> int:
     cfg = ModelConfig.from_dict(raw, "model config")
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
+    from fedfms.evaluation.personal import describe_site_model, site_model_info
+
+    info = site_model_info(args.weights)
+    if info:
+        print(f"weights: {describe_site_model(info)}", file=sys.stderr)
     written = predict_cases(cfg, args.weights, args.inputs, args.out, class_names=args.classes,
                             two_and_half_d=args.two_and_half_d, overwrite=args.overwrite,
                             allow_label_like=args.allow_label_like, overlay=args.overlay,
@@ -271,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--trim-fraction", type=float, help="trimmed_mean: share cut at each end per coordinate (0.2)")
     fed.add_argument("--norm-bound", type=float, help="clip updates farther than K x the round's median distance")
     fed.add_argument("--norm-bound-action", choices=["clip", "reject"])
+    fed.add_argument("--personalise", help="personalised federation: what each site keeps and does after the last round, "
+                                           "comma-separated: norm (FedBN), head, decoder, finetune:N, alone (a site-alone "
+                                           "comparison); e.g. norm,finetune:5 (docs/federation.md#personalised-federation)")
     priv = p.add_argument_group("privacy (docs/federation.md#privacy-options)")
     priv.add_argument("--update", choices=["weights", "weight_diff"], help="what a site sends: its weights (default) or "
                                                                           "their change to the global model")
@@ -310,14 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedfms.config import positive_int_arg
 
-    p = sub.add_parser("demo", help="offline demo: MNI152 white matter at 3 simulated sites (one scarce); a threshold, "
-                                    "each site alone, FedMSA (pretrained, -PT), FedSAM and centralised side by side")
+    p = sub.add_parser("demo", help="offline demo: MNI152 white matter at 4 simulated sites (one scarce, one with inverted "
+                                    "contrast); a threshold, each site alone, FedMSA (pretrained, personalised, -PT), FedSAM "
+                                    "and centralised side by side")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--rounds", type=positive_int_arg, default=10, help="federated rounds (default 10)")
     p.add_argument("--epochs", type=positive_int_arg, default=3, help="local epochs per round (default 3); "
                                                                       "alone and centralised train rounds x epochs epochs")
-    p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_pt,fedsam,central "
-                                     "(default: all)")
+    p.add_argument("--methods", help="comma-separated subset of threshold,alone,fedmsa,fedmsa_personal,fedmsa_pt,fedsam,"
+                                     "central (default: all)")
+    p.add_argument("--personalise", help="the personalised FedMSA row's setting (default finetune:5, from the FedMSA run "
+                                         "itself; one with a local part, e.g. norm,finetune:5, runs its own federation; "
+                                         "docs/federation.md#personalised-federation)")
     p.add_argument("--verbose", action="store_true", help="show FLARE's full console log (INFO) instead of one line per round")
     p.set_defaults(func=_cmd_demo)
 
@@ -360,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment new images (PNG/JPG/TIFF) or volumes (NIfTI) with a trained global model")
     p.add_argument("inputs", nargs="+", help="image or NIfTI files, or folders of them")
-    p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run)")
+    p.add_argument("--weights", required=True, help="global model file (e.g. FL_global_model.pt from a run), or a site's model "
+                                                   "of a personalised job (fedfms_personal/global_model.pt or personal_model.pt "
+                                                   "in the site's run folder)")
     p.add_argument("--job", help="the job folder that trained the model (its model_config is used)")
     p.add_argument("--model-config", help="or: a JSON file with the model_config")
     p.add_argument("--checkpoint", help="SAM checkpoint for the frozen parts (pretrained models)")

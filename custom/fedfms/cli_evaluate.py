@@ -41,8 +41,12 @@ def _model_config(args) -> dict:
 
 
 def _cmd_evaluate(args) -> int:
+    from fedfms.evaluation.personal import describe_site_model, site_model_info
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows, mean_row
 
+    info = site_model_info(args.weights)
+    if info:
+        print(f"weights: {describe_site_model(info)}")
     rows = evaluate_sites(_model_config(args), args.weights, args.sites, batch_size=args.batch_size,
                           device=args.device, checkpoint=args.checkpoint)
     print(format_site_rows(rows, args.scoring))
@@ -128,7 +132,8 @@ def add_evaluate_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice/IoU of a saved model on whole sites (every sample is test data)")
     p.add_argument("sites", nargs="+", metavar="SITE_DIR", help="prepared site folders to score")
     p.add_argument("--weights", required=True, help="saved travel set: FL_global_model.pt, best_FL_global_model.pt, "
-                                                   "or a centralized model.pt")
+                                                   "a centralized model.pt, or a site's model of a personalised job "
+                                                   "(fedfms_personal/global_model.pt or personal_model.pt)")
     p.add_argument("--job", help="job folder or variant name that trained the model (its model_config is used)")
     p.add_argument("--model-config", help="or: a JSON file with the model_config")
     p.add_argument("--json", help="also write the scores here")

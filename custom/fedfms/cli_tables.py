@@ -63,9 +63,12 @@ def _cmd_table2(args) -> int:
 
     md, csv_path = _out_paths(args.out, args.csv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    from fedfms.training.personal import Personalisation
+
+    personal = Personalisation.parse(args.personalise, "--personalise")
     rows = build_table2(variants, num_classes=args.num_classes, attention=args.attention, flavour=args.flavour,
                         gpu=True if args.gpu else None, batch_size=args.batch_size, steps=args.steps,
-                        log=lambda msg: print(msg, flush=True))
+                        log=lambda msg: print(msg, flush=True), local_parts=personal.local_parts if personal else ())
     text = format_table2(rows)
     print()
     print(text, end="")
@@ -101,6 +104,8 @@ def add_table_parsers(sub) -> None:
                    help="SAM attention to count: fused (default, what the jobs run) or stock (segment-anything's, "
                         "what the paper's code ran)")
     p.add_argument("--flavour", choices=["project", "reference"], default="project", help="model flavour (default project)")
+    p.add_argument("--personalise", help="a personalised job's setting, e.g. norm or head: the bytes it still sends "
+                                         "(docs/federation.md#personalised-federation)")
     p.add_argument("--gpu", action="store_true", help="require the GPU timings (default: measured when CUDA is present)")
     p.add_argument("--batch-size", type=positive_int_arg, default=6, help="training batch of the step timing (default 6)")
     p.add_argument("--steps", type=positive_int_arg, default=5, help="timed steps and predictions after warm-up (default 5)")

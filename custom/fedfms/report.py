@@ -200,8 +200,11 @@ def run_pictures(run_dir: str | Path, data_root: str | Path, job: str | Path | N
                  samples: int = 2, weights: str | Path | None = None) -> dict[str, list[dict]]:
     """Pictures of the run's final global model on ``samples`` validation samples of each site: the site's folder is
     ``data_root/<site>``, its validation split the one the run's sites made (the job's ``val_fraction`` and
-    ``split_seed``, from ``job`` or the run's own client config)."""
+    ``split_seed``, from ``job`` or the run's own client config). A personalised run adds each site's personalised
+    model, and its "global model" at a site is the global model with that site's local part (the site's
+    ``fedfms_personal/global_model.pt``, when this machine can read it; else the initial local part, and said so)."""
     from fedfms.evaluation.baselines import model_predictor, site_split
+    from fedfms.evaluation.personal import read_personal_record
     from fedfms.evaluation.scoring import resolve_model_config
     from fedfms.models import ModelConfig
     from fedfms.training.predict import load_model
@@ -212,8 +215,10 @@ def run_pictures(run_dir: str | Path, data_root: str | Path, job: str | Path | N
     cfg = resolve_model_config(ModelConfig.from_dict(model_cfg, "the run's model config"), checkpoint)
     tcfg = TrainConfig.from_dict(train_cfg, "the run's train config")
     weights = Path(weights) if weights else global_model_file(run_dir)
-    model = load_model(cfg, weights)
+    local = bool(cfg.local_parts)
+    model = load_model(cfg, weights, initial_local=local)
     predict = model_predictor(model)
+    personal = (read_personal_record(run_dir) or {}).get("sites") or {}
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else {}
     sites = sorted(set(read_cross_site(run_dir)) | set((record or {}).get("expected_sites") or []))
     pictures = {}
@@ -221,8 +226,15 @@ def run_pictures(run_dir: str | Path, data_root: str | Path, job: str | Path | N
         folder = Path(data_root) / site
         if not (folder / "manifest.json").is_file():
             raise DataError(f"{folder}: no prepared site for {site}; expected --data-root to hold one folder per site of the run")
+        files = {kind: Path(f) for kind, f in ((personal.get(site) or {}).get("files") or {}).items() if Path(f).is_file()}
+        predictors = {"global model": predict}
+        if local:
+            predictors = ({"global model": model_predictor(load_model(cfg, files["global"]))} if "global" in files
+                          else {"global model (initial local part)": predict})
+        if "personal" in files:
+            predictors["personalised"] = model_predictor(load_model(cfg, files["personal"]))
         dataset, _, val = site_split(folder, tcfg, model.image_size, model.mask_size)
-        pictures[site] = site_pictures(dataset, pick_samples(val, samples), {"global model": predict})
+        pictures[site] = site_pictures(dataset, pick_samples(val, samples), predictors)
     return pictures
 
 

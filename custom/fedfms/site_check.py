@@ -89,7 +89,7 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
     model = build_model(cfg)
     report["model"] = {"variant": cfg.variant, "mode": cfg.mode, "pretrained": cfg.pretrained,
                        "checkpoint": cfg.checkpoint, "trainable": count_parameters(model, trainable_only=True),
-                       "upload_mb_fp32": round(travel_bytes(travel_spec(model, cfg.mode)) / 1e6, 1),
+                       "upload_mb_fp32": round(travel_bytes(travel_spec(model, cfg.mode, cfg.local_parts)) / 1e6, 1),
                        "frozen_fingerprint": frozen_fingerprint(model, cfg.mode),
                        "build_s": round(time.perf_counter() - start, 1)}
 

@@ -51,7 +51,7 @@ DATASETS = {
     "Brain Tumor (FeTS2022)": ("client1", "client6", "client18", "client21"),
     "Fundus": ("REFUGE", "ORIGA", "G1020", "Drishti-GS1"),
     "Nuclei": ("Adrenal_gland", "Esophagus", "Bile-duct", "Uterus", "MoNuSAC", "TNBC", "MoNuSeg"),
-    "MNI152 demo (white matter)": ("site-1", "site-2", "site-3"),
+    "MNI152 demo (white matter)": ("site-1", "site-2", "site-3", "site-4"),
 }
 
 _SIZE_RANK = {"vit_b": 0, "vit_l": 1, "vit_h": 2, "tiny": 3}
@@ -204,6 +204,8 @@ class Table1:
     classes: list[str]
     rows: list[dict]  # {"label", "run", "method", "flavour", "rounds", "sites": {site: scores}}
     notes: list[str]
+    # personalised runs: {"label", "personalise", "held_out_model", "personal": {site: {"global", "personal", "alone"}}}
+    personal: list[dict] = field(default_factory=list)
 
 
 def build_table1(run_dirs: Sequence[str | os.PathLike], select: str = "final") -> list[Table1]:
@@ -231,8 +233,11 @@ def build_table1(run_dirs: Sequence[str | os.PathLike], select: str = "final") -
                                      + ("; a 1-round run has no best global model" if method == "federated_best" else ""))
                     continue
                 centralized = kind == "centralized"
+                label = method_label(run.model, centralized)
+                if run.report.get("personalise") and not centralized:
+                    label += f" (personalised: {run.report['personalise']})"
                 entries.append((_sort_key(run.model, centralized, run.flavour, index), {
-                    "label": method_label(run.model, centralized), "run": str(run.path), "method": method,
+                    "label": label, "run": str(run.path), "method": method,
                     "flavour": run.flavour, "rounds": run.rounds, "variant": run.model.get("variant"),
                     "sites": dict(row.get("sites") or {}),
                 }))
@@ -242,7 +247,12 @@ def build_table1(run_dirs: Sequence[str | os.PathLike], select: str = "final") -
                                  f"{', '.join(missing)}; its average covers the others only")
         rows = [e for _, e in sorted(entries, key=lambda e: e[0])]
         _disambiguate(rows)
-        tables.append(Table1(dataset_name(sites, members[0].report.get("data_root")), list(sites), list(classes), rows, notes))
+        personal = [{"label": f"{method_label(r.model, False)} ({r.path.name})", "personalise": r.report["personalise"],
+                     "held_out_model": r.report.get("held_out_model"), "personal": r.report.get("personal") or {}}
+                    for r in members if r.report.get("personalise")]
+        notes += [gap for r in members for gap in r.report.get("personal_gaps") or []]
+        tables.append(Table1(dataset_name(sites, members[0].report.get("data_root")), list(sites), list(classes), rows,
+                             notes, personal))
     return tables
 
 
@@ -352,11 +362,28 @@ def format_table1(tables: Sequence[Table1], scoring: str = "both", select: str =
             out.append(f"### Table 1: {table.dataset}, {SCORING_TITLES[rule]}\n")
             out.append(_markdown_table(header, rows) + "\n")
             out.append(f"*{_caption(table, rule, select)}*\n")
+        for entry in table.personal:
+            out.append(_personal_table(entry))
         for note in table.notes:
             out.append(f"- note: {note}")
         if table.notes:
             out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _personal_table(entry: Mapping) -> str:
+    """A personalised run's second table: each site as a training site, on its own validation slices."""
+    from fedfms.evaluation.personal import comparison_rows
+
+    rows = comparison_rows(entry["personal"])
+    body = [[r["site"], fmt_score(r["global"]), fmt_score(r["personal"]), fmt_score(r["alone"]),
+             "-" if r["gap"] is None else f"{r['gap']:+.3f}" + (" (below)" if r["below"] else "")] for r in rows]
+    header = ["training site", "global", "personalised", "alone", "personalised - max(global, alone)"]
+    return (f"### Personalisation at the training sites: {entry['label']}, personalise {entry['personalise']}\n\n"
+            + _markdown_table(header, body) + "\n\n*Validation Dice (this project's rule) on each site's own validation "
+            "slices, averaged over the folds in which it trained; global: the final global model with the site's own local "
+            "part; 'alone': the site's own data only (only with 'alone' in --personalise); '(below)': more than 0.02 under "
+            f"the better of global and alone. In the table above, each held-out site got {entry['held_out_model']}.*\n")
 
 
 def write_table1_csv(tables: Sequence[Table1], path: str | os.PathLike, scoring: str = "both", select: str = "final") -> Path:
@@ -392,13 +419,16 @@ TABLE2_VARIANTS = ("tiny", "vit_b", "vit_l", "unet")
 ATTENTIONS = ("fused", "stock")
 
 
-def _model_config(variant: str, mode: str, num_classes: int, attention: str, flavour: str):
+def _model_config(variant: str, mode: str, num_classes: int, attention: str, flavour: str, local_parts=()):
     from fedfms.models import ModelConfig
 
     o = flavour_overrides(flavour, variant)["model"]
     if variant == "unet":
-        return ModelConfig("unet", "fedsam", num_classes=num_classes, pretrained=False, **o)
-    return ModelConfig(variant, mode, num_classes=num_classes, pretrained=False, fused_attention=attention == "fused", **o)
+        if "decoder" in local_parts:
+            raise ConfigError("--personalise decoder: the U-Net has no mask decoder; leave unet out of --variants")
+        return ModelConfig("unet", "fedsam", num_classes=num_classes, pretrained=False, local_parts=local_parts, **o)
+    return ModelConfig(variant, mode, num_classes=num_classes, pretrained=False, fused_attention=attention == "fused",
+                       local_parts=local_parts, **o)
 
 
 def count_flops(model: torch.nn.Module, train: bool, device: str | torch.device = "meta") -> int:
@@ -421,15 +451,18 @@ def count_flops(model: torch.nn.Module, train: bool, device: str | torch.device 
     return int(counter.get_total_flops())
 
 
-def static_costs(variant: str, mode: str, num_classes: int = 1, attention: str = "fused", flavour: str = "project") -> dict:
-    """Parameters, bytes sent per site per round and FLOPs per image, from a model built on the meta device."""
-    from fedfms.models import build_model_on_meta, count_parameters, travel_bytes, travel_spec
+def static_costs(variant: str, mode: str, num_classes: int = 1, attention: str = "fused", flavour: str = "project",
+                 local_parts=()) -> dict:
+    """Parameters, bytes sent per site per round and FLOPs per image, from a model built on the meta device.
+    ``local_parts``: a personalised job's part kept at each site (``fedfms.models.travel``), which is not sent."""
+    from fedfms.models import build_model_on_meta, count_parameters, local_spec, travel_bytes, travel_spec
 
-    cfg = _model_config(variant, mode, num_classes, attention, flavour)
+    cfg = _model_config(variant, mode, num_classes, attention, flavour, tuple(local_parts))
     model = build_model_on_meta(cfg)
-    spec = travel_spec(model, cfg.mode)
+    spec = travel_spec(model, cfg.mode, cfg.local_parts)
     return {
         "variant": variant, "mode": cfg.mode, "num_classes": num_classes, "image_size": model.image_size,
+        "local_parts": list(cfg.local_parts), "local_bytes_fp32": travel_bytes(local_spec(model, cfg.mode, cfg.local_parts)),
         "attention": None if variant == "unet" else attention, "flavour": flavour,
         "total_params": count_parameters(model), "trainable_params": count_parameters(model, trainable_only=True),
         "bytes_fp32": travel_bytes(spec), "bytes_16bit": travel_bytes(spec, bytes_per_value=2),
@@ -499,8 +532,9 @@ def gpu_costs(variant: str, mode: str, num_classes: int = 1, attention: str = "f
 
 def build_table2(variants: Sequence[str] = TABLE2_VARIANTS, num_classes: int = 1, attention: str = "fused",
                  flavour: str = "project", gpu: bool | None = None, batch_size: int = 6, steps: int = 5,
-                 log=None) -> list[dict]:
-    """One row per variant and mode (the U-Net: one row). ``gpu``: None measures times when CUDA is present."""
+                 log=None, local_parts=()) -> list[dict]:
+    """One row per variant and mode (the U-Net: one row). ``gpu``: None measures times when CUDA is present.
+    ``local_parts``: bytes of a personalised job that keeps these parts at each site (``--personalise``)."""
     unknown = [v for v in variants if v not in TABLE2_VARIANTS]
     if unknown or not variants:
         raise ConfigError(f"variants {list(variants)}: expected some of {', '.join(TABLE2_VARIANTS)}")
@@ -517,7 +551,7 @@ def build_table2(variants: Sequence[str] = TABLE2_VARIANTS, num_classes: int = 1
     for variant in variants:
         for mode in (("fedsam",) if variant == "unet" else ("fedsam", "fedmsa")):
             start = time.perf_counter()
-            row = static_costs(variant, mode, num_classes, attention, flavour)
+            row = static_costs(variant, mode, num_classes, attention, flavour, local_parts)
             if gpu:
                 try:
                     row.update(gpu_costs(variant, mode, num_classes, attention, flavour, batch_size, steps))
@@ -542,6 +576,10 @@ def _mb(v: int) -> str:
     return f"{v / 1e6:.1f}" if v >= 1e6 else f"{v / 1e6:.3f}"
 
 
+def _size(v: int) -> str:
+    return f"{v:,} B" if v < 1e4 else f"{v / 1e3:.1f} kB" if v < 1e6 else f"{v / 1e6:.1f} MB"
+
+
 MODEL_NAMES = {"tiny": "SAM tiny", "vit_b": "SAM ViT-B", "vit_l": "SAM ViT-L", "unet": "U-Net"}
 
 
@@ -557,6 +595,8 @@ def table2_cells(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         model = MODEL_NAMES.get(r["variant"], r["variant"])
         mode = "FedU-Net" if r["variant"] == "unet" else {"fedsam": "FedSAM", "fedmsa": "FedMSA"}[r["mode"]]
+        if r.get("local_parts"):
+            mode += f" ({', '.join(r['local_parts'])} local: {_size(r['local_bytes_fp32'])} kept)"
         if "step_s" in r:
             timing = [f"{r['step_s']:.3f}", "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.1f}",
                       f"{r['predict_s']:.4f}"]
@@ -584,6 +624,10 @@ def format_table2(rows: Sequence[Mapping]) -> str:
         "FLOPs); training = forward + BCE loss + backward (no optimiser step); inference = forward"
         + (f"; SAM attention: {attention} (models/attention.py; 'stock' = segment-anything's)" if attention else "") + ".",
     ]
+    parts = sorted({p for r in rows for p in r.get("local_parts") or []})
+    if parts:
+        caption.append(f"Personalised ({', '.join(parts)} kept at each site, never sent): the bytes are what still travels "
+                       "(fedfms.models.travel.local_keys); parameter counts and FLOPs are the whole model's.")
     if gpu:
         caption.append(f"Times and memory: measured on {gpu['device_name']} ({gpu['device']}), random weights, "
                        f"LocalTrainer.step at batch {gpu['batch_size']} (bf16 autocast as in training), median after "
@@ -595,7 +639,8 @@ def format_table2(rows: Sequence[Mapping]) -> str:
 
 
 def write_table2_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    keys = ["variant", "mode", "num_classes", "image_size", "attention", "flavour", "total_params", "trainable_params",
+    keys = ["variant", "mode", "local_parts", "local_bytes_fp32", "num_classes", "image_size", "attention", "flavour",
+            "total_params", "trainable_params",
             "bytes_fp32", "bytes_16bit", "flops_train", "flops_inference", "batch_size", "step_s", "peak_bytes",
             "predict_s", "device_name"]
     path = Path(path)
@@ -603,5 +648,5 @@ def write_table2_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
         writer = csv.writer(fh)
         writer.writerow(keys)
         for r in rows:
-            writer.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
+            writer.writerow(["" if r.get(k) is None else "+".join(r[k]) if k == "local_parts" else r.get(k) for k in keys])
     return path

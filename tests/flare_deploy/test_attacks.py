@@ -138,8 +138,11 @@ def test_insider_jobs_are_refused_before_anything_runs(tmp_path):
         assert outcome["byoc_at_server"][1] == "FINISHED:FAILED_TO_RUN", outcome["byoc_at_server"]
         assert "BYOC not permitted" in server_log
 
-        # the federation still works for a genuine job, from the same lead
-        job_id = admin_api.submit(sess, TINY_JOB)
+        # the federation still works for a genuine job, from the same lead (a copy: FLARE signs a submitted folder in
+        # place, and the checked-in job must stay `make jobs`' output)
+        genuine = tmp_path / "genuine" / TINY_JOB.name
+        shutil.copytree(TINY_JOB, genuine)
+        job_id = admin_api.submit(sess, genuine)
         assert admin_api.monitor(sess, job_id, timeout=600, interval=2)["status"] == admin_api.COMPLETED, logs_digest(logs)
     finally:
         if sess is not None:

@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 from fedfms.data.site_dataset import read_manifest
 from fedfms.errors import CheckpointError, ConfigError, DataError
 from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
+from fedfms.evaluation.personal import comparison_rows, format_comparison, held_out_model, personal_gaps, read_personal_record, record_dice
 from fedfms.evaluation.results import (FOLD_FILE, METHODS, RESULTS_CSV, RESULTS_JSON, EvaluationError, collect, fold_scores,
                                        format_loso_table, plain, write_csv, write_json)
 from fedfms.evaluation.scoring import check_scoring, evaluate_sites, is_nnunet_model, resolve_model_config
@@ -70,7 +71,7 @@ class Federation(Protocol):
 
     def write(self, fold: Path, train_sites: list[str], rounds: int) -> dict:
         """Prepare the fold's federation (its job: these sites, all expected, ``rounds`` rounds); return the
-        ``{"model", "train"}`` its sites train with."""
+        ``{"model", "train"}`` its sites train with (and ``"personalise"``: the job's setting, if any)."""
 
     def run(self, fold: Path, train_sites: list[str], data_root: Path, say: Say) -> Path:
         """Federate; return the folder holding the global models (``GLOBAL_MODEL``, maybe ``BEST_GLOBAL_MODEL``),
@@ -125,6 +126,7 @@ def check_settings(settings: Mapping, site_classes: Sequence[str]) -> None:
         checkpoint = resolve_model_config(model_cfg).checkpoint
         if not Path(checkpoint).is_file():
             raise CheckpointError(f"{checkpoint}: SAM checkpoint not found (the job's model is pretrained); pass --checkpoint")
+    held_out_model(model_cfg.to_dict())  # a job whose held-out site could not run the global model is refused here
     if model_cfg.num_classes != len(site_classes):
         raise ConfigError(f"the sites have {len(site_classes)} class(es) {list(site_classes)}; the job's model has "
                           f"num_classes={model_cfg.num_classes} (set it with --model '{{\"num_classes\": {len(site_classes)}}}')")
@@ -181,6 +183,11 @@ def run_loso(federation: Federation, data_root: str | Path, sites: Sequence[str]
     write_csv(rows, workspace / RESULTS_CSV, scoring)
     say("")
     say(format_loso_table(rows, report["held_out"], scoring))
+    if report.get("personal"):
+        say("")
+        say(f"personalised ({report['personalise']}); held-out site: {report['held_out_model']}")
+        say("each site as a training site, on its own validation slices (mean over the folds it trained in):")
+        say(format_comparison(comparison_rows(report["personal"])))
     for note in report["notes"]:
         say(note)
     say(f"results: {workspace / RESULTS_JSON}, {workspace / RESULTS_CSV}")
@@ -220,6 +227,9 @@ def _fold_body(federation: Federation, data_root: Path, holdout: str, train_site
     # what the fold trained with, so tables can name the method and its flavour without FLARE
     record.update(model_config=settings["model"], train_config=settings["train"],
                   flavour=flavour_of(settings["model"], settings["train"]))
+    local = bool(settings["model"].get("local_parts"))
+    if settings.get("personalise"):
+        record.update(personalise=settings["personalise"], held_out_model=held_out_model(settings["model"]))
     models = federation.run(fold, train_sites, data_root, say)
     if not (models / GLOBAL_MODEL).is_file():
         problem = f"no {GLOBAL_MODEL} was written"
@@ -229,7 +239,8 @@ def _fold_body(federation: Federation, data_root: Path, holdout: str, train_site
     for method, name in (("federated", GLOBAL_MODEL), ("federated_best", BEST_GLOBAL_MODEL)):
         # FLARE writes a best model only once a validated round improves (never in round 0, so not with 1 round)
         if (models / name).is_file():
-            row = evaluate_sites(settings["model"], models / name, [test_dir], batch_size=batch_size, device=device)[0]
+            row = evaluate_sites(settings["model"], models / name, [test_dir], batch_size=batch_size, device=device,
+                                 initial_local=local)[0]
             record["results"][method] = fold_scores(row, models / name)
     fed = record["results"]["federated"]
     say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {fmt_score(fed['dice'])}, IoU {fmt_score(fed['iou'])}"
@@ -240,6 +251,16 @@ def _fold_body(federation: Federation, data_root: Path, holdout: str, train_site
     for line in best_model_note(models.parent):  # which model "best" is, and whether training helped
         say(f"  {line}")
     record["federated_seconds"] = federated_seconds
+    if settings.get("personalise"):
+        personal = read_personal_record(models.parent) or {}
+        record["personal"] = record_dice(personal)
+        record["personal_gaps"] = personal_gaps(personal)
+        say(f"  held-out {holdout}: {record['held_out_model']}")
+        say(f"  the training sites' own validation slices (personalise {settings['personalise']}):")
+        for line in format_comparison(comparison_rows(record["personal"])).splitlines():
+            say(f"    {line}")
+        for gap in record["personal_gaps"]:
+            say(f"  warning: {gap}")
 
     if centralized:
         c_start = time.perf_counter()

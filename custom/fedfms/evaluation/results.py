@@ -127,7 +127,24 @@ def collect(workspace: str | Path, signature: Mapping) -> tuple[list[dict], dict
         "notes": notes,
         "folds": [folds[s] for s in held_out],
     }
+    report.update(personal_summary([folds[s] for s in held_out]))
     return rows, report
+
+
+def personal_summary(folds: Sequence[Mapping]) -> dict:
+    """A personalised job's folds: each site, as a training site, its global / personalised / alone validation Dice
+    averaged over the folds it trained in (``personal``), the setting and which model the held-out site got."""
+    personalised = [f for f in folds if f.get("personalise")]
+    if not personalised:
+        return {}
+    per_site: dict[str, dict[str, list]] = {}
+    for fold in personalised:
+        for site, values in (fold.get("personal") or {}).items():
+            for kind, v in values.items():
+                per_site.setdefault(site, {}).setdefault(kind, []).append(v)
+    return {"personalise": personalised[0]["personalise"], "held_out_model": personalised[0].get("held_out_model"),
+            "personal": {site: {kind: finite_mean(vs) for kind, vs in kinds.items()} for site, kinds in sorted(per_site.items())},
+            "personal_gaps": [f"fold {f['holdout']}: {gap}" for f in personalised for gap in f.get("personal_gaps") or []]}
 
 
 def _reference_rule_of(folds: Mapping) -> str:

@@ -126,11 +126,14 @@ def evaluate_sites(
     device: str = "auto",
     amp: str = "auto",
     checkpoint: str | None = None,
+    initial_local: bool = False,
 ) -> list[dict]:
     """One row per site, each scored on all of its samples: slice Dice/IoU, 3D (per-volume) Dice/IoU,
     the paper code's slice Dice/IoU (``dice_reference``, ``iou_reference``), the per-class lists,
     ``num_samples``, ``num_slices`` and ``num_volumes``. An nnU-Net model (variant ``nnunet``) is scored by
-    ``fedfms.nnunet.evaluate.evaluate_sites`` (nnU-Net's predictor, its plan read beside the weights), same rows."""
+    ``fedfms.nnunet.evaluate.evaluate_sites`` (nnU-Net's predictor, its plan read beside the weights), same rows.
+    ``initial_local``: a personalised model's global file is completed with the initial local part
+    (``fedfms.training.predict.load_model``); otherwise a personalised model needs a site's model file."""
     if not site_dirs:
         raise ConfigError("no site folders to evaluate")
     if is_nnunet_model(model_cfg):
@@ -139,7 +142,7 @@ def evaluate_sites(
         return evaluate_nnunet(nnunet_model_dict(model_cfg), weights_path, site_dirs, batch_size=batch_size, device=device, amp=amp,
                                checkpoint=checkpoint)
     cfg = resolve_model_config(model_cfg, checkpoint)
-    model = load_model(cfg, weights_path).to(pick_device(device))
+    model = load_model(cfg, weights_path, initial_local=initial_local).to(pick_device(device))
     return [score_site(model, d, batch_size, amp) for d in site_dirs]
 
 

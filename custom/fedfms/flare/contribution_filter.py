@@ -18,6 +18,7 @@ from fedfms.flare.update_check import (
     FROZEN_FINGERPRINT,
     expected_travel_spec,
     find_problems,
+    local_part_problems,
     metric_problems,
     sample_count_problem,
 )
@@ -47,7 +48,9 @@ class ContributionCheckFilter(Filter):
 
     - the weights are exactly the travel set of ``model_config``: keys, shapes, dtypes, finite values (when
       the ``persistor_id`` component's model offers ``travel_spec()``, e.g. FednnU-Net's network, which only
-      exists once the federation's plan does, that spec instead; ``None`` from it: nothing is accepted yet);
+      exists once the federation's plan does, that spec instead; ``None`` from it: nothing is accepted yet); a
+      personalised job's travel set leaves out the sites' ``local_parts``, and a result holding any of them is
+      refused, naming it;
     - the sample count (FedAvg weight) is a positive integer, at most ``max_samples`` (or exactly the count
       ``site_samples`` pins for the site), and the same in every round as in the site's first accepted round;
     - the frozen-weights fingerprint equals the server's global model's (the ``persistor_id`` component's
@@ -159,6 +162,8 @@ class ContributionCheckFilter(Filter):
             problems = ciphertext_problems(dxo, spec, self._he_context)  # ciphertexts bound to the server's context
         else:
             problems = find_problems(dxo.data, spec)
+        if isinstance(dxo.data, dict):
+            problems = local_part_problems(dxo.data, self.model_config) + problems
         if not training:
             return problems, dxo, None
         n = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)

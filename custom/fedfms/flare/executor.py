@@ -23,6 +23,7 @@ from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
 from fedfms.numbers import finite_or_none
 from fedfms.training.distributed import OPTIMIZER_FILE, RoundAborted, check_processes_per_site, launch_round
+from fedfms.training.personal import PERSONAL_DIR, Personalisation, personalise_site, read_local_part, save_local_part
 from fedfms.training.trainer import LocalTrainer, TrainConfig, WeightsMismatch
 
 KEY_METRIC = "val_dice"
@@ -47,10 +48,25 @@ def _round_dir(fl_ctx: FLContext, workspace, site: str) -> str:
     return tempfile.mkdtemp(prefix=f"fedfms_ddp_{site}_")
 
 
+def _personal_dir(fl_ctx: FLContext, workspace, site: str) -> str:
+    """Where a personalised job keeps this site's local part and its models: ``fedfms_personal`` in the job's run
+    folder of the site's workspace (a temporary folder when there is none)."""
+    job_id = fl_ctx.get_job_id()
+    if workspace is not None and job_id and hasattr(workspace, "get_run_dir"):
+        return str(Path(workspace.get_run_dir(job_id)) / PERSONAL_DIR)
+    return tempfile.mkdtemp(prefix=f"fedfms_personal_{site}_")
+
+
 class FedFMSExecutor(Executor):
     """Tasks: ``train`` (load global travel set, fit locally, return the new travel set weighted by the
     number of training samples), ``validate`` (Dice/IoU of a received model on this site's data) and
-    ``submit_model`` (this site's current travel set, for cross-site evaluation).
+    ``submit_model`` (this site's current travel set, for cross-site evaluation); in a personalised job also
+    ``personalise`` (after the last round: fedfms.training.personal.personalise_site; only scores leave the site).
+
+    A personalised job's local part (``model_config["local_parts"]``) never leaves the site: a received model is
+    its shared part, loaded beside the site's own local part (so ``validate`` scores a global model *with this
+    site's local part*), and the local part is kept on disk after every round (``fedfms_personal/`` in the site's
+    run folder) so that a site process started again goes on with it.
 
     Args:
         model_config: :class:`fedfms.models.ModelConfig` fields.
@@ -67,6 +83,8 @@ class FedFMSExecutor(Executor):
             sends rank 0's result: the same update and the same single sample count (docs/multi-gpu.md). A site's
             ``local/fedfms_site.json`` may set its own ``processes_per_site`` (how many GPUs it has).
         round_timeout_s: upper bound on one multi-process round; its processes are ended after it (None: none).
+        personalise: the job's ``personalise`` setting (fedfms.training.personal.Personalisation), or None.
+        alone_epochs: with ``personalise`` holding ``alone``: the site-alone model's epochs (rounds x local epochs).
     """
 
     def __init__(
@@ -83,6 +101,9 @@ class FedFMSExecutor(Executor):
         update: str = "weights",
         processes_per_site: int = 1,
         round_timeout_s: float | None = None,
+        personalise: str | None = None,
+        alone_epochs: int = 0,
+        personalise_task_name: str = "personalise",
     ):
         super().__init__()
         self.model_config = dict(model_config)
@@ -104,6 +125,14 @@ class FedFMSExecutor(Executor):
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
+        self.personalise = personalise
+        self.personalisation = Personalisation.parse(personalise, "executor personalise")
+        self.alone_epochs = int(alone_epochs)
+        self.personalise_task_name = personalise_task_name
+        if self.personalisation is not None:
+            self.task_names["personalise"] = personalise_task_name
+        self.personal_dir: str | None = None
+        self.initial_weights: dict | None = None  # the site-alone comparison's start (personalise "alone")
         self.trainer: LocalTrainer | None = None
         self.setup_error: str | None = None
         self.fingerprint: str | None = None
@@ -138,6 +167,8 @@ class FedFMSExecutor(Executor):
                                  "site_dir": settings["data_dir"]}
             self.work_dir = _round_dir(fl_ctx, workspace, site)
         self.fingerprint = frozen_fingerprint(self.trainer.model, model_cfg.mode)
+        if self.personalisation is not None or model_cfg.local_parts:
+            self._setup_personal(fl_ctx, workspace, site, model_cfg)
         if self.tb_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tb_writer_id)
         self.log_info(
@@ -147,6 +178,18 @@ class FedFMSExecutor(Executor):
             f"device {self.trainer.device}"
             + (f", {self.processes} DDP processes per round (logs under {self.work_dir}/logs)" if self.processes > 1 else ""),
         )
+
+    def _setup_personal(self, fl_ctx: FLContext, workspace, site: str, model_cfg: ModelConfig) -> None:
+        if model_cfg.local_parts and self.processes > 1:
+            raise ConfigError(f"site {site}: processes_per_site is {self.processes}, but the job keeps "
+                              f"{', '.join(model_cfg.local_parts)} at each site: personalised jobs train in one process per site")
+        self.personal_dir = _personal_dir(fl_ctx, workspace, site)
+        if self.personalisation is not None and self.personalisation.alone:
+            self.initial_weights = self.trainer.trained_weights()
+        saved = read_local_part(self.personal_dir) if model_cfg.local_parts else None
+        if saved is not None:
+            self.trainer.load_local_weights(saved)
+            self.log_info(fl_ctx, f"site {site}: continuing with its local part from {self.personal_dir}")
 
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -159,6 +202,8 @@ class FedFMSExecutor(Executor):
                 return self._validate(shareable, fl_ctx)
             if task_name == self.task_names["submit"]:
                 return DXO(DataKind.WEIGHTS, tensors_to_numpy(self.trainer.travel_weights())).to_shareable()
+            if task_name == self.task_names.get("personalise"):
+                return self._personalise(shareable, fl_ctx, abort_signal)
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except WeightsMismatch as exc:
             self.log_error(fl_ctx, f"rejected incoming model: {exc}")
@@ -185,6 +230,8 @@ class FedFMSExecutor(Executor):
             result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
+        if getattr(self.trainer, "local_parts", ()):  # (the nnU-Net baseline's trainer has no local part)
+            save_local_part(self.personal_dir, self.trainer.local_weights())
         val = result.metrics.get("val_before", {})
         initial = {KEY_METRIC: finite_or_none(val.get("dice")), "val_iou": finite_or_none(val.get("iou"))}
         weights = tensors_to_numpy(result.weights)
@@ -217,6 +264,19 @@ class FedFMSExecutor(Executor):
         self.trainer.load_travel_weights(result.weights)
         self.trainer.rounds_done += 1
         return result
+
+    def _personalise(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """The final global model (its shared part) in; this site's scores of the global, personalised (and
+        site-alone) models on its validation split out, nothing of the models: they stay in ``fedfms_personal/``."""
+        site = fl_ctx.get_identity_name()
+        result = personalise_site(self.trainer, self._incoming(shareable), self.personalisation, self.personal_dir,
+                                  alone_epochs=self.alone_epochs, initial_weights=self.initial_weights, site=site,
+                                  should_abort=lambda: abort_signal.triggered)
+        if result.get("aborted") or abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        line = ", ".join(f"{kind} Dice {result[kind]['dice']}" for kind in ("global", "personal", "alone") if kind in result)
+        self.log_info(fl_ctx, f"personalised ({self.personalisation}): {line}; models in {self.personal_dir}")
+        return DXO(DataKind.METRICS, result).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = self._incoming(shareable)

@@ -44,7 +44,7 @@ TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
 # kernel package is missing; these jobs quantise to float16 only, so on every `fedfms` command that was noise
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # FLARE keeps a filter chain's tasks in a set; the exported JSON lists them in this order, so the files are stable
-TASK_ORDER = ("train", "validate", "submit_model")
+TASK_ORDER = ("train", "validate", "submit_model", "personalise")
 
 
 class FedFMSJob(FedJob):
@@ -100,7 +100,7 @@ class FedFMSJob(FedJob):
         })
         quantize = self._quantizer(s)
         if quantize:
-            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=jobs.MODEL_TASKS_OUT)
+            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=jobs.model_tasks_out(s))
         # every result is checked (after float16 is restored) before the workflow, the model selector or the
         # aggregator reads it; a bad one turns into an error reply naming the reason
         dequantize = self._dequantizer(s)
@@ -163,9 +163,25 @@ class FedFMSJob(FedJob):
             ignore_result_error=True,
             memory_gc_rounds=s["memory_gc_rounds"],
         ), id="scatter_and_gather")
+        if s.get("personalise"):
+            self._add_personalisation(s)
         self.to_server(he_parts.get("cross_site_validate") or self._made(
             CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=t["submit"],
             validation_timeout=t["validate"]), id="cross_site_validate")
+
+    def _add_personalisation(self, s: dict) -> None:
+        """After the last round: FLARE's BroadcastAndProcess sends the final global model to every site, which
+        fine-tunes and scores its personalised model (fedfms.flare.personalise); before cross-site evaluation."""
+        from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProcess
+
+        from fedfms.flare.personalise import PersonalisationRecorder
+
+        self.to_server(self._made(PersonalisationRecorder, personalise=s["personalise"], model_locator_id="model_locator",
+                                  expected_sites=sorted(s["sites"]) if s["sites"] else None,
+                                  alone_epochs=jobs.alone_epochs(s) or None), id="personalisation")
+        self.to_server(self._made(BroadcastAndProcess, processor="personalisation", task_name=jobs.PERSONALISE_TASK,
+                                  min_responses_required=0, wait_time_after_min_received=0,
+                                  timeout=jobs.personalise_timeout(s)), id="personalise")
 
     @staticmethod
     def _he(s: dict):
@@ -211,7 +227,10 @@ class FedFMSJob(FedJob):
         if not kind:
             # a site's multi-process round (its own processes_per_site included) ends where the server stops waiting
             executor_args["round_timeout_s"] = jobs.round_timeouts(s)["train"]
-        tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else [])]
+        if s.get("personalise"):
+            executor_args.update(personalise=s["personalise"], alone_epochs=jobs.alone_epochs(s) or None)
+        tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else []),
+                 *([jobs.PERSONALISE_TASK] if s.get("personalise") else [])]
         self.to_clients(self._made(kind.Executor if kind else FedFMSExecutor, **executor_args), tasks=tasks)
 
         # the travel-set check runs first, on the float32 weights the site computed; then (training updates only)
@@ -242,7 +261,7 @@ class FedFMSJob(FedJob):
                     self.to_clients(quantize, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
         dequantize = self._dequantizer(s)
         if dequantize:
-            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=jobs.MODEL_TASKS_OUT)
+            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=jobs.model_tasks_out(s))
         self._add_site_tracking()
 
     def _add_site_tracking(self) -> None:

@@ -1,4 +1,5 @@
-"""Result filter: only the travel set of the job's mode may leave a site."""
+"""Result filter: only the travel set of the job's mode may leave a site (in a personalised job: the trained
+tensors less the site's local part)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedfms.flare.contribution_filter import error_reply
-from fedfms.flare.update_check import expected_travel_spec, key_problems
+from fedfms.flare.update_check import expected_travel_spec, key_problems, local_part_problems
 from fedfms.models.travel import check_mode, is_travel_key
 
 
@@ -27,12 +28,13 @@ def model_result(shareable: Shareable) -> DXO | None:
 
 class TravelSetFilter(Filter):
     """Refuses any task result whose weights hold a tensor outside the travel set (FedMSA: the frozen
-    encoder), or miss one. The refused result is replaced by an error reply that says why (no data leaves
-    the site); the server records the reason against the site.
+    encoder; a personalised job: the site's local part too), or miss one. The refused result is replaced by an
+    error reply that says why (no data leaves the site); the server records the reason against the site.
 
     Args:
         mode: "fedmsa" or "fedsam" (every key travels in FedSAM; the filter still checks the set).
-        model_config: when given, the exact key set is checked as well (the server's check, run before sending).
+        model_config: when given, the exact key set is checked as well (the server's check, run before sending);
+            its ``local_parts`` name what must stay at the site.
     """
 
     def __init__(self, mode: str, model_config: dict | None = None):
@@ -47,9 +49,10 @@ class TravelSetFilter(Filter):
             return [f"{len(leaked)} tensor(s) outside the {self.mode} travel set, e.g. {leaked[:3]}"]
         if self.model_config is None:
             return []
+        config = {**self.model_config, "mode": self.mode}
         if self._spec is None:
-            self._spec = expected_travel_spec({**self.model_config, "mode": self.mode})
-        return key_problems(data, self._spec)
+            self._spec = expected_travel_spec(config)
+        return local_part_problems(data, config) + key_problems(data, self._spec)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         dxo = model_result(shareable)

@@ -1,4 +1,5 @@
-"""The server's global model: exactly the travel set, so FedMSA's global model never holds an encoder."""
+"""The server's global model: exactly the travel set, so FedMSA's global model never holds an encoder, and a
+personalised job's global model never holds the sites' local part (``local_parts``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class TravelSetModel(nn.Module):
         self.fingerprint = frozen_fingerprint(self.sam, self.config.mode)
 
     def state_dict(self, *args, **kwargs):
-        return travel_state_dict(self.sam, self.config.mode)
+        return travel_state_dict(self.sam, self.config.mode, self.config.local_parts)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.sam.load_state_dict(state_dict, strict=False, assign=assign)

@@ -22,7 +22,7 @@ from pathlib import Path
 from fedfms.aggregation import NORM_BOUND_ACTIONS
 from fedfms.errors import ConfigError
 from fedfms.flare.monitor import ON_MISSING_SITE, default_min_sites
-from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES
+from fedfms.flare.update_check import DEFAULT_MAX_SAMPLES, expected_travel_spec
 from fedfms.flavours import apply_flavour
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
@@ -92,6 +92,9 @@ FEDERATION_DEFAULTS = {
     "privacy_args": None,  # the filter's arguments, e.g. {"percentile": 10, "gamma": 0.01}
     "encryption": None,  # or "he": FedMSA's travel set as CKKS ciphertext (FLARE's TenSEAL filters, docs/privacy-he.md)
     "he_max_abs": None,  # under HE: largest |weight| a site may encrypt (default fedfms.flare.he.DEFAULT_MAX_ABS)
+    # e.g. "norm,finetune:5": what each site keeps of the model (norm, head, decoder) and does after the last round
+    # (finetune:N, alone); sets the model's local_parts (fedfms.training.personal, docs/federation.md#personalised-federation)
+    "personalise": None,
 }
 ENCRYPTIONS = (None, "he")
 PRIVACY_FILTERS = {"percentile": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
@@ -119,6 +122,69 @@ def round_timeouts(s: dict) -> dict[str, int]:
     train = s.get("round_timeout") or math.ceil(STARTUP_SECONDS + 3 * samples * per_sample * (epochs + 1))
     validate = math.ceil(STARTUP_SECONDS + 3 * samples * per_sample / 3)
     return {"train": int(train), "submit": STARTUP_SECONDS, "validate": max(validate, STARTUP_SECONDS)}
+
+
+def personalisation(s: dict):
+    """The job's parsed ``personalise`` setting (fedfms.training.personal.Personalisation), or None."""
+    from fedfms.training.personal import Personalisation
+
+    return Personalisation.parse(s.get("personalise"), f"job {s.get('name')}: personalise")
+
+
+def alone_epochs(s: dict) -> int:
+    """The site-alone comparison's epochs: as many passes over the site's data as the federation made."""
+    p = personalisation(s)
+    return s["num_rounds"] * int(s["train"].get("epochs", 1)) if p is not None and p.alone else 0
+
+
+def personalise_timeout(s: dict) -> int:
+    """How long the personalisation step waits for its sites: three scorings, the fine-tune and the site-alone
+    training, at the workload's pace (as ``round_timeouts``)."""
+    p = personalisation(s)
+    variant = s["model"]["variant"]
+    per_sample = SECONDS_PER_SAMPLE.get(variant, 1.0)
+    pinned = s.get("site_samples") or {}
+    samples = max(pinned.values()) if pinned else (s.get("samples_per_site") or DEFAULT_SAMPLES_PER_SITE.get(variant, 2000))
+    epochs = (p.finetune_epochs if p else 0) + alone_epochs(s) + 3
+    return int(math.ceil(STARTUP_SECONDS + 3 * samples * per_sample * epochs))
+
+
+PERSONALISE_TASK = "personalise"
+
+
+def model_tasks_out(s: dict) -> list[str]:
+    """Tasks whose data carries a model to the sites (the personalisation step sends the final global model)."""
+    return MODEL_TASKS_OUT + ([PERSONALISE_TASK] if s.get("personalise") else [])
+
+
+def _check_personalise(s: dict, where: str) -> None:
+    """``personalise`` parsed and written back canonically; it alone sets the model's ``local_parts``."""
+    from fedfms.models.travel import check_local_parts
+
+    p = personalisation(s)
+    declared = s["model"].get("local_parts")
+    if p is None:
+        if declared:
+            raise ConfigError(f"{where}: model local_parts {declared!r} is set by the job's personalise setting; "
+                              f"use --personalise {','.join(declared)} instead")
+        s["model"].pop("local_parts", None)
+        return
+    if declared and check_local_parts(declared, f"{where}: model") != p.local_parts:
+        raise ConfigError(f"{where}: model local_parts {declared!r} differ from personalise {str(p)!r}; set them with "
+                          "--personalise only")
+    if is_nnunet(s):
+        raise ConfigError(f"{where}: personalise is for the SAM and U-Net jobs; the nnU-Net baseline has its own trainer")
+    if s["encryption"] == "he":
+        raise ConfigError(f"{where}: personalise with encryption 'he' is not supported yet (the encrypted travel set "
+                          "and the sites' local part are not wired together)")
+    if p.local_parts and s["processes_per_site"] != 1:
+        raise ConfigError(f"{where}: processes_per_site is {s['processes_per_site']}, but personalise {str(p)!r} keeps "
+                          "part of the model at each site: personalised jobs train in one process per site")
+    s["personalise"] = str(p)
+    if p.local_parts:
+        s["model"]["local_parts"] = list(p.local_parts)
+    else:
+        s["model"].pop("local_parts", None)
 
 
 def _check_federation(s: dict, where: str) -> None:
@@ -215,6 +281,7 @@ def variant_settings(name: str, **overrides) -> dict:
             raise ConfigError(f"unknown job setting {key!r}; expected one of {', '.join(SETTING_KEYS)}")
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
+    _check_personalise(s, f"job {name}")
     from fedfms.training.distributed import check_processes_per_site
 
     n = check_processes_per_site(s["processes_per_site"], f"job {name}: processes_per_site")
@@ -235,6 +302,8 @@ def variant_settings(name: str, **overrides) -> dict:
         # a typo must fail here, not at every site when the job starts
         ModelConfig.from_dict(s["model"], f"job {name}: model")
         TrainConfig.from_dict(s["train"], f"job {name}: train")
+        if s["model"].get("local_parts"):
+            expected_travel_spec(s["model"])  # a local part the model lacks (or one holding all of it) fails here
     _check_federation(s, f"job {name}")
     return s
 
@@ -406,6 +475,11 @@ def job_train_config(job_dir: str | Path) -> dict:
     return executor_args(job_dir)[1].get("train_config", {})
 
 
+def job_personalise(job_dir: str | Path) -> str | None:
+    """The job's ``personalise`` setting (None: not personalised)."""
+    return executor_args(job_dir)[1].get("personalise")
+
+
 def components(config) -> list[tuple[str, dict]]:
     """(class path, args) of every component a job's JSON (a file's content, or several) names, nested ones too."""
     found: list[tuple[str, dict]] = []
@@ -437,6 +511,8 @@ def _allow_list_renders():
         options.append({"aggregation": "median", "norm_bound": 3.0})
         if VARIANTS[name]["model"].get("mode") == "fedmsa" and not is_nnunet(VARIANTS[name]):
             options.append({"encryption": "he"})
+        if not is_nnunet(VARIANTS[name]):
+            options.append({"personalise": "finetune:1", "transfer": "float16"})
         for option in options:
             yield name, option
 

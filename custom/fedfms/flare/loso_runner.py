@@ -23,7 +23,8 @@ from typing import Callable, Mapping, Sequence
 from fedfms.errors import ConfigError
 from fedfms.evaluation.loso import GLOBAL_MODEL, run_loso
 from fedfms.evaluation.results import EvaluationError
-from fedfms.flare.jobs import VARIANTS, job_model_config, job_recipe, job_train_config, rewrite_job, variant_settings, write_job
+from fedfms.flare.jobs import (VARIANTS, job_model_config, job_personalise, job_recipe, job_train_config, rewrite_job,
+                               variant_settings, write_job)
 from fedfms.processes import stop_group
 from fedfms.flare.simulate import server_job_dir
 from fedfms.flavours import apply_flavour, flavour_of
@@ -179,7 +180,7 @@ class SimulatorFederation:
 
     def write(self, fold: Path, train_sites: list[str], rounds: int) -> dict:
         job = self.source.write(fold / "job", rounds, train_sites)
-        return {"model": job_model_config(job), "train": job_train_config(job)}
+        return {"model": job_model_config(job), "train": job_train_config(job), "personalise": job_personalise(job)}
 
     def run(self, fold: Path, train_sites: list[str], data_root: Path, say: Callable[[str], None]) -> Path:
         log_path = fold / "simulator.log"

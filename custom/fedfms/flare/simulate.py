@@ -155,7 +155,14 @@ def simulation_outcome(workspace: str | Path, flare_rc: int) -> Outcome:
     code = exit_code(record)
     if flare_rc != 0 and code == EXIT_OK:
         code = EXIT_FAILED
-    return Outcome(code, summarize(record), record)
+    summary = summarize(record)
+    from fedfms.evaluation.personal import personal_gaps, read_personal_record
+
+    gaps = personal_gaps(read_personal_record(server_job_dir(workspace)))
+    if gaps:  # a personalised job in which some site ended without its personalised model
+        code = EXIT_GAPS if code == EXIT_OK else code
+        summary += "".join(f"\n  {gap}" for gap in gaps)
+    return Outcome(code, summary, record)
 
 
 def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str], data_root: str | Path | None = None,

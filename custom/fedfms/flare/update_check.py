@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from fedfms.models import ModelConfig, build_model_on_meta, travel_spec
+from fedfms.models import ModelConfig, build_model_on_meta, local_spec, travel_spec
 
 # DXO meta key: the site's fedfms.models.frozen_fingerprint, checked by the server across sites
 FROZEN_FINGERPRINT = "fedfms_frozen_fingerprint"
@@ -27,15 +27,26 @@ DEFAULT_MAX_SAMPLES = 1_000_000
 
 
 @lru_cache(maxsize=8)
-def _spec_for(frozen: tuple) -> dict:
+def _specs_for(frozen: tuple) -> tuple[dict, dict]:
     cfg = ModelConfig.from_dict(dict(frozen))
-    return travel_spec(build_model_on_meta(cfg), cfg.mode)
+    model = build_model_on_meta(cfg)
+    return travel_spec(model, cfg.mode, cfg.local_parts), local_spec(model, cfg.mode, cfg.local_parts)
+
+
+def _frozen(model_config: dict) -> tuple:
+    relevant = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items() if k not in ("checkpoint", "pretrained")}
+    return tuple(sorted(relevant.items()))
 
 
 def expected_travel_spec(model_config: dict) -> dict:
-    """key -> (shape, torch dtype) of what travels for this model configuration (built on the meta device)."""
-    relevant = {k: v for k, v in model_config.items() if k not in ("checkpoint", "pretrained")}
-    return _spec_for(tuple(sorted(relevant.items())))
+    """key -> (shape, torch dtype) of what travels for this model configuration (built on the meta device): the
+    trained tensors less the sites' local part (``local_parts``)."""
+    return _specs_for(_frozen(model_config))[0]
+
+
+def expected_local_spec(model_config: dict) -> dict:
+    """key -> (shape, torch dtype) of what each site keeps (``local_parts``; empty for a job that keeps nothing)."""
+    return _specs_for(_frozen(model_config))[1]
 
 
 def _numpy_dtype(dtype) -> np.dtype:
@@ -55,6 +66,19 @@ def key_problems(keys, spec: Mapping, max_items: int = 3) -> list[str]:
     if missing:
         problems.append(f"{len(missing)} missing tensor(s) e.g. {missing[:max_items]}")
     return problems
+
+
+def local_part_problems(keys, model_config: Mapping, max_items: int = 3) -> list[str]:
+    """Tensors of the sites' local part (``local_parts`` of a personalised job) in a result: they never leave a
+    site, so their presence is named as such (besides being unexpected)."""
+    parts = model_config.get("local_parts") or ()
+    if not parts:
+        return []
+    leaked = sorted(set(keys) & set(expected_local_spec(dict(model_config))))
+    if not leaked:
+        return []
+    return [f"{len(leaked)} tensor(s) of the sites' local part ({', '.join(parts)}) e.g. {leaked[:max_items]}: "
+            "a personalised job keeps them at each site"]
 
 
 def _value_problem(key: str, value, shape: tuple, dtype: np.dtype) -> str | None:

@@ -14,7 +14,7 @@ from fedfms.models.attention import use_fused_attention
 from fedfms.models.checkpoint import load_sam_weights
 from fedfms.models.prompt_free import DENSE_PROMPTS, HEADS, PromptFreeSAM
 from fedfms.models.registry import build_image_encoder, build_mask_decoder, build_prompt_encoder, get_variant
-from fedfms.models.travel import check_mode, set_trainable
+from fedfms.models.travel import check_local_parts, check_mode, local_keys, set_trainable
 from fedfms.models.unet import UNetSegmenter
 
 
@@ -41,6 +41,12 @@ class ModelConfig:
     adapted_block_order: str = "norm_then_window"
     activation_checkpointing: bool = False
     fused_attention: bool = True  # same numbers as SAM's attention, far less memory (models/attention.py)
+    # what each site keeps of the trained model, never sent: some of "norm", "head", "decoder" (models/travel.py);
+    # set by a job's `personalise` setting (fedfms.training.personal)
+    local_parts: tuple = ()
+
+    def __post_init__(self):
+        self.local_parts = check_local_parts(self.local_parts)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
@@ -64,7 +70,12 @@ def build_unet(cfg: ModelConfig) -> UNetSegmenter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = UNetSegmenter(cfg.num_classes, cfg.image_size or 1024)
-    return set_trainable(model, cfg.mode)
+    return _checked_local_parts(set_trainable(model, cfg.mode), cfg)
+
+
+def _checked_local_parts(model, cfg: ModelConfig):
+    local_keys(model, cfg.mode, cfg.local_parts)  # a local part the model lacks, or one holding everything: ConfigError
+    return model
 
 
 def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
@@ -107,7 +118,7 @@ def build_model(cfg: ModelConfig) -> PromptFreeSAM | UNetSegmenter:
             use_fused_attention(model.image_encoder)
     if cfg.pretrained:
         load_sam_weights(model, Path(cfg.checkpoint).expanduser(), cfg.variant)
-    return set_trainable(model, cfg.mode)
+    return _checked_local_parts(set_trainable(model, cfg.mode), cfg)
 
 
 def build_model_on_meta(cfg: ModelConfig) -> PromptFreeSAM:

@@ -36,7 +36,7 @@ from fedfms.data import volumes as vol
 from fedfms.data.geometry import PAD, check_resize, fit_image, restore_logits
 from fedfms.data.preparers.common import TIFF_EXTS, read_pixels, to_rgb
 from fedfms.errors import CheckpointError, ConfigError, DataError
-from fedfms.models import ModelConfig, build_model, travel_keys
+from fedfms.models import ModelConfig, build_model, local_keys, trained_keys, travel_keys
 from fedfms.models.checkpoint import read_state_dict
 from fedfms.training.trainer import autocast_for, pick_device
 from fedfms.config import missing_folders
@@ -50,16 +50,28 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(path, "weights file", "a saved travel set (e.g. FL_global_model.pt)")
 
 
-def load_model(model_cfg: ModelConfig | Mapping, weights_path: str | os.PathLike) -> torch.nn.Module:
+def load_model(model_cfg: ModelConfig | Mapping, weights_path: str | os.PathLike, initial_local: bool = False) -> torch.nn.Module:
     """``build_model(model_cfg)`` with the travel set from ``weights_path`` loaded on top.
 
-    The file must hold every tensor of the mode's travel set (otherwise part of the model would stay at its
-    initial values) and nothing the model lacks; every shape must match."""
+    The file must hold every tensor the model trains (otherwise part of the model would stay at its initial
+    values) and nothing the model lacks; every shape must match. For a personalised model (``local_parts``) that
+    is a site's model (``fedfms_personal/*.pt`` in the site's run folder): the server's global model holds the
+    shared part only. ``initial_local``: accept a file without the local part and keep the model's initial local
+    part instead (how a site that never joined uses the global model: ``fedfms.evaluation.personal.held_out_model``)."""
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(dict(model_cfg))
     model = build_model(cfg)
     weights = load_weights(weights_path)
     state = model.state_dict()
-    missing = sorted(set(travel_keys(model, cfg.mode)) - set(weights))
+    required = travel_keys(model, cfg.mode, cfg.local_parts) if initial_local else trained_keys(model, cfg.mode)
+    missing = sorted(set(required) - set(weights))
+    local = set(local_keys(model, cfg.mode, cfg.local_parts))
+    if missing and set(missing) <= local:
+        raise CheckpointError(
+            f"{weights_path}: holds the shared part of a personalised model only; the job keeps its "
+            f"{', '.join(cfg.local_parts)} at each site ({len(missing)} tensor(s), e.g. {missing[:1]}). Pass a site's model "
+            "from fedfms_personal/ in that site's run folder: global_model.pt (the global model with the site's local "
+            "part) or personal_model.pt (its personalised model)"
+        )
     unexpected = sorted(set(weights) - set(state))
     if missing or unexpected:
         raise CheckpointError(

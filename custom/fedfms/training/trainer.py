@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fedfms.data.site_dataset import SiteDataset, patient_split
 from fedfms.config import from_mapping
 from fedfms.errors import ConfigError
-from fedfms.models import ModelConfig, build_model, travel_spec, travel_state_dict
+from fedfms.models import ModelConfig, build_model, local_spec, local_state_dict, trained_keys, travel_spec, travel_state_dict
 from fedfms.training.metrics import SegmentationMetric, reference_space
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ class LocalTrainer:
         if train_cfg.compile == "regional":
             compile_regions(self.model)
         self.mode = model_cfg.mode
-        self._spec = travel_spec(self.model, self.mode)
+        self.local_parts = model_cfg.local_parts  # what a personalised job keeps at this site, never sent
+        self._spec = travel_spec(self.model, self.mode, self.local_parts)
+        self._local_spec = local_spec(self.model, self.mode, self.local_parts)
         site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
         parts = {"train": [], "val": [], "all": []}
         for d in site_dirs:
@@ -194,22 +196,48 @@ class LocalTrainer:
         return len(self.datasets["train"])
 
     def travel_weights(self) -> dict[str, torch.Tensor]:
-        return travel_state_dict(self.model, self.mode)
+        """What leaves the site: the trained tensors less the local part."""
+        return travel_state_dict(self.model, self.mode, self.local_parts)
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """The site's local part (``local_parts``; empty when the job keeps nothing here)."""
+        return local_state_dict(self.model, self.mode, self.local_parts)
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor, shared and local: the site's whole model (what a personal model file holds)."""
+        keys = set(trained_keys(self.model, self.mode))
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k in keys}
 
     def load_travel_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load global weights; they must be exactly this mode's travel set (same keys and shapes)."""
-        missing = sorted(set(self._spec) - set(weights))
-        extra = sorted(set(weights) - set(self._spec))
+        """Load global weights; they must be exactly this mode's travel set (same keys and shapes). The local part
+        stays as it is."""
+        self._load_checked(weights, self._spec, f"the {self.mode} travel set", "global")
+
+    def load_local_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load this site's local part (exactly its keys and shapes)."""
+        self._load_checked(weights, self._local_spec, f"the local part ({', '.join(self.local_parts) or 'none'})", "local")
+
+    def load_trained_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load a whole site model: the travel set and the local part."""
+        self._load_checked(weights, {**self._spec, **self._local_spec}, f"the {self.mode} trained tensors", "site")
+
+    def _load_checked(self, weights: Mapping[str, torch.Tensor], spec: Mapping, what: str, kind: str) -> None:
+        missing = sorted(set(spec) - set(weights))
+        extra = sorted(set(weights) - set(spec))
         if missing or extra:
             raise WeightsMismatch(
-                f"global weights do not match the {self.mode} travel set: {len(missing)} missing (e.g. {missing[:1]}), "
+                f"{kind} weights do not match {what}: {len(missing)} missing (e.g. {missing[:1]}), "
                 f"{len(extra)} unexpected (e.g. {extra[:1]})"
             )
         for k, v in weights.items():
-            if tuple(v.shape) != self._spec[k][0]:
-                raise WeightsMismatch(f"global weight '{k}' has shape {tuple(v.shape)}; expected {self._spec[k][0]}")
+            if tuple(v.shape) != spec[k][0]:
+                raise WeightsMismatch(f"{kind} weight '{k}' has shape {tuple(v.shape)}; expected {spec[k][0]}")
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
         self.model.load_state_dict(tensors, strict=False)
+
+    def reset_optimizer(self) -> None:
+        """Forget Adam's moments (a fine-tune or a fresh start does not inherit the federation's last round)."""
+        self.optimizer.state.clear()
 
     # ------------------------------------------------------------------ loops
     def _autocast(self):

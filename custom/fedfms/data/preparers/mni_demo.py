@@ -5,8 +5,10 @@ intensity threshold finds it (Dice ~0.84). Real scans are not clean: every scan 
 "scanner" with its own smooth multiplicative intensity inhomogeneity (a bias field, different in every scan and
 strong enough that white matter on one side of a slice is darker than grey matter on the other), its own noise,
 contrast curve (gamma) and head position (rotation, scale, shift), so no single threshold per site is right for
-its scans. The three sites differ in scanner (how strong the inhomogeneity and noise are, the contrast curve) and
-in size: ``site-3`` is scarce, with two scans (one to train on, one to validate), against six at the others.
+its scans. The four sites differ in scanner (how strong the inhomogeneity and noise are, the contrast curve) and
+in size: ``site-3`` is scarce, with two scans (one to train on, one to validate), against six at the others;
+``site-4``'s scanner inverts the tissue contrast (another sequence: white matter is the darkest tissue in the head,
+not the brightest), the kind of site a single global model serves worst.
 
 Each scan is a block of axial slices (every third slice, to keep the demo small) written as one NIfTI "case" in
 the prostate layout, then prepared by the same NIfTI path as real volumes (percentile window, depth slicing,
@@ -26,11 +28,11 @@ from fedfms.data.preparers import common, layout, prostate
 from fedfms.errors import DataError
 
 DATASET = "mni-demo"
-SITES = ("site-1", "site-2", "site-3")
+SITES = ("site-1", "site-2", "site-3", "site-4")
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 WHITE_MATTER = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 MIN_WM_VOXELS = 2000  # axial slices with this much white matter (1 mm voxels): above the cerebellum's fringe
-RAW_VERSION = 2  # bump when the raw volumes change: an older raw folder is built again
+RAW_VERSION = 3  # bump when the raw volumes change: an older raw folder is built again
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Scanner:
     noise: float  # Rician noise, as a share of the brightest tissue
     gamma: float  # contrast curve on the [0, 1] image
     description: str
+    invert: bool = False  # tissue contrast reversed inside the head (white matter darkest), background still dark
 
 
 SCANNERS = {
@@ -50,6 +53,8 @@ SCANNERS = {
     "site-2": Scanner(scans=6, slices=8, bias=0.35, noise=0.03, gamma=1.2, description="6 scans, strong inhomogeneity, harder contrast"),
     "site-3": Scanner(scans=2, slices=6, bias=0.35, noise=0.04, gamma=1.0,
                       description="scarce: 2 scans (1 to train, 1 to validate), strong inhomogeneity, noisy"),
+    "site-4": Scanner(scans=6, slices=8, bias=0.25, noise=0.03, gamma=1.0, invert=True,
+                      description="6 scans, inverted contrast (another sequence: white matter darkest), moderate inhomogeneity"),
 }
 SLICE_STRIDE = 3
 FOV = 160  # mm (voxels) of the square in-plane field of view
@@ -106,6 +111,8 @@ def _scan(rng: np.random.Generator, scanner: Scanner, t1: np.ndarray, wm: np.nda
     image, wm_prob = _pose(rng, t1[:, :, block], wm[:, :, block])
     head = image > 0.05
     x = np.clip(image, 0, 1) ** scanner.gamma
+    if scanner.invert:
+        x = np.where(head, np.clip(1.0 - x, 0.0, None) + 0.1, 0.0).astype(np.float32)
     x = x * _bias_field(rng, x.shape, scanner.bias, head)
     sigma = scanner.noise
     x = np.sqrt((x + rng.normal(0, sigma, x.shape)) ** 2 + rng.normal(0, sigma, x.shape) ** 2)  # Rician
@@ -118,7 +125,7 @@ def _settings() -> dict:
 
 
 def build_raw(raw: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write ``raw/<site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` for the three demo sites (a raw folder
+    """Write ``raw/<site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` for the four demo sites (a raw folder
     written by another version of this function is written again)."""
     import nibabel as nib
 
