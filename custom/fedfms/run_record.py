@@ -40,7 +40,8 @@ def site_summary(record: dict) -> dict:
     for r in record.get("rounds", []):
         if r.get("status") == RUNNING and r.get("seconds") is None and not r.get("accepted") and not r.get("failed"):
             continue
-        why = {**{s: "no result" for s in r.get("missing", [])}, **r.get("failed", {})}
+        ended = r.get("ended", {})  # why the round stopped waiting for a site (fedfms.flare.liveness)
+        why = {**{s: ended.get(s, "no result") for s in r.get("missing", [])}, **r.get("failed", {})}
         for site in set(sites) | set(r.get("accepted", {})) | set(why):
             entry = sites.setdefault(site, {"samples": None, "contributed": [], "missed": {}})
             if site in r.get("accepted", {}):

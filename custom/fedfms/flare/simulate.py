@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.errors import ConfigError, DataError
 from fedfms.capacity import Placement, choose_placement
-from fedfms.flare.jobs import (
-    class_allow_list,
-    job_model_config,
-    job_recipe,
-    job_train_config,
-    rewrite_job,
-    round_timeouts,
-    variant_settings,
-)
+from fedfms.flare.jobs import class_allow_list, job_model_config, job_recipe, job_train_config, rewrite_job
+from fedfms.flare.liveness import SIMULATED
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
@@ -61,26 +55,11 @@ def quiet_log_config(workspace: str | Path) -> Path:
     return path
 
 
-def largest_site(data_root: str | Path | None, clients: list[str]) -> int | None:
-    """The most samples any of the clients' prepared folders holds (for the job's timeouts), if readable."""
-    if data_root is None:
-        return None
-    from fedfms.data.site_dataset import read_manifest
-
-    counts = []
-    for client in clients:
-        try:
-            counts.append(len(read_manifest(Path(data_root) / client).samples))
-        except DataError:
-            continue  # the site itself will report why it cannot start
-    return max(counts) if counts else None
-
-
-def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str],
-                    data_root: str | Path | None = None, threads: int | None = None) -> Path:
+def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str]) -> Path:
     """The job as this run needs it: its recipe rendered again for exactly these sites (every one is expected in
-    every round; the timeouts follow the largest site's data, and grow when ``threads`` < sites because the
-    simulator then trains the sites of a round in turn). A hand-written job is used as it is."""
+    every round). No timeout is derived here: a round waits as long as its sites report progress
+    (``fedfms.flare.liveness``), also when the simulator trains the sites of a round in turn. A hand-written job is
+    used as it is."""
     job_dir = Path(job_dir)
     recipe = job_recipe(job_dir)
     if recipe is None or not matches_recipe(job_dir, *recipe):
@@ -89,16 +68,8 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
     if settings.get("sites") and sorted(settings["sites"]) != sorted(clients):
         raise ConfigError(f"{job_dir}: the job names sites {settings['sites']}, but the simulation runs {clients}; "
                           "pass --clients with the job's sites")
-    changes = {"sites": list(clients)}
-    if not settings.get("samples_per_site") and not settings.get("site_samples"):
-        changes["samples_per_site"] = largest_site(data_root, clients)
-    turns = math.ceil(len(clients) / threads) if threads else 1
-    if turns > 1 and not settings.get("round_timeout"):
-        variant, _ = recipe
-        per_site = round_timeouts(variant_settings(variant, **{**settings, **changes}))["train"]
-        changes["round_timeout"] = per_site * turns
     # under local/: the simulator clears the rest of its workspace when it starts
-    return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, **changes)
+    return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, sites=list(clients))
 
 
 def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
@@ -152,6 +123,9 @@ def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str
 SITE_START_TIMEOUT_S = 600
 
 
+_TURN = threading.local()  # the site whose process a simulator thread is running
+
+
 def _simulator_runner_class():
     from nvflare import SimulatorRunner  # FLARE's public simulator entry (nvflare/__init__.py)
 
@@ -162,6 +136,48 @@ def _simulator_runner_class():
             return parsed
 
     return Runner
+
+
+def _watched_client_runner_class(base):
+    """FLARE's ``SimulatorClientRunner`` (it starts and drives the site processes), telling the server's federation
+    monitor (same process: ``fedfms.flare.liveness.SIMULATED``) when a site's turn starts and when its process
+    exits abnormally. FLARE itself only logs "Communication error with client" and the round waits for ever."""
+
+    class WatchedClientRunner(base):
+        def do_one_task(self, client, *args, **kwargs):
+            _TURN.process = None
+            SIMULATED.turn_started(client.client_name)
+            try:
+                result = super().do_one_task(client, *args, **kwargs)
+            finally:
+                SIMULATED.turn_ended(client.client_name)
+            # FLARE returns (True, None, site) when the site's process died or its pipe broke ("Subprocess died",
+            # "Communication error"); a turn that ends normally names the next client to run
+            process = _TURN.process
+            if isinstance(result, tuple) and len(result) == 3 and result[1] is None and process is not None:
+                SIMULATED.exited(client.client_name, process.returncode if process.returncode is not None else -1)
+            return result
+
+        def _cleanup_process(self, process, *args, **kwargs):
+            _TURN.process = process  # FLARE ends it if it still runs; its return code is then known
+            return super()._cleanup_process(process, *args, **kwargs)
+
+    return WatchedClientRunner
+
+
+@contextmanager
+def watched_site_processes():
+    """While a simulation runs: FLARE's simulator builds its client runner from this module attribute (FLARE has
+    no hook for the site processes' exits), so it is swapped for the watched subclass and put back afterwards."""
+    from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
+
+    original = flare_simulator.SimulatorClientRunner
+    flare_simulator.SimulatorClientRunner = _watched_client_runner_class(original)
+    SIMULATED.activate()
+    try:
+        yield
+    finally:
+        flare_simulator.SimulatorClientRunner = original
 
 
 def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None) -> Placement:
@@ -202,7 +218,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     from fedfms.flare.he import prepare_simulation
 
     prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
-    job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
+    job = job_for_clients(job_dir, workspace, clients)
     if data_root is not None:
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     runner = _Runner(
@@ -210,7 +226,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         threads=placement.simulator_threads, gpu=placement.gpu_arg,
         log_config=str(quiet_log_config(workspace)) if quiet else None,
     )
-    return simulation_outcome(workspace, runner.run())
+    with watched_site_processes():
+        flare_rc = runner.run()
+    return simulation_outcome(workspace, flare_rc)
 
 
 def server_job_dir(workspace: str | Path) -> Path:

@@ -52,10 +52,15 @@ def read_site_config(local_dir: str | os.PathLike | None) -> dict:
     return data
 
 
-def resolve_site_settings(site_name: str, job_defaults: dict, local_dir: str | os.PathLike | None) -> dict:
-    """Merge job defaults with the site file (the site wins) and expand ``{site_name}`` / ``$VARS``."""
+def resolve_site_settings(site_name: str, job_defaults: dict, local_dir: str | os.PathLike | None,
+                          pretrained: bool = True) -> dict:
+    """Merge job defaults with the site file (the site wins) and expand ``{site_name}`` / ``$VARS``. A model with
+    ``pretrained: false`` (random init, the paper's -PT ablation) loads no checkpoint: its ``checkpoint`` setting is
+    dropped instead of expanded, so an unset ``$FEDFMS_SAM_CHECKPOINT`` does not stop the site."""
     merged = {**{k: v for k, v in job_defaults.items() if v is not None}, **read_site_config(local_dir)}
     merged["data_dir"] = expand(merged.get("data_dir", DEFAULT_DATA_DIR), site_name)
-    if merged.get("checkpoint"):
+    if not pretrained:
+        merged["checkpoint"] = None
+    elif merged.get("checkpoint"):
         merged["checkpoint"] = expand(merged["checkpoint"], site_name)
     return merged
