@@ -65,7 +65,10 @@ def measure_one(config: dict) -> dict:
     result = trainer.train_round(dxo_to_tensors(received))
     sent = DXO(DataKind.WEIGHTS, tensors_to_numpy(result.weights)).to_shareable()  # the result as it leaves
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {**config, "peak_rss_gb": round(peak / 1e9, 2), "image_size": image, "seconds": round(time.perf_counter() - start, 1),
+    import psutil
+
+    shared = psutil.Process().memory_info().shared  # file-backed pages (libraries) other site processes share
+    out = {**config, "peak_rss_gb": round(peak / 1e9, 2), "shared_gb": round(shared / 1e9, 2), "image_size": image, "seconds": round(time.perf_counter() - start, 1),
            "train_s_per_sample": round(result.metrics["train"]["seconds"] / max(result.metrics["train"]["steps"] * batch, 1), 2)}
     if trainer.device.type == "cuda":
         out["gpu_peak_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
@@ -94,6 +97,7 @@ def merge(rows: list[dict], path: Path) -> dict:
     old = [r for r in table.get("rows", []) if not any(all(r.get(k) == n.get(k) for k in key) for n in rows)]
     table.update({
         "about": "peak resident memory (GB) of one site process in a round, measured by bench/bench_memory.py; "
+                 "shared_gb: its file-backed pages (libraries), mapped once for all site processes; "
                  "gpu_peak_gb: PyTorch's peak reserved GPU memory",
         "rows": sorted(old + [r for r in rows if "error" not in r],
                        key=lambda r: (r["variant"], r["mode"], r["device"], r["checkpointing"], r["batch"])),

@@ -65,9 +65,16 @@ def test_a_reporting_site_that_finishes_no_sample_for_ten_of_its_own_steps_is_st
     live = SiteLiveness(["a"], no_progress_timeout=120, clock=clock)
     live.seen("a", {"phase": "train", "done": 6, "total": 12, "step_s_max": 30.0, "since_sample_s": 250.0})
     assert live.overdue() == []  # 250 s < 10 x 30 s
-    live.seen("a", {"phase": "train", "done": 6, "total": 12, "step_s_max": 30.0, "since_sample_s": 301.0})
+    live.seen("a", {"phase": "train", "done": 6, "total": 12, "step_s_max": 30.0, "since_sample_s": 295.0})
+    clock.now += 10  # its next report is due: the time since it spoke counts too
     [(_, cause)] = live.overdue()
-    assert "finished no sample for 5.0 min" in cause and "10x its own longest step, 30 s" in cause
+    assert "finished no sample for 5.1 min" in cause and "10x its own longest step, 30 s" in cause
+    # a site that stopped reporting is named by the silence rule, not as stalled
+    live = SiteLiveness(["a"], no_progress_timeout=120, clock=clock)
+    live.seen("a", {"phase": "train", "done": 6, "total": 12, "step_s_max": 1.0, "since_sample_s": 0.5})
+    clock.now += 121
+    [(_, cause)] = live.overdue()
+    assert cause.startswith("no report from it for 2.0 min")
     # a slow site (its steps take 20 min) is never stalled by someone else's idea of speed
     live = SiteLiveness(["a"], no_progress_timeout=120, clock=clock)
     live.seen("a", {"phase": "train", "done": 6, "total": 12, "step_s_max": 1200.0, "since_sample_s": 3000.0})

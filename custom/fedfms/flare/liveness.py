@@ -226,6 +226,8 @@ class SiteLiveness:
         r = s.report
         if r.get("phase") not in WORKING or r.get("since_sample_s") is None or not r.get("step_s_max"):
             return None
+        if s.last_seen is None or now - s.last_seen > 3 * REPORT_S:
+            return None  # not reporting either: the silence rule names it
         waited = r["since_sample_s"] + (now - s.last_seen)
         limit = max(self.no_progress_timeout, STALL_FACTOR * r["step_s_max"])
         if waited <= limit:

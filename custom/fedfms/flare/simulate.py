@@ -180,12 +180,35 @@ def watched_site_processes():
         flare_simulator.SimulatorClientRunner = original
 
 
-def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None) -> Placement:
+def largest_batch(train: dict, data_root: str | Path | None, clients: list[str]) -> int:
+    """The most samples one training step of any site holds: the job's batch, or fewer when every site has fewer
+    training samples (what the memory of a site process grows with)."""
+    batch = int(train.get("batch_size", 6))
+    if data_root is None:
+        return batch
+    from fedfms.data.site_dataset import patient_split, read_manifest
+    from fedfms.site_check import TRAIN_DEFAULTS
+
+    most = 0
+    for client in clients:
+        try:
+            m = read_manifest(Path(data_root) / client)
+        except DataError:
+            return batch  # the site itself will say why it cannot start
+        train_idx, _ = patient_split(m.volumes, train.get("val_fraction", TRAIN_DEFAULTS["val_fraction"]),
+                                     train.get("split_seed", TRAIN_DEFAULTS["split_seed"]))
+        most = max(most, len(train_idx))
+    return max(1, min(batch, most)) if most else batch
+
+
+def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None,
+                  data_root: str | Path | None = None, clients: list[str] | None = None) -> Placement:
     """How many of the job's sites train at once, and on which GPUs (see fedfms.capacity)."""
     model, train = job_model_config(job_dir), job_train_config(job_dir)
     device = str(train.get("device", "auto"))
     return choose_placement(num_sites, model.get("variant", "vit_b"), model.get("mode", "fedmsa"),
-                            device="cpu" if device == "cpu" else "auto", batch_size=int(train.get("batch_size", 6)),
+                            device="cpu" if device == "cpu" else "auto",
+                            batch_size=largest_batch(train, data_root, clients or []),
                             checkpointing=bool(model.get("activation_checkpointing")), threads=threads, gpus=gpus)
 
 
@@ -197,11 +220,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads is {threads}; expected a positive number of sites to train at once")
-    placement = placement_for(job_dir, len(clients), threads, gpus)
-    echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
     if data_root is not None:  # what check-site would warn about, before anything starts
-        from fedfms.site_check import site_warnings
-
         if not Path(data_root).is_dir():
             raise DataError(f"{data_root}: --data-root does not exist; expected a folder with one prepared site folder "
                             f"per --clients name")
@@ -210,6 +229,12 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
             found = ", ".join(sorted(p.name for p in Path(data_root).iterdir() if p.is_dir())) or "none"
             raise DataError(f"{data_root}: no site folder for client(s) {', '.join(missing)}; expected one prepared site "
                             f"folder per --clients name (found: {found})")
+    placement = placement_for(job_dir, len(clients), threads, gpus, data_root, clients)
+    if not placement.fits:  # refused before anything starts, with what would fit
+        raise ConfigError(placement.reason)
+    echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
+    if data_root is not None:
+        from fedfms.site_check import site_warnings
 
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
