@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,7 @@ class FedFMSExecutor(Executor):
         self.fingerprint: str | None = None
         self.writer = None
         self.progress: ProgressReporter | None = None  # the site's reports to the server (fedfms.flare.liveness)
+        self._upload_started = self._result_mb = self._result_round = None  # the last training result's upload
 
     # ------------------------------------------------------------------ set-up
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -127,7 +129,13 @@ class FedFMSExecutor(Executor):
                 self.setup_error = f"{type(exc).__name__}: {exc}"
                 self.log_error(fl_ctx, f"this site cannot run the job: {self.setup_error}")
             self.progress.phase("idle")
+        elif event_type == EventType.BEFORE_SEND_TASK_RESULT:
+            self._upload_started = time.monotonic()
         elif event_type == EventType.AFTER_SEND_TASK_RESULT and self.progress is not None:
+            if self._upload_started is not None and self._result_mb is not None:
+                self.progress.transfer(upload_s=time.monotonic() - self._upload_started, upload_mb=self._result_mb,
+                                       upload_round=self._result_round)
+            self._upload_started = self._result_mb = None
             self.progress.phase("idle")
         elif event_type == EventType.END_RUN and self.progress is not None:
             self.progress.stop()
@@ -186,7 +194,11 @@ class FedFMSExecutor(Executor):
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        received_at = time.time()
         incoming = self._incoming(shareable)
+        if self.progress is not None:
+            self.progress.transfer(task_at=received_at, task_round=int(current_round),
+                                   task_mb=sum(v.numel() * v.element_size() for v in incoming.values()) * self.bytes_factor / 1e6)
         self._report("train", current_round)
         if self.processes > 1:
             try:
@@ -215,6 +227,8 @@ class FedFMSExecutor(Executor):
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
         reply = DXO(self.update_kind, weights, meta=meta).to_shareable()
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
+        self._result_mb = sum(v.nbytes for v in weights.values()) * self.bytes_factor / 1e6
+        self._result_round = int(current_round)
         return reply
 
     def _train_distributed(self, incoming: dict[str, torch.Tensor], abort_signal: Signal):

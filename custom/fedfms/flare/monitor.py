@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import threading
 import time
@@ -152,6 +153,7 @@ class FederationMonitor(Widget):
         self._controller = None  # the running workflow, told when a site is gone
         self._lock = threading.RLock()  # FLARE's threads and the liveness watch both change the record
         self._watching = threading.Event()
+        self._sent_at: dict = {}  # (site, round) -> wall time its training task was handed out
         self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------------ events
@@ -252,7 +254,23 @@ class FederationMonitor(Widget):
                 with self._lock:
                     peaks = self.record.setdefault("peak_rss_gb", {})
                     peaks[site] = max(peaks.get(site, 0.0), float(peak))
+            self._transfers(site, report)
         return make_reply(ReturnCode.OK)
+
+    def _transfers(self, site: str, report: dict) -> None:
+        """Per training round and site: seconds and MB of the task's way to the site (the server's hand-out to the
+        site's executor; same clock on one machine) and of the result's upload (measured at the site)."""
+        with self._lock:
+            rows = self.record.setdefault("transfers", {})
+            r = report.get("task_round")
+            sent = self._sent_at.get((site, r))
+            if r is not None and sent is not None and isinstance(report.get("task_at"), (int, float)):
+                row = rows.setdefault(f"{r}/{site}", {"round": r, "site": site})
+                row.update(down_s=round(report["task_at"] - sent, 2), down_mb=report.get("task_mb"))
+            u = report.get("upload_round")
+            if u is not None and isinstance(report.get("upload_s"), (int, float)):
+                row = rows.setdefault(f"{u}/{site}", {"round": u, "site": site})
+                row.update(up_s=report["upload_s"], up_mb=report.get("upload_mb"))
 
     def _watch(self) -> None:
         while self._watching.is_set():
@@ -324,6 +342,8 @@ class FederationMonitor(Widget):
         """A site that fetches a task is alive: its silence is counted from here."""
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer is not None else None
+        if site and fl_ctx.get_prop(FLContextKey.TASK_NAME) == self.train_task_name and self._round is not None:
+            self._sent_at[(site, self._round["round"])] = time.time()
         if site and self.liveness is not None and self.liveness.heard(site):
             threading.Thread(target=self._back, args=(site,), daemon=True).start()
 
@@ -531,6 +551,8 @@ class FederationMonitor(Widget):
 
     def _end(self, fl_ctx: FLContext) -> None:
         self._stop_watch()
+        # this process's peak (the server's job process; in the simulator also its site threads, not the sites)
+        self.record["server_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
         last = self.record.get("last_round")
         done = [r for r in self.record.get("rounds", []) if r.get("seconds") is not None]
         finished = last is not None and any(r["round"] == last for r in done)

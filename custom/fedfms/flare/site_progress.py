@@ -87,6 +87,12 @@ class ProgressReporter:
             self._last_sample = None
         self.report(force=True)
 
+    def transfer(self, **figures) -> None:
+        """What the last transfers took, measured here (``task_at``: wall time the task reached the executor,
+        ``task_mb``; ``upload_s``/``upload_mb``: the last result's upload); sent with the following reports."""
+        with self._lock:
+            self._state.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()})
+
     def samples(self, phase: str, done: int, total: int) -> None:
         """``done`` of ``total`` samples of the current phase are finished (the trainer's callback)."""
         now = self.clock()
