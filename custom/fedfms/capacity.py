@@ -206,7 +206,8 @@ def choose_placement(num_sites: int, variant: str, mode: str, device: str = "aut
         if fit < wanted:
             need = _host_need(wanted, site, server)
             return Placement(threads=0, gpus=None, fits=False, reason=(
-                f"{_who(wanted, variant, mode, batch_size, 'CPU')} need ~{need * GB_PER_GIB:.0f} GB ({site_text}, "
+                f"{_who(wanted, variant, mode, batch_size, 'CPU')} need{'s' if wanted == 1 else ''} ~{need * GB_PER_GIB:.0f} GB "
+                f"({site_text}, "
                 f"+{server * GB_PER_GIB:.1f} GB for the simulator's server); {usable * GB_PER_GIB:.0f} GB usable of "
                 f"{host * GB_PER_GIB:.0f} GB free: {_remedies(variant, batch_size, checkpointing, threads)}"))
     if threads:
