@@ -68,7 +68,8 @@ def measure_one(config: dict) -> dict:
     import psutil
 
     shared = psutil.Process().memory_info().shared  # file-backed pages (libraries) other site processes share
-    out = {**config, "peak_rss_gb": round(peak / 1e9, 2), "shared_gb": round(shared / 1e9, 2), "image_size": image, "seconds": round(time.perf_counter() - start, 1),
+    out = {**config, "peak_rss_gb": round(peak / 1e9, 2), "shared_gb": round(shared / 1e9, 2), "image_size": image,
+           "seconds": round(time.perf_counter() - start, 1),
            "train_s_per_sample": round(result.metrics["train"]["seconds"] / max(result.metrics["train"]["steps"] * batch, 1), 2)}
     if trainer.device.type == "cuda":
         out["gpu_peak_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)

@@ -107,6 +107,25 @@ def test_a_death_says_why_when_it_is_known():
     assert death_cause(-9, {"rss_gb": 2.0, "host_free_gb": 12.0}, 3, 3).startswith("its process was killed by SIGKILL (signal 9) (")
 
 
+def test_a_site_reports_its_phase_samples_speed_and_memory_and_logs_a_line_every_30_s(caplog):
+    from fedfms.flare.site_progress import SITE_LOGGER, ProgressReporter
+
+    clock, sent = Clock(), []
+    reporter = ProgressReporter(None, "site-1", clock=clock, send=sent.append)
+    reporter.phase("train", round_=2)
+    assert sent[-1]["phase"] == "train" and sent[-1]["round"] == 2 and sent[-1]["rss_gb"] > 0
+    with caplog.at_level("INFO", logger=SITE_LOGGER):
+        for done in (6, 12, 18):
+            clock.now += 5.4  # 0.9 s per sample, 6 per step
+            reporter.samples("train", done, 261)
+        last = sent[-1]
+        assert (last["done"], last["total"], last["s_per_sample"], last["step_s_max"]) == (18, 261, 0.9, 5.4)
+        assert [r.getMessage() for r in caplog.records] == ["site-1 6/261 samples, 0.9 s/sample, ~3.8 min left"]
+        clock.now += 30
+        reporter.samples("train", 24, 261)
+    assert caplog.records[-1].getMessage() == "site-1 24/261 samples, 0.9 s/sample, ~3.6 min left"
+
+
 def test_jobs_wait_on_progress_not_on_a_guessed_speed():
     server = render_job("fedmsa", samples_per_site=2000)["app/config/config_fed_server.json"]
     workflows = {w["id"]: w for w in server["workflows"]}

@@ -81,47 +81,37 @@ def test_vit_b_jobs_run_to_the_end_in_the_simulator(tmp_path, variant, mode):
     check_memory(record, "vit_b", mode, batch=min(6, train_samples(data / "site-1")))
 
 
-def _poc_round(tmp_path: Path, variant: str, sites: list[str], threads: int | None = None) -> tuple[dict, dict, Path]:
-    """One round of ``variant`` (random init) in a fresh POC federation; (record, state, downloaded result)."""
-    from fedfms.deploy import poc, runtime as rt
-    from fedfms.flare.jobs import write_job
-
-    # 2 samples per site: 2 volumes x 1 slice, one trains and one validates
-    data = sites_1024(tmp_path / "data", sites, volumes=2, slices=1)
-    job = write_job(variant, tmp_path / "job", num_rounds=1, model={"pretrained": False})
-    ws = tmp_path / "poc"
-    poc.prepare(str(ws), sites, site_data={s: data / s for s in sites}, threads=threads)
-    try:
-        state = poc.start(str(ws), timeout=600)
-        job_id = poc.submit(str(ws), str(job))
-        meta = poc.wait(str(ws), job_id, timeout=3000)
-        result = poc.download(str(ws), job_id, str(tmp_path / "results"))
-        assert meta["status"] == "FINISHED:COMPLETED", meta
-    finally:
-        state = poc.load_state(str(ws))
-        rt.kill_all(state.get("pids", {}).values(), paths=[state["poc_workspace"]])
-    record = json.loads(next(result.rglob("fedfms_run.json")).read_text())
-    return record, state, result
+def _poc_round(tmp_path: Path, variant: str, sites: int, threads: int) -> dict:
+    """One round of ``variant`` (random init, 2 samples per site: one trains, one validates) in a fresh POC
+    federation, through bench/bench_fullsize.py, which prints the processes' peak memory and the transfers."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_fullsize.py"), "--variant", variant, "--sites",
+                           str(sites), "--threads", str(threads), "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=3600)
+    print(proc.stdout[-4000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_vit_b_fedmsa_one_round_in_poc_with_mutual_tls(tmp_path):
     sites = ["site-1", "site-2"]
-    record, state, _ = _poc_round(tmp_path, "fedmsa", sites, threads=1)  # two sites share the two cores
-    assert record["status"] == "completed" and sorted(record["rounds"][0]["accepted"]) == sites
-    prod = Path(state["prod_dir"])
+    out = _poc_round(tmp_path, "fedmsa", 2, threads=1)  # two sites share the two cores
+    record = out["record"]
+    assert out["status"] == "FINISHED:COMPLETED" and record["status"] == "completed"
+    assert sorted(record["rounds"][0]["accepted"]) == sites
+    prod = next((tmp_path / "work" / "poc").rglob("prod_00"))
     assert json.loads((prod / "server" / "startup" / "fed_server.json").read_text())["servers"][0]["connection_security"] == "mtls"
     for site in sites:
         assert json.loads((prod / site / "startup" / "fed_client.json").read_text())["client"]["connection_security"] == "mtls"
         assert f"SSL {site}]" in (prod / "server" / "log.txt").read_text(errors="replace")
-    print(f"fedmsa POC: round {record['rounds'][0]['seconds']} s; transfers {record.get('transfers')}; "
-          f"site peaks {record['peak_rss_gb']} GB; server job {record.get('server_peak_rss_gb')} GB")
 
 
 def test_vit_l_fedsam_one_round_in_poc(tmp_path):
-    record, state, _ = _poc_round(tmp_path, "fedsam_l", ["site-1"], threads=2)  # one site: both cores
-    assert record["status"] == "completed" and list(record["rounds"][0]["accepted"]) == ["site-1"]
+    out = _poc_round(tmp_path, "fedsam_l", 1, threads=2)  # one site: both cores
+    record = out["record"]
+    assert out["status"] == "FINISHED:COMPLETED" and record["status"] == "completed"
+    assert list(record["rounds"][0]["accepted"]) == ["site-1"]
     transfer = record["transfers"]["0/site-1"]
     assert transfer["down_mb"] > 1000 and transfer["up_mb"] > 1000  # the whole ViT-L model both ways
-    print(f"fedsam_l POC: round {record['rounds'][0]['seconds']} s; transfer {transfer}; site peak "
-          f"{record['peak_rss_gb']} GB; server job {record.get('server_peak_rss_gb')} GB")
+    assert {"server", "server job", "site-1 client", "site-1 job"} <= set(out["sampled_peak_gb"])
     check_memory(record, "vit_l", "fedsam", batch=1)

@@ -114,7 +114,8 @@ class ProgressReporter:
             state = dict(self._state)
             since = now - (self._last_sample if self._last_sample is not None else self._phase_started)
             self._seq += 1
-            state.update(seq=self._seq, pid=self._pid(), step_s_max=self._step_s_max,
+            state.update(seq=self._seq, pid=self._pid(),
+                         step_s_max=round(self._step_s_max, 3) if self._step_s_max is not None else None,
                          since_sample_s=round(since, 1) if state["phase"] in ("validate", "train") else None)
         if state["s_per_sample"] is not None:
             state["s_per_sample"] = round(state["s_per_sample"], 3)
