@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup demo test test-fast lint jobs bench
+.PHONY: setup demo test test-fast test-fullsize lint jobs bench
 
 setup:
 	$(PIP) install -q -r requirements.txt
@@ -18,7 +18,11 @@ test: setup
 
 # ML core, data and unit tests only (no FLARE processes): a few minutes
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "not integration"
+	$(PYTHON) -m pytest -q -m "not integration and not fullsize"
+
+# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (~25 min, 2 cores)
+test-fullsize: setup
+	$(PYTHON) -m pytest -q -s -m fullsize tests/fullsize
 
 # syntax errors, pyflakes, long lines and invalid escapes (rules in ruff.toml)
 lint: setup

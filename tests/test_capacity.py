@@ -22,6 +22,53 @@ def test_sites_spread_over_gpus_and_host_memory_limits_cpu_runs():
     cpu = choose_placement(40, "tiny", "fedmsa", device="cpu", free_host=22)
     assert cpu.gpus is None and 10 <= cpu.threads < 40 and "wait their turn" in cpu.reason
     assert choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=100).threads == 16
-    # the user's --threads wins, and at least one site always runs
+    # the user's --threads wins when it fits
     assert choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=100, threads=3).threads == 3
-    assert choose_placement(4, "vit_h", "fedsam", device="cpu", free_host=1).threads == 1
+
+
+# measured rows as bench/bench_memory.py writes them (GB): batch 1 and 2, a site's shared pages 0.4 GB
+ROWS = ({"variant": "vit_b", "mode": "fedmsa", "device": "cpu", "batch": 1, "checkpointing": False, "peak_rss_gb": 5.0,
+         "shared_gb": 0.4},
+        {"variant": "vit_b", "mode": "fedmsa", "device": "cpu", "batch": 2, "checkpointing": False, "peak_rss_gb": 8.0,
+         "shared_gb": 0.4},
+        {"variant": "vit_b", "mode": "fedmsa", "device": "cpu", "batch": 1, "checkpointing": True, "peak_rss_gb": 3.0,
+         "shared_gb": 0.4})
+
+
+def test_site_memory_comes_from_the_measured_table_and_grows_with_the_batch(monkeypatch):
+    from fedfms import capacity
+
+    monkeypatch.setattr(capacity, "memory_rows", lambda *a: ROWS)
+    two = capacity.site_host_memory("vit_b", "fedmsa", "cpu", 2)
+    assert two.how == "measured" and abs(two.gib * capacity.GB_PER_GIB - 8.0) < 1e-9
+    six = capacity.site_host_memory("vit_b", "fedmsa", "cpu", 6)  # 5 + 3 GB per extra sample
+    assert six.how == "extrapolated from batch 1-2" and abs(six.gib * capacity.GB_PER_GIB - 20.0) < 1e-9
+    assert capacity.site_host_memory("vit_b", "fedmsa", "cpu", 1, checkpointing=True).how == "measured"
+    assert capacity.site_host_memory("vit_l", "fedsam", "cpu", 1).how == "estimated"  # no row: the estimate, said so
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_what_would(monkeypatch):
+    from fedfms import capacity
+
+    monkeypatch.setattr(capacity, "memory_rows", lambda *a: ROWS)
+    # 2 sites at batch 2 need 4.8 (server) + 8 + 7.6 GB; 17 GB free (14.5 usable): one at a time fits, both do not
+    both = choose_placement(2, "vit_b", "fedmsa", device="cpu", batch_size=2, free_host=17 / capacity.GB_PER_GIB, threads=2)
+    assert not both.fits and both.reason.startswith("2 vit_b FedMSA sites at batch 2 on CPU need ~20 GB (8.0 GB each, measured")
+    assert "run them one at a time with --threads 1" in both.reason and '"batch_size": 1' in both.reason
+    auto = choose_placement(2, "vit_b", "fedmsa", device="cpu", batch_size=2, free_host=17 / capacity.GB_PER_GIB)
+    assert auto.fits and auto.threads == 1 and "1 at a time" in auto.reason
+    none = choose_placement(2, "vit_b", "fedmsa", device="cpu", batch_size=6, free_host=17 / capacity.GB_PER_GIB)
+    assert not none.fits and none.reason.startswith("one vit_b FedMSA site at batch 6 on CPU needs ~")
+    assert "activation checkpointing" in none.reason and "--threads 1" not in none.reason
+
+
+def test_simulate_refuses_before_anything_starts(monkeypatch, tmp_path):
+    from fedfms import capacity
+    from fedfms.cli import main
+    from fedfms.flare.jobs import write_job
+
+    monkeypatch.setattr(capacity, "memory_rows", lambda *a: ROWS)
+    monkeypatch.setattr(capacity, "free_host_gib", lambda: 10.0)
+    job = write_job("fedmsa", tmp_path / "job", model={"pretrained": False})
+    assert main(["simulate", str(job), "--workspace", str(tmp_path / "ws"), "--clients", "a,b", "--threads", "2"]) == 2
+    assert not (tmp_path / "ws").exists()

@@ -46,6 +46,17 @@ def test_best_model_note_says_how_trained_the_best_model_is(tmp_path):
                      "the final global model is the one after 3"]
 
 
+def test_best_model_note_of_a_resumed_run_counts_the_rounds_of_both_runs(tmp_path):
+    from fedfms.report import best_model_note
+
+    # stopped after round 6, resumed from round 7 to round 9; the best model (scored in round 5) came from the first
+    run = _run(tmp_path, [(0.2, 0.2)] * 10, {"round": 5, "metric": 0.65})
+    record = json.loads((run / "fedfms_run.json").read_text())
+    record["start_round"] = 7
+    (run / "fedfms_run.json").write_text(json.dumps(record))
+    assert best_model_note(run)[0].startswith("best global model: the one after 5 of 10 round(s) of training")
+
+
 def test_best_model_note_says_when_the_untrained_start_beat_every_trained_model(tmp_path):
     from fedfms.report import best_model_note
 
@@ -82,3 +93,22 @@ def test_run_configs_come_from_the_job_or_the_workspace_and_are_named_when_missi
     config.write_text(json.dumps({"executors": [{"executor": {"args": {"model_config": {"variant": "tiny"},
                                                                         "train_config": {"val_fraction": 0.3}}}}]}))
     assert run_configs(run) == ({"variant": "tiny"}, {"val_fraction": 0.3})
+
+
+def test_a_run_left_running_by_a_killed_server_is_closed_truthfully(tmp_path):
+    from fedfms.deploy.site_setup import close_run_record
+    from fedfms.run_record import exit_code, summarize
+
+    run = _run(tmp_path, [(0.2, 0.2)] * 7, None)
+    record = json.loads((run / "fedfms_run.json").read_text())
+    record.update(status="running", last_round=29, persisted_round=6)
+    record["rounds"].append({"round": 7, "status": "running", "seconds": None, "accepted": {"a": 10}, "failed": {},
+                             "missing": []})
+    (run / "fedfms_run.json").write_text(json.dumps(record))
+    close_run_record(run)
+    closed = json.loads((run / "fedfms_run.json").read_text())
+    assert closed["status"] == "failed" and exit_code(closed) == 1
+    assert closed["rounds"][-1]["status"] == "interrupted" and closed["sites"]["b"]["missed"] == {}
+    first = summarize(closed).splitlines()[0]
+    assert first.startswith("federation failed: 7 of 30 round(s) finished; the server stopped during the job")
+    assert "continues it from round 7" in first

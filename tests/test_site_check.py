@@ -118,3 +118,28 @@ def test_check_site_says_ready_with_warnings_and_exits_0(tmp_path, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("warning: ") for line in err)
     assert "no validation samples" in err[0]
+
+
+def test_random_init_needs_no_checkpoint_at_the_site_nor_in_check_site(disc_site, tmp_path, monkeypatch, capsys):
+    from fedfms.flare.site_config import resolve_site_settings
+
+    # the command: --model '{"pretrained": false}' alone on a job whose checkpoint is $FEDFMS_SAM_CHECKPOINT
+    monkeypatch.delenv("FEDFMS_SAM_CHECKPOINT", raising=False)
+    monkeypatch.setenv("FEDFMS_DATA_ROOT", str(disc_site.parent))  # the site's data root (a job's paths stay inside it)
+    job = write_job("fedmsa_tiny", tmp_path / "job", model={"checkpoint": "$FEDFMS_SAM_CHECKPOINT"})
+    defaults = {"data_dir": str(disc_site), "checkpoint": "$FEDFMS_SAM_CHECKPOINT"}
+    assert resolve_site_settings("site-1", defaults, None, pretrained=False)["checkpoint"] is None  # the executor's rule
+    with pytest.raises(ConfigError, match="FEDFMS_SAM_CHECKPOINT"):
+        resolve_site_settings("site-1", defaults, None, pretrained=True)
+    assert main(["check-site", "--job", str(job), "--data-dir", str(disc_site)]) == 0
+    out = capsys.readouterr().out
+    assert "random init" in out
+
+
+def test_check_site_measures_this_sites_own_seconds_per_sample(disc_site):
+    report = check_site(JOBS / "fedmsa_tiny", disc_site, site_name="site-1")
+    speed = report["speed"]
+    assert speed["device"] == "cpu" and speed["batch"] == 6 and speed["s_per_sample"] > 0
+    assert speed["round_estimate_s"] > speed["s_per_sample"] and speed["peak_rss_gb"] > 0.1
+    assert "s/sample on cpu (one training step of 6 sample(s)" in format_report(report)
+    assert "speed" not in check_site(JOBS / "fedmsa_tiny", disc_site, measure_speed=False)

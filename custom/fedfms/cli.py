@@ -53,7 +53,8 @@ def _federation_settings(args) -> dict:
         train=parse_json_object(args.train, "--train"), model=parse_json_object(args.model, "--model"),
         transfer=args.transfer, sites=_site_list(args.sites, "--sites"), on_missing_site=args.on_missing_site,
         max_samples=args.max_samples, site_samples=_site_counts(args.site_samples, "--site-samples"),
-        round_timeout=args.round_timeout, aggregation=args.aggregation, trim_fraction=args.trim_fraction,
+        round_timeout=args.round_timeout, no_progress_timeout=args.no_progress_timeout, aggregation=args.aggregation,
+        trim_fraction=args.trim_fraction,
         norm_bound=args.norm_bound, norm_bound_action=args.norm_bound_action, flavour=args.flavour,
         tracking=args.tracking, update=args.update, privacy=args.privacy,
         privacy_args=parse_json_object(args.privacy_args, "--privacy-args"),
@@ -230,7 +231,7 @@ def _cmd_predict(args) -> int:
 def _cmd_check_site(args) -> int:
     from fedfms.site_check import check_site, format_report
 
-    report = check_site(args.job, args.data_dir, args.checkpoint, args.site)
+    report = check_site(args.job, args.data_dir, args.checkpoint, args.site, measure_speed=not args.no_speed)
     print(format_report(report))
     for line in report["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
@@ -280,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--site-samples", help="pinned FedAvg weights, A=120,B=340 (each site's train samples from "
                                            "`fedfms check-site`); any other count from that site is rejected")
     fed.add_argument("--max-samples", type=int, help="largest sample count a site may report (default 1000000)")
-    fed.add_argument("--round-timeout", type=float, help="seconds a round waits for its sites (default: from the workload)")
+    fed.add_argument("--round-timeout", type=float, help="outer bound in seconds on a round's wait (default: none; a round "
+                                                         "waits while its sites report progress)")
+    fed.add_argument("--no-progress-timeout", type=float, help="seconds without a report from a site (dead, frozen, "
+                                                               "unreachable) before a round stops waiting for it (default 120)")
     fed.add_argument("--aggregation", choices=["fedavg", "mean", "median", "trimmed_mean"],
                      help="fedavg: FLARE's own (default); median / trimmed_mean: robust, coordinate-wise")
     fed.add_argument("--trim-fraction", type=float, help="trimmed_mean: share cut at each end per coordinate (0.2)")
@@ -373,11 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "contributions, scores under both rules, privacy, limits)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("check-site", help="pre-flight: can this site run this job? (data, checkpoint, device, fingerprint)")
+    p = sub.add_parser("check-site", help="pre-flight: can this site run this job? (data, checkpoint, device, its own "
+                                          "seconds per sample, fingerprint)")
     p.add_argument("--job", required=True, help="the job folder the federation will run, e.g. jobs/fedmsa")
     p.add_argument("--data-dir", required=True, help="this site's prepared data folder")
     p.add_argument("--checkpoint", help="this site's SAM checkpoint (default: the job's, $VARS expanded)")
     p.add_argument("--site", default="site", help="this site's FLARE client name (for {site_name} in paths)")
+    p.add_argument("--no-speed", action="store_true", help="skip the one training step that measures this site's "
+                                                            "seconds per sample and peak memory on its device")
     p.set_defaults(func=_cmd_check_site)
 
     p = sub.add_parser("predict", help="segment new images (PNG/JPG/TIFF) or volumes (NIfTI) with a trained global model")

@@ -140,7 +140,9 @@ def best_model_note(run_dir: str | Path) -> list[str]:
         lines.append(f"best global model: none chosen (FLARE's selector compares trained models from the second round "
                      f"on; this run finished {len(done)} round(s))")
     else:
-        b = int(best["round"]) - int(record.get("start_round") or 0)
+        # the model a site scored in round r is the aggregate of rounds 0..r-1: r rounds of training, counted over
+        # the whole run (a resumed run's record carries the earlier rounds and their best)
+        b = int(best["round"])
         lines.append(f"best global model: the one after {b} of {trained} round(s) of training (sites' validation "
                      f"Dice {best['metric']:.3f}); the final global model is the one after {trained}")
     first = next((r for r in done if r.get("round") == record.get("start_round", 0)), None)

@@ -38,9 +38,10 @@ def site_summary(record: dict) -> dict:
     """site -> {"samples", "contributed": [rounds], "missed": {round: reason}} over the record's finished rounds."""
     sites = {s: {"samples": None, "contributed": [], "missed": {}} for s in record.get("expected_sites", [])}
     for r in record.get("rounds", []):
-        if r.get("status") == RUNNING and r.get("seconds") is None and not r.get("accepted") and not r.get("failed"):
-            continue
-        why = {**{s: "no result" for s in r.get("missing", [])}, **r.get("failed", {})}
+        if r.get("status") in (RUNNING, "interrupted") and r.get("seconds") is None:
+            continue  # a round in progress (or cut off by a killed server) missed nobody yet
+        ended = r.get("ended", {})  # why the round stopped waiting for a site (fedfms.flare.liveness)
+        why = {**{s: ended.get(s, "no result") for s in r.get("missing", [])}, **r.get("failed", {})}
         for site in set(sites) | set(r.get("accepted", {})) | set(why):
             entry = sites.setdefault(site, {"samples": None, "contributed": [], "missed": {}})
             if site in r.get("accepted", {}):
@@ -49,6 +50,20 @@ def site_summary(record: dict) -> dict:
             else:
                 entry["missed"][str(r["round"])] = why.get(site, "not accepted")
     return sites
+
+
+def close_interrupted(record: dict, reason: str) -> dict:
+    """A record left ``running`` by a server that was killed, closed truthfully: ``failed`` with ``reason``, the round
+    that was in progress marked ``interrupted`` (it never finished), the sites' summary recomputed."""
+    if record.get("status") != RUNNING:
+        return record
+    for r in record.get("rounds", []):
+        if r.get("seconds") is None and r.get("status") == RUNNING:
+            r["status"] = "interrupted"
+    record["status"] = FAILED
+    record["reason"] = record.get("reason") or reason
+    record["sites"] = site_summary(record)
+    return record
 
 
 def summarize(record: dict) -> str:

@@ -66,9 +66,12 @@ def site_warnings(data_dir: str | os.PathLike, train_config: Mapping | None = No
     return lines
 
 
-def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None = None, site_name: str = "site") -> dict:
+def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None = None, site_name: str = "site",
+               measure_speed: bool = True) -> dict:
     """Raises DataError / CheckpointError / ConfigError (naming the file) on the first problem found; what
-    would not stop the run but makes it uninformative is in ``report["warnings"]`` (:func:`site_warnings`)."""
+    would not stop the run but makes it uninformative is in ``report["warnings"]`` (:func:`site_warnings`).
+    ``measure_speed``: also train one step on the site's device with the job's batch size and report this site's
+    own seconds per sample and peak memory (``report["speed"]``)."""
     import torch
 
     from fedfms.data.site_dataset import SiteDataset
@@ -78,10 +81,12 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
 
     report: dict = {"site": site_name, "data_dir": str(data_dir)}
     raw_model = job_model_config(job_dir)
-    if checkpoint:
-        raw_model = {**raw_model, "checkpoint": checkpoint}
-    elif raw_model.get("pretrained", True) and raw_model.get("checkpoint"):
-        raw_model = {**raw_model, "checkpoint": expand(raw_model["checkpoint"], site_name)}
+    # the same rule as the site's executor at the job's start (fedfms.flare.site_config): a random-init model needs
+    # no checkpoint, a pretrained one the given or the job's (with $VARS expanded). The folders are the site
+    # admin's own (passed here), so they are not confined as a job's would be.
+    wanted = checkpoint or raw_model.get("checkpoint")
+    pretrained = raw_model.get("pretrained", True)
+    raw_model = {**raw_model, "checkpoint": expand(wanted, site_name) if pretrained and wanted else None}
     cfg = ModelConfig.from_dict(raw_model, f"{job_dir} model_config")
     train = job_train_config(job_dir)
 
@@ -108,7 +113,37 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
     report["warnings"] = site_warnings(data_dir, train, raw_model)
     report["device"] = (f"cuda: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
                         if torch.cuda.is_available() else "cpu only (real SAM sizes need a GPU)")
+    if measure_speed and train_idx:
+        report["speed"] = site_speed(cfg, train, data_dir, model, len(train_idx), len(val_idx))
     return report
+
+
+def site_speed(cfg, train: Mapping, data_dir: str | Path, model, train_samples: int, val_samples: int) -> dict:
+    """This site's own seconds per training sample: one optimisation step of the job's batch size on the job's
+    device (as its executor trains), timed, with the process's peak memory after it. It is what the site will
+    report while it trains (``fedfms.flare.liveness``); nothing else here assumes a speed."""
+    import resource
+
+    from fedfms.training.trainer import LocalTrainer, TrainConfig
+
+    train_cfg = TrainConfig.from_dict({**train, "cache_decoded": False, "num_workers": 0, "progress": False},
+                                      f"{data_dir} train_config")
+    trainer = LocalTrainer(cfg, train_cfg, str(data_dir), model=model)
+    batch = next(iter(trainer._loader("train", shuffle=True)))
+    trainer.model.train()
+    start = time.perf_counter()
+    trainer.step(batch["image"], batch["mask"])
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    n = len(batch["image"])
+    per_sample = seconds / n
+    epochs = int(train_cfg.epochs)
+    return {"device": str(trainer.device), "batch": n, "step_s": round(seconds, 2), "s_per_sample": round(per_sample, 3),
+            "round_estimate_s": round(per_sample * (epochs * train_samples + val_samples / 3), 1),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
 
 
 def format_report(report: dict) -> str:
@@ -124,4 +159,13 @@ def format_report(report: dict) -> str:
         f"  FedAvg weight {d['train_samples']} (this site's training samples; the coordinator pins it with "
         f"`fedfms job new ... --site-samples {report['site']}={d['train_samples']}`)",
         f"  device   {report['device']}",
+        *([_speed_line(report["speed"])] if report.get("speed") else []),
     ])
+
+
+def _speed_line(speed: dict) -> str:
+    from fedfms.flare.liveness import format_seconds
+
+    return (f"  speed    {speed['s_per_sample']:.3g} s/sample on {speed['device']} (one training step of {speed['batch']} "
+            f"sample(s): {speed['step_s']:.3g} s); a local round here takes about {format_seconds(speed['round_estimate_s'])}; "
+            f"peak memory of this check {speed['peak_rss_gb']:.1f} GB")

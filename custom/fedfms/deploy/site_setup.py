@@ -189,7 +189,31 @@ def stale_jobs(kit: str | Path, finish: bool = False) -> list[tuple[str, str]]:
             tmp = meta_path.with_name("meta.tmp")
             tmp.write_text(json.dumps(meta))
             tmp.replace(meta_path)
+            close_run_record(Path(kit) / job_id)
     return stale
+
+
+def close_run_record(run_dir: Path) -> Path | None:
+    """The job's run record (``fedfms_run.json`` in the server's run folder), left ``running`` by the killed
+    server, closed as ``failed`` with where it stopped and how to continue, so that ``fedfms report`` tells the
+    truth about it."""
+    from fedfms.run_record import RUN_RECORD, close_interrupted
+
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    done = [r["round"] for r in record.get("rounds", []) if r.get("seconds") is not None]
+    saved = record.get("persisted_round")
+    reason = (f"the server stopped during the job ({len(done)} round(s) finished, the last global model saved after "
+              f"round {saved}); closed by stale-jobs on {__import__('time').strftime('%Y-%m-%d %H:%M')}; "
+              f"`fedfms job resume` continues it from round {saved + 1 if saved is not None else 0}")
+    close_interrupted(record, reason)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def write_site_config(kit: str | Path, **settings) -> Path:

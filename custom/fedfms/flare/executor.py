@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from nvflare.app_common.app_constant import AppConstants
 from fedfms.errors import ConfigError
 from fedfms.flare.contribution_filter import error_reply
 from fedfms.flare.site_config import resolve_site_settings
+from fedfms.flare.site_progress import ProgressReporter
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.models import ModelConfig, frozen_fingerprint
 from fedfms.numbers import finite_or_none
@@ -137,10 +140,15 @@ class FedFMSExecutor(Executor):
         self.setup_error: str | None = None
         self.fingerprint: str | None = None
         self.writer = None
+        self.progress: ProgressReporter | None = None  # the site's reports to the server (fedfms.flare.liveness)
+        self._upload_started = self._result_mb = self._result_round = None  # the last training result's upload
 
     # ------------------------------------------------------------------ set-up
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
+            # reports from the job's first second: the server waits for this site while it reports, however slow
+            self.progress = ProgressReporter(fl_ctx.get_engine(), fl_ctx.get_identity_name())
+            self.progress.start()
             try:
                 self._setup(fl_ctx)
             except Exception as exc:
@@ -149,13 +157,24 @@ class FedFMSExecutor(Executor):
                 # server would wait for it).
                 self.setup_error = f"{type(exc).__name__}: {exc}"
                 self.log_error(fl_ctx, f"this site cannot run the job: {self.setup_error}")
+            self.progress.phase("idle")
+        elif event_type == EventType.BEFORE_SEND_TASK_RESULT:
+            self._upload_started = time.monotonic()
+        elif event_type == EventType.AFTER_SEND_TASK_RESULT and self.progress is not None:
+            if self._upload_started is not None and self._result_mb is not None:
+                self.progress.transfer(upload_s=time.monotonic() - self._upload_started, upload_mb=self._result_mb,
+                                       upload_round=self._result_round)
+            self._upload_started = self._result_mb = None
+            self.progress.phase("idle")
+        elif event_type == EventType.END_RUN and self.progress is not None:
+            self.progress.stop()
 
     def _setup(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
         workspace = fl_ctx.get_engine().get_workspace()
         local_dir = workspace.get_site_config_dir() if workspace else None
         defaults = {"data_dir": self.data_dir, "checkpoint": self.model_config.get("checkpoint")}
-        settings = resolve_site_settings(site, defaults, local_dir)
+        settings = resolve_site_settings(site, defaults, local_dir, pretrained=self.model_config.get("pretrained", True))
         model_cfg = ModelConfig.from_dict({**self.model_config, "checkpoint": settings.get("checkpoint")}, f"{site} model_config")
         overrides = {k: settings[k] for k in ("device", "threads", "num_workers") if k in settings}
         train_cfg = TrainConfig.from_dict({**self.train_config, **overrides}, f"{site} train_config")
@@ -220,18 +239,25 @@ class FedFMSExecutor(Executor):
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        received_at = time.time()
         incoming = self._incoming(shareable)
+        if self.progress is not None:
+            self.progress.transfer(task_at=received_at, task_round=int(current_round),
+                                   task_mb=sum(v.numel() * v.element_size() for v in incoming.values()) * self.bytes_factor / 1e6)
+        self._report("train", current_round)
         if self.processes > 1:
             try:
                 result = self._train_distributed(incoming, abort_signal)
             except RoundAborted:
                 return make_reply(ReturnCode.TASK_ABORTED)
         else:
-            result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered)
+            result = self.trainer.train_round(incoming, should_abort=lambda: abort_signal.triggered,
+                                              **self._progress_kwargs(self.trainer.train_round))
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         if getattr(self.trainer, "local_parts", ()):  # (the nnU-Net baseline's trainer has no local part)
             save_local_part(self.personal_dir, self.trainer.local_weights())
+        self._report("send")
         val = result.metrics.get("val_before", {})
         initial = {KEY_METRIC: finite_or_none(val.get("dice")), "val_iou": finite_or_none(val.get("iou"))}
         weights = tensors_to_numpy(result.weights)
@@ -248,6 +274,8 @@ class FedFMSExecutor(Executor):
                               f"global model val Dice {initial[KEY_METRIC]}, n={result.num_samples}")
         reply = DXO(self.update_kind, weights, meta=meta).to_shareable()
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)  # lets result filters and logs name the round
+        self._result_mb = sum(v.nbytes for v in weights.values()) * self.bytes_factor / 1e6
+        self._result_round = int(current_round)
         return reply
 
     def _train_distributed(self, incoming: dict[str, torch.Tensor], abort_signal: Signal):
@@ -278,15 +306,27 @@ class FedFMSExecutor(Executor):
         self.log_info(fl_ctx, f"personalised ({self.personalisation}): {line}; models in {self.personal_dir}")
         return DXO(DataKind.METRICS, result).to_shareable()
 
+    def _report(self, phase: str, round_=None) -> None:
+        if self.progress is not None:
+            self.progress.phase(phase, round_)
+
+    def _progress_kwargs(self, method) -> dict:
+        """``on_progress`` for the trainer's method when it takes one (the nnU-Net trainer's does not)."""
+        if self.progress is None or "on_progress" not in inspect.signature(method).parameters:
+            return {}
+        return {"on_progress": self.progress.samples}
+
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = self._incoming(shareable)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         own = self.trainer.travel_weights()  # detached copies
+        self._report("validate")
         try:
             self.trainer.load_travel_weights(incoming)
-            metrics = self.trainer.evaluate(self.validation_split)
+            metrics = self.trainer.evaluate(self.validation_split, **self._progress_kwargs(self.trainer.evaluate))
         finally:
             self.trainer.load_travel_weights(own)
+            self._report("send")
         report = {
             "dice": finite_or_none(metrics.get("dice")),
             "iou": finite_or_none(metrics.get("iou")),

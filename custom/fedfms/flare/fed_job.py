@@ -22,7 +22,6 @@ from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
-from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -38,6 +37,7 @@ from fedfms.flare.executor import KEY_METRIC, FedFMSExecutor
 from fedfms.flare.filters import TravelSetFilter
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.robust_aggregator import RobustAggregator
+from fedfms.flare.scatter_gather import LiveScatterAndGather
 
 TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
 # bitsandbytes, which FLARE's quantisation filters import, warns on CPUs with AVX512-BF16 that its optional 4-bit
@@ -147,13 +147,13 @@ class FedFMSJob(FedJob):
                                       expected_sites=sorted(s["sites"]) if s["sites"] else None,
                                       persistor_id="persistor", timeout=t["plan"]), id="nnunet_planning")
         self.to_server(self._made(
-            ScatterAndGather,
+            LiveScatterAndGather,
             min_clients=jobs.min_sites(s) or 1,
             num_rounds=s["num_rounds"] - s["start_round"],
             start_round=s["start_round"],
-            # a round waits for every site up to the timeout (a slow site is averaged, not dropped); a dead site
-            # ends the wait earlier through FLARE's dead-client detection
-            wait_time_after_min_received=t["train"],
+            # a round waits for every site as long as it reports progress (a slow site is averaged, not dropped);
+            # a dead or silent site is ended by the federation monitor through FLARE's dead-client handling;
+            # train_timeout: the job's round_timeout, an outer bound only (0: none)
             train_timeout=t["train"],
             aggregator_id="aggregator",
             persistor_id="persistor",
@@ -224,7 +224,7 @@ class FedFMSJob(FedJob):
             executor_args["update"] = s["update"]
         if s["processes_per_site"] != 1:
             executor_args["processes_per_site"] = s["processes_per_site"]
-        if not kind:
+        if not kind and s["round_timeout"]:
             # a site's multi-process round (its own processes_per_site included) ends where the server stops waiting
             executor_args["round_timeout_s"] = jobs.round_timeouts(s)["train"]
         if s.get("personalise"):

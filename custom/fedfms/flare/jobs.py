@@ -77,8 +77,9 @@ FEDERATION_DEFAULTS = {
     "on_missing_site": "continue",  # or "stop": any expected site missing from a round stops the job
     "max_samples": DEFAULT_MAX_SAMPLES,  # bound on the sample count (FedAvg weight) a site may report
     "site_samples": None,  # {site: count}: pinned FedAvg weights, from each site's `fedfms check-site`
-    "round_timeout": None,  # seconds a round waits for its sites (None: from the workload, see round_timeouts)
-    "samples_per_site": None,  # the largest site's training samples, for the derived timeouts
+    "round_timeout": None,  # outer bound in seconds on a round's wait (None: none; liveness ends dead or silent sites)
+    "no_progress_timeout": None,  # seconds without a report from a site before a round stops waiting for it (None: 120)
+    "samples_per_site": None,  # no longer used (timeouts are not derived from data sizes); kept so older recipes render
     "aggregation": "fedavg",  # "fedavg" (FLARE's own), or robust: "mean", "median", "trimmed_mean"
     "trim_fraction": 0.2,
     "norm_bound": None,  # clip updates farther than K x the round's median distance from the global model
@@ -102,26 +103,13 @@ PRIVACY_FILTERS = {"percentile": "nvflare.app_common.filters.percentile_privacy.
 TRACKING = ("tensorboard", "mlflow")
 AGGREGATIONS = ("fedavg", "mean", "median", "trimmed_mean")
 
-# Seconds per training sample (forward + backward) at a slow site, to derive timeouts from the workload:
-# about 10x the bf16 figures measured on an H200 (bench/results: vit_b 0.03 s, vit_l 0.06 s per 1024 px image),
-# so a site with a small GPU stays inside; tiny and unet are CPU figures with the same margin.
-SECONDS_PER_SAMPLE = {"tiny": 0.05, "unet": 0.1, "vit_b": 0.3, "vit_l": 0.6, "vit_h": 1.0}
-DEFAULT_SAMPLES_PER_SITE = {"tiny": 200}  # other variants: 2000 (a prostate- or fundus-sized site)
-STARTUP_SECONDS = 120  # model build, checkpoint load, data loading, transfer of a ViT-L model
-
-
 def round_timeouts(s: dict) -> dict[str, int]:
-    """``train``: how long a round waits for its sites; ``submit``/``validate``: cross-site evaluation's
-    waits. From the workload: the largest site's sample count (pinned counts, ``samples_per_site`` or a
-    default) x the variant's seconds per sample x (local epochs + a validation pass) x 3, plus start-up."""
-    variant = s["model"]["variant"]
-    per_sample = SECONDS_PER_SAMPLE.get(variant, 1.0)
-    pinned = s.get("site_samples") or {}
-    samples = max(pinned.values()) if pinned else (s.get("samples_per_site") or DEFAULT_SAMPLES_PER_SITE.get(variant, 2000))
-    epochs = int(s["train"].get("epochs", 1))
-    train = s.get("round_timeout") or math.ceil(STARTUP_SECONDS + 3 * samples * per_sample * (epochs + 1))
-    validate = math.ceil(STARTUP_SECONDS + 3 * samples * per_sample / 3)
-    return {"train": int(train), "submit": STARTUP_SECONDS, "validate": max(validate, STARTUP_SECONDS)}
+    """The fixed outer bounds of FLARE's waits (0: none): ``train`` (a round), ``submit``/``validate`` (cross-site
+    evaluation). Only ``round_timeout`` sets them; otherwise a wait lasts as long as its sites report progress and
+    ends for a site once it is dead or silent for ``no_progress_timeout`` (fedfms.flare.liveness). Nothing is
+    derived from an assumed speed: that cut off sites slower than a third of an H100 while they were training."""
+    bound = int(math.ceil(s["round_timeout"])) if s.get("round_timeout") else 0
+    return {"train": bound, "submit": bound, "validate": bound}
 
 
 def personalisation(s: dict):
@@ -138,15 +126,10 @@ def alone_epochs(s: dict) -> int:
 
 
 def personalise_timeout(s: dict) -> int:
-    """How long the personalisation step waits for its sites: three scorings, the fine-tune and the site-alone
-    training, at the workload's pace (as ``round_timeouts``)."""
-    p = personalisation(s)
-    variant = s["model"]["variant"]
-    per_sample = SECONDS_PER_SAMPLE.get(variant, 1.0)
-    pinned = s.get("site_samples") or {}
-    samples = max(pinned.values()) if pinned else (s.get("samples_per_site") or DEFAULT_SAMPLES_PER_SITE.get(variant, 2000))
-    epochs = (p.finetune_epochs if p else 0) + alone_epochs(s) + 3
-    return int(math.ceil(STARTUP_SECONDS + 3 * samples * per_sample * epochs))
+    """How long the personalisation step waits for its sites: like a round, only the job's ``round_timeout`` bounds
+    it (0: none); a site that dies or falls silent is ended by the federation monitor's liveness watch, which tells
+    whichever workflow is running (``fedfms.flare.liveness``). Nothing is derived from an assumed speed."""
+    return round_timeouts(s)["train"]
 
 
 PERSONALISE_TASK = "personalise"
@@ -209,7 +192,7 @@ def _check_federation(s: dict, where: str) -> None:
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pinned.values())):
         raise ConfigError(f"{where}: site_samples is {pinned!r}; expected {{site: positive integer}} "
                           "(each site's train_samples from `fedfms check-site`)")
-    for key in ("round_timeout", "samples_per_site"):
+    for key in ("round_timeout", "samples_per_site", "no_progress_timeout"):
         v = s[key]
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
             raise ConfigError(f"{where}: {key} is {v!r}; expected a positive number")
@@ -339,6 +322,8 @@ def monitor_args(s: dict) -> dict:
     """The federation monitor's arguments (plaintext and HE jobs alike)."""
     args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": min_sites(s),
             "on_missing_site": s["on_missing_site"]}
+    if s["no_progress_timeout"] is not None:  # else the monitor's default (fedfms.flare.liveness)
+        args["no_progress_timeout"] = s["no_progress_timeout"]
     if s["resume"]:
         args["resume"] = {k: s["resume"][k] for k in ("record", "best_model", "best_metric")}
     return args

@@ -11,7 +11,8 @@ A ``fednnunet`` job is a ``fedunet`` job (same federation settings, ``ScatterAnd
 - the executor: ``fedfms.flare.nnunet_executor.NnUNetExecutor``, which also answers the two planning tasks;
 - the train config: ``fedfms.nnunet.config.NnUNetConfig`` fields (nnU-Net's settings), the model config a plain
   ``{"variant": "nnunet", "mode": "fedsam", "num_classes": C, "pretrained": false}``;
-- timeouts from nnU-Net's workload (iterations per round), not from samples x seconds per sample.
+- no timeout from an assumed speed: the rounds and the planning wait as long as the sites report progress
+  (``fedfms.flare.liveness``); ``round_timeout`` is the only fixed outer bound.
 
 ``fedfms.flare.jobs`` holds the variants (``fednnunet``, ``fednnunet_tiny`` in ``VARIANTS``), checks their settings
 and the builder takes :data:`NNUNET_KIND` for them, so ``fedfms job new fednnunet``, ``jobs/fednnunet``
@@ -21,23 +22,17 @@ these two names.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from fedfms.errors import ConfigError
 from fedfms.flare import jobs
-from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG, NnUNetConfig
+from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG
 
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
 PLANNING_TASKS = ["nnunet_fingerprint", "nnunet_plan"]
 
 FEDNNUNET_VARIANTS = JOB_VARIANTS  # the entries of jobs.VARIANTS that are FednnU-Net's
 
-# Seconds per nnU-Net training iteration and per predicted case at a slow site (about 10x a current GPU for the
-# paper's 2D plan; CPU figures for a CPU job), for the timeouts.
-SECONDS_PER_ITERATION = {"gpu": 1.0, "cpu": 0.5}
-SECONDS_PER_CASE = {"gpu": 0.1, "cpu": 0.05}
-DEFAULT_CASES_PER_SITE = 2000
 
 
 def is_nnunet(settings: dict) -> bool:
@@ -53,18 +48,10 @@ def fednnunet_settings(name: str = "fednnunet", **overrides) -> dict:
 
 
 def timeouts(s: dict) -> dict[str, int]:
-    """``train``: a round (validation of the global model + the local nnU-Net epochs, x 3 margin); ``plan``: each
-    planning broadcast (reading the site included); ``validate``: cross-site evaluation."""
-    cfg = NnUNetConfig.from_dict(s["train"])
-    kind = "cpu" if cfg.device == "cpu" else "gpu"
-    pinned = s.get("site_samples") or {}
-    cases = max(pinned.values()) if pinned else (s.get("samples_per_site") or DEFAULT_CASES_PER_SITE)
-    predict = cases * SECONDS_PER_CASE[kind] * (4 if cfg.mirror_tta else 1)
-    train = s.get("round_timeout") or math.ceil(
-        jobs.STARTUP_SECONDS + 3 * (cfg.epochs * cfg.iterations_per_epoch * SECONDS_PER_ITERATION[kind] + predict * cfg.val_fraction))
-    return {"train": int(train), "plan": int(math.ceil(jobs.STARTUP_SECONDS + 3 * cases * SECONDS_PER_CASE[kind])),
-            "submit": jobs.STARTUP_SECONDS, "validate": int(math.ceil(jobs.STARTUP_SECONDS + 3 * predict))}
-
+    """The outer bounds of the rounds (``train``), each planning broadcast (``plan``) and cross-site evaluation: the
+    job's ``round_timeout`` (0: none), as for the other variants (``jobs.round_timeouts``)."""
+    bounds = jobs.round_timeouts(s)
+    return {**bounds, "plan": bounds["train"]}
 
 def complete(s: dict) -> dict:
     """The settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the job's rounds x

@@ -117,7 +117,7 @@ class NnUNetContributionCheckFilter(ContributionCheckFilter):
 
 def _reason(result: Shareable | None) -> str:
     if result is None:
-        return "no answer before the planning timeout"
+        return "no answer (the site is gone, or the job's round_timeout passed)"
     rc = result.get_return_code(ReturnCode.OK)
     return result.get_header(REASON_HEADER) or f"the site returned {rc}"
 

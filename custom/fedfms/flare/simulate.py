@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,8 @@ from fedfms.flare.jobs import (
     job_recipe,
     job_train_config,
     rewrite_job,
-    round_timeouts,
-    variant_settings,
 )
+from fedfms.flare.liveness import SIMULATED
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
@@ -83,26 +83,11 @@ def quiet_log_config(workspace: str | Path) -> Path:
     return path
 
 
-def largest_site(data_root: str | Path | None, clients: list[str]) -> int | None:
-    """The most samples any of the clients' prepared folders holds (for the job's timeouts), if readable."""
-    if data_root is None:
-        return None
-    from fedfms.data.site_dataset import read_manifest
-
-    counts = []
-    for client in clients:
-        try:
-            counts.append(len(read_manifest(Path(data_root) / client).samples))
-        except DataError:
-            continue  # the site itself will report why it cannot start
-    return max(counts) if counts else None
-
-
-def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str],
-                    data_root: str | Path | None = None, threads: int | None = None) -> Path:
+def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[str]) -> Path:
     """The job as this run needs it: its recipe rendered again for exactly these sites (every one is expected in
-    every round; the timeouts follow the largest site's data, and grow when ``threads`` < sites because the
-    simulator then trains the sites of a round in turn). A hand-written job is used as it is."""
+    every round). No timeout is derived here: a round waits as long as its sites report progress
+    (``fedfms.flare.liveness``), also when the simulator trains the sites of a round in turn. A hand-written job is
+    used as it is."""
     job_dir = Path(job_dir)
     recipe = job_recipe(job_dir)
     if recipe is None or not matches_recipe(job_dir, *recipe):
@@ -111,16 +96,8 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
     if settings.get("sites") and sorted(settings["sites"]) != sorted(clients):
         raise ConfigError(f"{job_dir}: the job names sites {settings['sites']}, but the simulation runs {clients}; "
                           "pass --clients with the job's sites")
-    changes = {"sites": list(clients)}
-    if not settings.get("samples_per_site") and not settings.get("site_samples"):
-        changes["samples_per_site"] = largest_site(data_root, clients)
-    turns = math.ceil(len(clients) / threads) if threads else 1
-    if turns > 1 and not settings.get("round_timeout"):
-        variant, _ = recipe
-        per_site = round_timeouts(variant_settings(variant, **{**settings, **changes}))["train"]
-        changes["round_timeout"] = per_site * turns
     # under local/: the simulator clears the rest of its workspace when it starts
-    return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, **changes)
+    return rewrite_job(job_dir, Path(workspace) / "local" / "fedfms_job", overwrite=True, sites=list(clients))
 
 
 def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
@@ -181,6 +158,9 @@ def run_simulation(job_dir: str | Path, workspace: str | Path, clients: list[str
 SITE_START_TIMEOUT_S = 600
 
 
+_TURN = threading.local()  # the site whose process a simulator thread is running
+
+
 def _simulator_runner_class():
     from nvflare import SimulatorRunner  # FLARE's public simulator entry (nvflare/__init__.py)
 
@@ -193,12 +173,77 @@ def _simulator_runner_class():
     return Runner
 
 
-def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None) -> Placement:
+def _watched_client_runner_class(base):
+    """FLARE's ``SimulatorClientRunner`` (it starts and drives the site processes), telling the server's federation
+    monitor (same process: ``fedfms.flare.liveness.SIMULATED``) when a site's turn starts and when its process
+    exits abnormally. FLARE itself only logs "Communication error with client" and the round waits for ever."""
+
+    class WatchedClientRunner(base):
+        def do_one_task(self, client, *args, **kwargs):
+            _TURN.process = None
+            SIMULATED.turn_started(client.client_name)
+            try:
+                result = super().do_one_task(client, *args, **kwargs)
+            finally:
+                SIMULATED.turn_ended(client.client_name)
+            # FLARE returns (True, None, site) when the site's process died or its pipe broke ("Subprocess died",
+            # "Communication error"); a turn that ends normally names the next client to run
+            process = _TURN.process
+            if isinstance(result, tuple) and len(result) == 3 and result[1] is None and process is not None:
+                SIMULATED.exited(client.client_name, process.returncode if process.returncode is not None else -1)
+            return result
+
+        def _cleanup_process(self, process, *args, **kwargs):
+            _TURN.process = process  # FLARE ends it if it still runs; its return code is then known
+            return super()._cleanup_process(process, *args, **kwargs)
+
+    return WatchedClientRunner
+
+
+@contextmanager
+def watched_site_processes():
+    """While a simulation runs: FLARE's simulator builds its client runner from this module attribute (FLARE has
+    no hook for the site processes' exits), so it is swapped for the watched subclass and put back afterwards."""
+    from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
+
+    original = flare_simulator.SimulatorClientRunner
+    flare_simulator.SimulatorClientRunner = _watched_client_runner_class(original)
+    SIMULATED.activate()
+    try:
+        yield
+    finally:
+        flare_simulator.SimulatorClientRunner = original
+
+
+def largest_batch(train: dict, data_root: str | Path | None, clients: list[str]) -> int:
+    """The most samples one training step of any site holds: the job's batch, or fewer when every site has fewer
+    training samples (what the memory of a site process grows with)."""
+    batch = int(train.get("batch_size", 6))
+    if data_root is None:
+        return batch
+    from fedfms.data.site_dataset import patient_split, read_manifest
+    from fedfms.site_check import TRAIN_DEFAULTS
+
+    most = 0
+    for client in clients:
+        try:
+            m = read_manifest(Path(data_root) / client)
+        except DataError:
+            return batch  # the site itself will say why it cannot start
+        train_idx, _ = patient_split(m.volumes, train.get("val_fraction", TRAIN_DEFAULTS["val_fraction"]),
+                                     train.get("split_seed", TRAIN_DEFAULTS["split_seed"]))
+        most = max(most, len(train_idx))
+    return max(1, min(batch, most)) if most else batch
+
+
+def placement_for(job_dir: str | Path, num_sites: int, threads: int | None = None, gpus: list[int] | None = None,
+                  data_root: str | Path | None = None, clients: list[str] | None = None) -> Placement:
     """How many of the job's sites train at once, and on which GPUs (see fedfms.capacity)."""
     model, train = job_model_config(job_dir), job_train_config(job_dir)
     device = str(train.get("device", "auto"))
     return choose_placement(num_sites, model.get("variant", "vit_b"), model.get("mode", "fedmsa"),
-                            device="cpu" if device == "cpu" else "auto", batch_size=int(train.get("batch_size", 6)),
+                            device="cpu" if device == "cpu" else "auto",
+                            batch_size=largest_batch(train, data_root, clients or []),
                             checkpointing=bool(model.get("activation_checkpointing")), threads=threads, gpus=gpus)
 
 
@@ -210,11 +255,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         raise ConfigError("no clients to simulate; expected --clients A,B,...")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads is {threads}; expected a positive number of sites to train at once")
-    placement = placement_for(job_dir, len(clients), threads, gpus)
-    echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
     if data_root is not None:  # what check-site would warn about, before anything starts
-        from fedfms.site_check import site_warnings
-
         if not Path(data_root).is_dir():
             raise DataError(f"{data_root}: --data-root does not exist; expected a folder with one prepared site folder "
                             f"per --clients name")
@@ -223,6 +264,12 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
             found = ", ".join(sorted(p.name for p in Path(data_root).iterdir() if p.is_dir())) or "none"
             raise DataError(f"{data_root}: no site folder for client(s) {', '.join(missing)}; expected one prepared site "
                             f"folder per --clients name (found: {found})")
+    placement = placement_for(job_dir, len(clients), threads, gpus, data_root, clients)
+    if not placement.fits:  # refused before anything starts, with what would fit
+        raise ConfigError(placement.reason)
+    echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
+    if data_root is not None:
+        from fedfms.site_check import site_warnings
 
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
@@ -231,7 +278,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     from fedfms.flare.he import prepare_simulation
 
     prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
-    job = job_for_clients(job_dir, workspace, clients, data_root, placement.threads)
+    job = job_for_clients(job_dir, workspace, clients)
     runner = _Runner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
         threads=placement.simulator_threads, gpu=placement.gpu_arg,
@@ -241,7 +288,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     if data_root is not None:  # the jobs' default data_dir, $FEDFMS_DATA_ROOT/{site_name}, for the simulated sites
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     try:
-        return simulation_outcome(workspace, runner.run())
+        with watched_site_processes():
+            flare_rc = runner.run()
+        return simulation_outcome(workspace, flare_rc)
     finally:
         if before is None:
             os.environ.pop("FEDFMS_DATA_ROOT", None)

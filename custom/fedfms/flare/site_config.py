@@ -121,16 +121,21 @@ def confine_job_paths(site_name: str, job_defaults: dict, site_file: dict) -> di
     }
 
 
-def resolve_site_settings(site_name: str, job_defaults: dict, local_dir: str | os.PathLike | None) -> dict:
+def resolve_site_settings(site_name: str, job_defaults: dict, local_dir: str | os.PathLike | None,
+                          pretrained: bool = True) -> dict:
     """Merge job defaults with the site file (the site wins) and expand ``{site_name}`` / ``$VARS``. Every path the
     job supplies is checked (:func:`confine_job_paths`), also where the site's own setting replaces it: a job that
-    names a folder the site did not allow is not what it claims to be."""
+    names a folder the site did not allow is not what it claims to be. A model with ``pretrained: false`` (random
+    init, the paper's -PT ablation) loads no checkpoint: its ``checkpoint`` setting is dropped instead of expanded,
+    so an unset ``$FEDFMS_SAM_CHECKPOINT`` does not stop the site."""
     site_file = read_site_config(local_dir)
     checked = {k: v for k, v in confine_job_paths(site_name, job_defaults, site_file).items() if v is not None}
     merged = {**{k: v for k, v in job_defaults.items() if v is not None}, **checked, **site_file}
     for key in ("data_root", "checkpoint_dir"):
         merged.pop(key, None)
     merged["data_dir"] = expand(merged.get("data_dir", DEFAULT_DATA_DIR), site_name)
-    if merged.get("checkpoint"):
+    if not pretrained:
+        merged["checkpoint"] = None
+    elif merged.get("checkpoint"):
         merged["checkpoint"] = expand(merged["checkpoint"], site_name)
     return merged

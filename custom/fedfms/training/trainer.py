@@ -289,13 +289,20 @@ class LocalTrainer:
         self.optimizer.step()
         return loss.item()
 
-    def fit(self, epochs: int | None = None, should_abort: Callable[[], bool] | None = None) -> dict:
-        """Train ``epochs`` local epochs (default: the config's). Returns mean loss, steps and time."""
+    def fit(self, epochs: int | None = None, should_abort: Callable[[], bool] | None = None,
+            on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """Train ``epochs`` local epochs (default: the config's). Returns mean loss, steps and time.
+        ``on_progress("train", samples done, samples of all epochs)`` after every step."""
         if self.num_train_samples == 0:
             raise ConfigError(f"site {self.site}: no training samples after the patient-level split")
         self.model.train()
         total, steps, start = 0.0, 0, time.perf_counter()
-        for epoch in range(epochs or self.cfg.epochs):
+        epochs = epochs or self.cfg.epochs
+        per_epoch = self.num_train_samples
+        if self.cfg.max_steps_per_epoch:
+            per_epoch = min(per_epoch, self.cfg.max_steps_per_epoch * self.cfg.batch_size)
+        done, planned = 0, epochs * per_epoch
+        for epoch in range(epochs):
             torch.manual_seed(self.cfg.seed + 7919 * self.rounds_done + epoch)
             loader = self._loader("train", shuffle=True)
             bar = tqdm(loader, desc=f"{self.site} epoch {epoch + 1}", leave=False, disable=_progress_disabled(self.cfg.progress))
@@ -312,6 +319,9 @@ class LocalTrainer:
                     raise FloatingPointError(f"site {self.site}: training loss became {loss} at step {steps}")
                 total += loss if self.shard is None else loss * loader.batch_sampler.share(i)
                 steps += 1
+                if on_progress is not None:
+                    done = min(done + len(batch["image"]), planned)
+                    on_progress("train", done, planned)
                 bar.set_postfix(loss=f"{loss:.4f}")
         self.rounds_done += 1
         seconds = time.perf_counter() - start
@@ -319,14 +329,15 @@ class LocalTrainer:
         return {"loss": total / max(steps, 1), "steps": steps, "seconds": seconds}
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> dict:
+    def evaluate(self, split: str = "val", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Dice/IoU on ``split`` ("val", "train" or "all") plus the mean loss; NaN metrics if the split is empty.
 
         Keys (see ``fedfms.training.metrics``): this project's rule ``dice``, ``iou``, ``dice_per_class``,
         ``iou_per_class``, ``volume_dice``, ``volume_iou``, ``volume_dice_per_class``, ``volume_iou_per_class``;
         the paper code's rule ``dice_reference``, ``iou_reference``, ``dice_reference_per_class``,
         ``iou_reference_per_class`` (with ``reference_thresholds`` and ``reference_on``); and ``classes``,
-        ``num_slices``, ``num_volumes``, ``num_samples``, ``loss``."""
+        ``num_slices``, ``num_volumes``, ``num_samples``, ``loss``. ``on_progress("validate", samples done, samples
+        of the split)`` after every batch."""
         metric = SegmentationMetric(self.class_names, reference_on=reference_space(self.model_cfg.variant))
         self.model.eval()
         total, n = 0.0, 0
@@ -338,18 +349,22 @@ class LocalTrainer:
             total += self._loss(logits, masks).item() * len(images)
             n += len(images)
             metric.update(logits.float(), masks, batch["volume"], batch.get("valid"))
+            if on_progress is not None:
+                on_progress("validate", n, len(self.datasets[split]))
         result = metric.aggregate()
         result["loss"] = total / n if n else math.nan
         result["num_samples"] = n
         return result
 
-    def train_round(self, global_weights: Mapping[str, torch.Tensor] | None = None, should_abort=None) -> RoundResult:
+    def train_round(self, global_weights: Mapping[str, torch.Tensor] | None = None, should_abort=None,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> RoundResult:
         """One federated round: load the global travel set, fit, report. The metrics include the
-        validation score of the *received* global model (what model selection should compare)."""
+        validation score of the *received* global model (what model selection should compare).
+        ``on_progress(phase, done, total)``: see :meth:`evaluate` and :meth:`fit`."""
         if global_weights is not None:
             self.load_travel_weights(global_weights)
-        metrics = {"val_before": self.evaluate("val")} if len(self.datasets["val"]) else {}
-        metrics["train"] = self.fit(should_abort=should_abort)
+        metrics = {"val_before": self.evaluate("val", on_progress)} if len(self.datasets["val"]) else {}
+        metrics["train"] = self.fit(should_abort=should_abort, on_progress=on_progress)
         return RoundResult(self.travel_weights(), self.num_train_samples, metrics)
 
 
