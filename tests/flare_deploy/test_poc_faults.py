@@ -1,6 +1,7 @@
 """Faults as they happen in a POC federation (real server and site processes on loopback, mutual TLS):
-a site killed with SIGKILL in the middle of a job, and the server killed and restarted. Both bounded in time;
-every process started here is killed by PID at the end."""
+the server killed and restarted, and a site killed with SIGKILL in the middle of a job, in one federation (in
+that order: the server test needs every site back). Both bounded in time; every process started here is killed by
+PID at the end."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fedfms.deploy import poc, runtime as rt, site_setup
 from .deploy_support import logs_digest, make_site_data
 
 pytestmark = pytest.mark.integration
+SHARED_FEDERATION = pytest.mark.xdist_group("poc_faults")  # one worker: the module's federation starts once
 SITES = ["site-1", "site-2", "site-3"]
 ROUNDS = 8
 
@@ -76,8 +78,11 @@ def _record(folder: Path) -> dict:
     return json.loads(next(folder.rglob("fedfms_run.json")).read_text())
 
 
-@pytest.fixture
-def federation(tmp_path):
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One POC federation for both tests: the server test first (it restarts the server and waits for every
+    site to come back), then the site test (site-3 stays dead after it)."""
+    tmp_path = tmp_path_factory.mktemp("poc_faults")
     ws = tmp_path / "poc"
     data = {s: make_site_data(tmp_path / "data" / s, s, seed=i) for i, s in enumerate(SITES)}
     poc.prepare(str(ws), SITES, site_data=data, threads=1)
@@ -89,37 +94,7 @@ def federation(tmp_path):
         assert rt.processes_under([state["poc_workspace"]]) == []
 
 
-def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_path):
-    state = federation
-    from fedfms.flare.jobs import write_job
-
-    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
-    job_id = poc.submit(state["workspace"], str(job))
-    # killed between two of its uploads: FLARE 2.9 fails the whole job when a site dies while the server is still
-    # pulling its update (cell.py exits the job process; docs/federation.md), which fedfms job resume recovers
-    _wait_for_log(state, job_id, "Contribution from site-3 ACCEPTED by the aggregator at round 2", timeout=300)
-    killed_at = time.time()
-    _sigkill_tree(state["pids"]["site-3"], Path(state["prod_dir"]) / "site-3")
-
-    meta = poc.wait(state["workspace"], job_id, timeout=600)
-    after_kill = time.time() - killed_at
-    print(f"site-3 killed in round 2: the job ended {after_kill:.0f} s later ({meta['status']})")
-    assert meta["status"] == "FINISHED:COMPLETED", logs_digest(state["logs"])
-    result = _finished_result(state, job_id, tmp_path / "results")
-    record = _record(result)
-    assert record["status"] == "completed_with_gaps" and record["disconnected"].keys() == {"site-3"}
-    assert [r["round"] for r in record["rounds"]] == list(range(ROUNDS))
-    for site in ("site-1", "site-2"):
-        assert record["sites"][site]["contributed"] == list(range(ROUNDS))
-    missed = record["sites"]["site-3"]["missed"]
-    assert set(missed) >= {str(r) for r in range(3, ROUNDS)} and all(r not in missed for r in ("0", "1"))
-    # about a minute to give up on the dead site (heartbeat 45 s + FLARE's grace 15 s), then normal rounds and a
-    # cross-site evaluation that is told the site is gone instead of waiting its timeouts
-    assert after_kill < 200, after_kill
-    scores = json.loads(next(result.rglob("cross_val_results.json")).read_text())
-    assert {"site-1", "site-2"} <= set(scores)
-
-
+@SHARED_FEDERATION
 def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(federation, tmp_path):
     state = federation
     from fedfms.flare.jobs import write_job
@@ -165,3 +140,35 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
     assert [r["round"] for r in record["rounds"]] == list(range(ROUNDS))  # continuous round numbers, none repeated
     assert record["resumed_from"] == str((run / "fedfms_run.json").resolve())
     assert next(result.rglob("FL_global_model.pt")).is_file()
+
+
+@SHARED_FEDERATION
+def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_path):
+    state = federation
+    from fedfms.flare.jobs import write_job
+
+    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
+    job_id = poc.submit(state["workspace"], str(job))
+    # killed between two of its uploads: FLARE 2.9 fails the whole job when a site dies while the server is still
+    # pulling its update (cell.py exits the job process; docs/federation.md), which fedfms job resume recovers
+    _wait_for_log(state, job_id, "Contribution from site-3 ACCEPTED by the aggregator at round 2", timeout=300)
+    killed_at = time.time()
+    _sigkill_tree(state["pids"]["site-3"], Path(state["prod_dir"]) / "site-3")
+
+    meta = poc.wait(state["workspace"], job_id, timeout=600)
+    after_kill = time.time() - killed_at
+    print(f"site-3 killed in round 2: the job ended {after_kill:.0f} s later ({meta['status']})")
+    assert meta["status"] == "FINISHED:COMPLETED", logs_digest(state["logs"])
+    result = _finished_result(state, job_id, tmp_path / "results")
+    record = _record(result)
+    assert record["status"] == "completed_with_gaps" and record["disconnected"].keys() == {"site-3"}
+    assert [r["round"] for r in record["rounds"]] == list(range(ROUNDS))
+    for site in ("site-1", "site-2"):
+        assert record["sites"][site]["contributed"] == list(range(ROUNDS))
+    missed = record["sites"]["site-3"]["missed"]
+    assert set(missed) >= {str(r) for r in range(3, ROUNDS)} and all(r not in missed for r in ("0", "1"))
+    # about a minute to give up on the dead site (heartbeat 45 s + FLARE's grace 15 s), then normal rounds and a
+    # cross-site evaluation that is told the site is gone instead of waiting its timeouts
+    assert after_kill < 200, after_kill
+    scores = json.loads(next(result.rglob("cross_val_results.json")).read_text())
+    assert {"site-1", "site-2"} <= set(scores)

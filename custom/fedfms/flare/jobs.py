@@ -13,6 +13,7 @@ that grant the bring-your-own-code right instead.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -431,6 +432,11 @@ def component_paths(job: dict[str, dict]) -> set[str]:
 def class_allow_list() -> list[str]:
     """The ``class_allow_list`` a site needs to run every job here without custom code: the stock FLARE
     classes the jobs name exactly, and this package by prefix (a prefix entry ends with a dot)."""
+    return list(_class_allow_list())
+
+
+@functools.cache  # renders every variant with every option (~60 jobs, seconds); every simulation asks again
+def _class_allow_list() -> tuple[str, ...]:
     stock = set()
     for name in VARIANTS:
         options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES for privacy in (None, *PRIVACY_FILTERS)]
@@ -438,4 +444,4 @@ def class_allow_list() -> list[str]:
             options.append({"encryption": "he"})
         for option in options:
             stock |= {p for p in component_paths(render_job(name, tracking="mlflow", **option)) if not p.startswith("fedfms.")}
-    return sorted(stock) + ["fedfms."]
+    return (*sorted(stock), "fedfms.")
