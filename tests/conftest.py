@@ -6,11 +6,18 @@ How the suite runs in parallel (``make test``: pytest-xdist, ``-n 3 --dist loadg
   the federation starts once (any test without the mark may run in any worker);
 - under xdist the heaviest tests are handed out first (POC/provisioned federations, then simulator runs, then
   full-size models, then the rest), so the short unit tests fill the gaps at the end instead of a long federation
-  starting last."""
+  starting last;
+- memory: simulator federations (integration tests outside flare_deploy) run under a lock shared between the
+  workers; one that needs most of the machine's memory (sixteen site processes) takes it alone
+  (:func:`federation_memory`), so it never runs beside other federations."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +42,54 @@ def _torch_threads():
 def disc_site(tmp_path):
     """A learnable one-class site: 5 volumes x 8 slices of bright discs, images 128, masks 32 (tiny's sizes)."""
     return make_disc_site(tmp_path / "site", num_volumes=5, slices_per_volume=8, seed=0)
+
+
+_held = {"count": 0}
+
+
+@contextlib.contextmanager
+def federation_memory(alone: bool = False):
+    """Hold while a simulated federation runs (under xdist; a serial run holds nothing). Federations share it;
+    ``alone``: wait until no other worker runs one, and keep new ones waiting until this one ends (the turnstile
+    stops new federations from slipping in while it waits). Re-entrant within a worker."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run or _held["count"]:
+        _held["count"] += 1
+        try:
+            yield
+        finally:
+            _held["count"] -= 1
+        return
+    base = Path(tempfile.gettempdir()) / f"fedfms-pytest-{run}"
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.memory", "a") as memory:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(memory, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        _held["count"] += 1
+        try:
+            yield
+        finally:
+            _held["count"] -= 1
+            fcntl.flock(memory, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def federation_lock():
+    """:func:`federation_memory`, for module-scoped fixtures that run a federation (they are set up before a test's
+    own hold): ``with federation_lock(): run_simulation(...)``."""
+    return federation_memory
+
+
+@pytest.fixture(autouse=True)
+def _simulated_federations_share_memory(request):
+    if request.node.get_closest_marker("integration") and "flare_deploy" not in request.node.nodeid:
+        with federation_memory():
+            yield
+    else:
+        yield
 
 
 def _weight(item: pytest.Item) -> int:

@@ -44,13 +44,23 @@ def count_assertions(node: ast.AST) -> int:
     return n
 
 
-def starts_federation(node: ast.AST) -> bool:
+def starts_federation(node: ast.AST, calls: set[str] = FEDERATION_CALLS) -> bool:
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Call) and _name(sub.func) in FEDERATION_CALLS:
+        if isinstance(sub, ast.Call) and _name(sub.func) in calls:
             return True
         if isinstance(sub, ast.Constant) and sub.value in FEDERATION_COMMANDS:
             return True
     return False
+
+
+def _fixtures_used(fn: ast.FunctionDef) -> set[str]:
+    """Its arguments and the names it asks ``request.getfixturevalue`` for."""
+    names = {a.arg for a in fn.args.args}
+    for sub in ast.walk(fn):
+        if isinstance(sub, ast.Call) and _name(sub.func) == "getfixturevalue" and sub.args \
+                and isinstance(sub.args[0], ast.Constant):
+            names.add(sub.args[0].value)
+    return names
 
 
 def _cases(fn: ast.FunctionDef) -> int:
@@ -67,6 +77,7 @@ def _marked_integration(node: ast.AST) -> bool:
 
 
 def inventory(root: Path = TESTS) -> list[dict]:
+    """One row per test function that exercises a federation, under ``root`` (a tests folder)."""
     rows = []
     for path in sorted(root.rglob("test_*.py")):
         tree = ast.parse(path.read_text())
@@ -77,19 +88,21 @@ def inventory(root: Path = TESTS) -> list[dict]:
         checks = {name: fn for name, fn in functions.items() if name.startswith("check_")}
         fixtures = {name: fn for name, fn in functions.items()
                     if any(_name(d.func if isinstance(d, ast.Call) else d) == "fixture" for d in fn.decorator_list)}
+        # the module's own helpers that start one (a federation shared by several tests is built by one)
+        calls = FEDERATION_CALLS | {n for n, fn in functions.items() if not n.startswith("test_") and starts_federation(fn)}
         for name, fn in functions.items():
             if not name.startswith("test_"):
                 continue
             if not (module_marked or any(_marked_integration(d) for d in fn.decorator_list)):
                 continue
-            args = {a.arg for a in fn.args.args}
+            args = _fixtures_used(fn)
             used = [fixtures[a] for a in args if a in fixtures]
-            federation = starts_federation(fn) or any(starts_federation(f) for f in used)
+            federation = starts_federation(fn, calls) or any(starts_federation(f, calls) for f in used)
             if not federation:
                 continue
             called = {_name(c.func) for c in ast.walk(fn) if isinstance(c, ast.Call)}
             asserts = count_assertions(fn) + sum(count_assertions(checks[c]) for c in called if c in checks)
-            rows.append({"test": f"{path.relative_to(root.parent)}::{name}", "asserts": asserts, "cases": _cases(fn),
+            rows.append({"test": f"{path.relative_to(root)}::{name}", "asserts": asserts, "cases": _cases(fn),
                          "fixtures": sorted(a for a in args if a in fixtures)})
     return rows
 
@@ -97,8 +110,9 @@ def inventory(root: Path = TESTS) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total", action="store_true", help="per-file sums and the total only")
+    ap.add_argument("--root", type=Path, default=TESTS, help="the tests folder to read (default: this one)")
     args = ap.parse_args(argv)
-    rows = inventory()
+    rows = inventory(args.root)
     if args.total:
         files: dict[str, int] = {}
         for r in rows:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedfms.cli import main
 from fedfms.flare.jobs import resume_settings, render_job
 from fedfms.flare.monitor import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
@@ -52,15 +53,18 @@ SLOW_SITE, SLOW_SECONDS = "site-16", 12
 
 
 @pytest.fixture(scope="module")
-def sixteen_sites_one_slow(tmp_path_factory):
-    """Sixteen sites, one of them answering 12 s after the others; exit code, workspace and recordings."""
+def sixteen_sites_one_slow(tmp_path_factory, federation_lock):
+    """Sixteen sites, one of them answering 12 s after the others; exit code, workspace and recordings. All sixteen
+    at once (threads=16: about 12 GiB), with no other federation beside it (federation_lock(alone=True)); the
+    automatic placement, which makes sites take turns when memory is short, is tests/test_capacity.py's."""
     tmp = tmp_path_factory.mktemp("sixteen")
     data = make_sites(tmp / "data", {s: 1 + i % 3 for i, s in enumerate(SIXTEEN)})
     out = tmp / "rec"
     slow = recording(out, [SLOW_SITE])
     slow["filters"] = slow["filters"] + [{"path": "sim_support.SlowFilter", "args": {"seconds": SLOW_SECONDS}}]
     job = write_job(tmp / "job", "fedmsa_tiny", {"app": recording(out, SIXTEEN[:-1]), "app_slow": slow})
-    rc = run_simulation(job, tmp / "ws", SIXTEEN, data_root=data)
+    with federation_lock(alone=True):
+        rc = run_simulation(job, tmp / "ws", SIXTEEN, data_root=data, threads=len(SIXTEEN))
     return rc, tmp / "ws", out
 
 
@@ -99,7 +103,7 @@ POISONERS = {"site-4": "scale_count", "site-5": "huge_count", "site-6": "string_
 
 
 @pytest.fixture(scope="module")
-def failing_and_poisoned(tmp_path_factory):
+def failing_and_poisoned(tmp_path_factory, federation_lock):
     """Two good sites, one whose training fails every round and four malicious ones, 2 rounds, min_sites=2."""
     tmp = tmp_path_factory.mktemp("gaps")
     sites = [*GOOD, FAILING, *POISONERS]
@@ -117,12 +121,13 @@ def failing_and_poisoned(tmp_path_factory):
         "app_string": poisoner("site-6", "string_dtype"),  # right shape, string dtype
         "app_nan_dice": poisoner("site-7", "nan_dice"),  # NaN weights while claiming Dice 1.0
     }, num_rounds=2, min_sites=2)
-    rc = run_simulation(job, tmp / "ws", sites, data_root=data)
+    with federation_lock():
+        rc = run_simulation(job, tmp / "ws", sites, data_root=data)
     return rc, tmp / "ws", out
 
 
 @pytest.mark.xdist_group("faults_failing_and_poisoned")
-def test_a_site_failing_every_round_is_named_and_the_run_is_not_a_plain_success(failing_and_poisoned):
+def test_a_site_failing_every_round_is_named_and_the_run_is_not_a_plain_success(failing_and_poisoned, capsys):
     rc, ws, out = failing_and_poisoned
     assert rc == 3
 
@@ -133,10 +138,11 @@ def test_a_site_failing_every_round_is_named_and_the_run_is_not_a_plain_success(
     assert "simulated failure in round 0" in record["sites"][FAILING]["missed"]["0"]
     assert [r["status"] for r in record["rounds"]] == ["degraded", "degraded"]
     # fedfms report says so too, with a non-zero exit
-    report = subprocess.run([sys.executable, "-m", "fedfms.cli", "report", str(ws)], capture_output=True,
-                            text=True, timeout=120)
-    assert report.returncode == 3, report.stderr
-    assert FAILING in report.stdout and "never contributed" in report.stdout
+    capsys.readouterr()
+    code = main(["report", str(ws)])
+    report = capsys.readouterr()
+    assert code == 3, report.err
+    assert FAILING in report.out and "never contributed" in report.out
 
 
 def test_a_round_without_enough_sites_stops_the_run(tmp_path):
@@ -248,7 +254,7 @@ UPDATE_SITES = {"weight_diff": ["site-1", "site-2"], "percentile": ["site-3", "s
 
 
 @pytest.fixture(scope="module")
-def weight_diff_and_privacy(tmp_path_factory):
+def weight_diff_and_privacy(tmp_path_factory, federation_lock):
     """Sites sending their change to the global model: two plainly, two through FLARE's percentile privacy
     filter (50th percentile), and one NaN update with a claimed Dice of 1.0."""
     tmp = tmp_path_factory.mktemp("updates")
@@ -259,7 +265,8 @@ def weight_diff_and_privacy(tmp_path_factory):
         "app_private": recording(out, UPDATE_SITES["percentile"]),
         "app_nan": {"sites": ["site-5"], "filters": [{"path": "sim_support.PoisonFilter", "args": {"kind": "nan_dice"}}]},
     }, privacy="percentile", privacy_args={"percentile": 50})  # privacy: the job's updates are weight_diff
-    rc = run_simulation(job, tmp / "ws", [f"site-{i}" for i in range(1, 6)], data_root=data)
+    with federation_lock():
+        rc = run_simulation(job, tmp / "ws", [f"site-{i}" for i in range(1, 6)], data_root=data)
     return rc, tmp / "ws", out
 
 

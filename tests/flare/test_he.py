@@ -376,7 +376,7 @@ def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_re
 
 
 @pytest.fixture(scope="module")
-def he_two_rounds(tmp_path_factory):
+def he_two_rounds(tmp_path_factory, federation_lock):
     """fedmsa_tiny encrypted, 2 sites of 3 and 6 volumes, 2 rounds, the size recorders at both sites: the HE
     figures of the bytes test and the run the resume test continues. (exit code, workspace, job, records)"""
     from test_simulator import make_sites, write_job
@@ -388,7 +388,8 @@ def he_two_rounds(tmp_path_factory):
     out = tmp / "recorded"
     job = he_job(write_job(tmp / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
                            encryption="he"), {"app": _recorders(out)})
-    rc = run_simulation(job, tmp / "ws", ["site-1", "site-2"], data_root=data)
+    with federation_lock():
+        rc = run_simulation(job, tmp / "ws", ["site-1", "site-2"], data_root=data)
     return rc, tmp / "ws", job, out
 
 

@@ -87,11 +87,12 @@ def fedavg_federation(tmp: Path, variant: str, transfer: str, flavour: str | Non
 
 
 @pytest.fixture(scope="module")
-def fedmsa_tracked_by_mlflow(tmp_path_factory):
+def fedmsa_tracked_by_mlflow(tmp_path_factory, federation_lock):
     """The FedMSA float32 federation, 2 rounds, tracked by MLflow as well (TensorBoard always): one run for
     the FedAvg test's first case and the MLflow test."""
-    return fedavg_federation(tmp_path_factory.mktemp("fedmsa_mlflow"), "fedmsa_tiny", "float32", None, num_rounds=2,
-                             tracking="mlflow")
+    with federation_lock():
+            return fedavg_federation(tmp_path_factory.mktemp("fedmsa_mlflow"), "fedmsa_tiny", "float32", None,
+                                 num_rounds=2, tracking="mlflow")
 
 
 SHARED = pytest.mark.xdist_group("simulator_fedmsa_mlflow")

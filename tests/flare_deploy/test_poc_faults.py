@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from fedfms.cli import main
 from fedfms.deploy import poc, runtime as rt, site_setup
 
 from .deploy_support import logs_digest, make_site_data
@@ -95,7 +94,7 @@ def federation(tmp_path_factory):
 
 
 @SHARED_FEDERATION
-def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(federation, tmp_path):
+def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(federation, tmp_path, capsys):
     state = federation
     from fedfms.flare.jobs import write_job
 
@@ -126,10 +125,11 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
     saved = before["persisted_round"]
     assert saved is not None and saved >= 2
     resumed = tmp_path / "job_resumed"
-    out = subprocess.run([sys.executable, "-m", "fedfms.cli", "job", "resume", str(job), str(run), str(resumed)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert f"continues from round {saved + 1}" in out.stdout
+    capsys.readouterr()
+    code = main(["job", "resume", str(job), str(run), str(resumed)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"continues from round {saved + 1}" in out.out
 
     job_id2 = poc.submit(state["workspace"], str(resumed))
     meta = poc.wait(state["workspace"], job_id2, timeout=600)
