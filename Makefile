@@ -12,13 +12,15 @@ demo: setup
 	$(PYTHON) -m fedfms.cli demo --out demo_out
 
 # pytest-xdist workers for `make test` (tests/README.md): federations mostly wait on each other's processes,
-# so 3 workers share this 2-core machine's CPUs better than 2
+# so 3 workers share this 2-core machine's CPUs better than 2. loadgroup: the tests of one shared federation
+# (xdist_group) run in one worker; no reorder: the heaviest tests start first (tests/conftest.py)
 TEST_WORKERS ?= 3
+PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 11 min on 2 cores)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not fullsize"
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"
 
 # the full-size tier (ViT-B/ViT-L at 1024 px): CI runs it after `make test`
 test-fullsize: setup
@@ -26,7 +28,7 @@ test-fullsize: setup
 
 # ML core, data and unit tests only (no FLARE processes): a few minutes
 test-fast: setup
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not integration and not fullsize"
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not integration and not fullsize"
 
 # syntax errors, pyflakes, long lines and invalid escapes (rules in ruff.toml)
 lint: setup

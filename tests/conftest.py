@@ -3,7 +3,9 @@
 How the suite runs in parallel (``make test``: pytest-xdist, ``-n 3 --dist loadgroup``; tests/README.md):
 - each worker is its own process; federations pick free ports, so several run at once;
 - tests that share a module-scoped federation carry one ``xdist_group`` mark, so one worker runs them all and
-  the federation starts once (any test without the mark may run in any worker);
+  the federation starts once; the other tests of a module that use a module-scoped fixture are grouped by module
+  automatically (``pytest_collection_modifyitems``), so no fixture is made twice; any other test may run in any
+  worker;
 - under xdist the heaviest tests are handed out first (POC/provisioned federations, then simulator runs, then
   full-size models, then the rest), so the short unit tests fill the gaps at the end instead of a long federation
   starting last;
@@ -25,8 +27,11 @@ import torch
 from fedfms.data.synthetic import make_disc_site
 
 # Torch threads per test process: the machine's 2 cores are shared by the xdist workers (and the federations
-# they start), so a worker computes on one; a serial run uses two.
+# they start), so a worker computes on one (module fixtures included: set here, before any of them runs; two
+# threads per worker let OpenMP spin-wait away a core under contention); a serial run uses two.
 TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +106,22 @@ def _weight(item: pytest.Item) -> int:
     return 3
 
 
+def _module_fixtures(item: pytest.Item) -> list[str]:
+    defs = getattr(item, "_fixtureinfo", None)
+    if defs is None:
+        return []
+    return sorted(name for name, chain in defs.name2fixturedefs.items()
+                  if chain and chain[-1].scope in ("module", "class", "package"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into work units
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (xdist checks the collections match)
-        items.sort(key=_weight)  # stable: a module's tests keep their order, a shared federation's tests stay together
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    # a module fixture is made once per worker: the tests of a module that use one go to one worker together
+    # (unless they carry their own xdist_group, as the shared federations do)
+    for item in items:
+        if not item.get_closest_marker("xdist_group") and _module_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(f"module:{item.nodeid.split('::')[0]}"))
+    # every worker sorts alike (xdist checks that the collections match); stable: a module's tests keep their order
+    items.sort(key=_weight)
