@@ -49,13 +49,14 @@ def run_seconds(record: dict) -> float:
     return (ended - started).total_seconds()
 
 
-def train_timeout(job_dir: Path) -> float:
-    """How long a round of this job waits for its sites' results (ScatterAndGather's train_timeout)."""
-    for config in job_dir.glob("*/config/config_fed_server.json"):
+def train_timeout(workspace: Path) -> float:
+    """How long a round of the job the simulator ran waits for its sites' results (ScatterAndGather's
+    train_timeout, from the server's deployed copy of the job)."""
+    for config in server_job_dir(workspace).glob("*/config/config_fed_server.json"):
         for workflow in json.loads(config.read_text())["workflows"]:
             if "train_timeout" in workflow["args"]:
                 return float(workflow["args"]["train_timeout"])
-    raise AssertionError(f"{job_dir}: no train_timeout")
+    raise AssertionError(f"{server_job_dir(workspace)}: no train_timeout")
 
 
 def recording(out: Path, sites: list[str], **extra) -> dict:
@@ -110,7 +111,7 @@ def test_a_site_that_cannot_start_stops_the_job_quickly_with_its_reason(tmp_path
     assert record["status"] == "failed" and "site-2 cannot run this job" in record["reason"]
     # quickly: the server stopped when site-2 reported, instead of waiting out round 0's train timeout for its result
     # (the record's clock, from the job's start: how busy the machine is does not enter)
-    timeout = train_timeout(tmp_path / "ws" / "local" / "fedfms_job")
+    timeout = train_timeout(tmp_path / "ws")
     assert run_seconds(record) < timeout, (run_seconds(record), timeout)
 
 
@@ -169,7 +170,7 @@ def test_a_round_without_enough_sites_stops_the_run(tmp_path):
     assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 1
     record = read_run_record(server_job_dir(tmp_path / "ws"))
     # it stopped at round 1 rather than waiting out a round's timeout (the record's clock, as above)
-    assert run_seconds(record) < train_timeout(job), (run_seconds(record), train_timeout(job))
+    assert run_seconds(record) < train_timeout(tmp_path / "ws"), (run_seconds(record), train_timeout(tmp_path / "ws"))
     assert record["status"] == "failed" and "round 1: 0 accepted contribution(s), fewer than min_sites=2" in record["reason"]
     assert record["persisted_round"] == 0 and len([r for r in record["rounds"] if r["seconds"] is not None]) == 1
 
