@@ -29,6 +29,13 @@ def make_sites(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
+# Local epochs per round in the federations these tests build (a job's "train" setting may say otherwise): what
+# they check (the averages, the checks on what sites send, faults) holds for any amount of local training, and
+# each site-round of the tiny variants' 20 epochs costs about 2 CPU-seconds. The tests that check learning keep
+# their variant's epochs (test_demo, test_nnunet_simulator, the LOSO tests).
+TEST_TRAIN = {"epochs": 2}
+
+
 def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1, transfer: str = "float32",
               **settings) -> Path:
     """``apps``: app name -> {"sites": [...], "executor": class path, "args": extra executor args,
@@ -36,6 +43,7 @@ def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: in
     this app leaves out}; ``settings``: job settings (fedfms.flare.jobs)."""
     sites = [s for app in apps.values() for s in app["sites"]]
     settings.setdefault("sites", sorted(sites))
+    settings["train"] = {**TEST_TRAIN, **(settings.get("train") or {})}
     files = render_job(variant, num_rounds=num_rounds, transfer=transfer, **settings)
     meta = files["meta.json"]
     meta["deploy_map"] = {"app_server": ["server"], **{name: app["sites"] for name, app in apps.items()}}

@@ -115,7 +115,9 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
     state = federation
     from fedfms.flare.jobs import write_job
 
-    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
+    # 2 local epochs a round (the variant's 20 cost ~3 CPU-s per site-round; nothing here depends on them), and still
+    # 8 rounds: the server is killed in round 3 with rounds to go
+    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS, train={"epochs": 2})
     job_id = poc.submit(state["workspace"], str(job))
     _wait_for_round(state, job_id, 3, timeout=300)
     server_kit = Path(state["prod_dir"]) / state["server"]
@@ -164,6 +166,7 @@ def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_
     state = federation
     from fedfms.flare.jobs import write_job
 
+    # the variant's 20 local epochs: the kill must land while site-3 trains, between two of its uploads
     job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)
     job_id = poc.submit(state["workspace"], str(job))
     # killed between two of its uploads: FLARE 2.9 fails the whole job when a site dies while the server is still
