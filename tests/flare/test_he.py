@@ -375,33 +375,55 @@ def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_re
     assert up and min(up) > 10 * sum(v.nbytes for v in sent["site-1"][0].values())
 
 
+@pytest.fixture(scope="module")
+def he_two_rounds(tmp_path_factory, federation_lock):
+    """fedmsa_tiny encrypted, 2 sites of 3 and 6 volumes, 2 rounds, the size recorders at both sites: the HE
+    figures of the bytes test and the run the resume test continues. (exit code, workspace, job, records)"""
+    from test_simulator import make_sites, write_job
+
+    from fedfms.flare.simulate import run_simulation
+
+    tmp = tmp_path_factory.mktemp("he_two_rounds")
+    data = make_sites(tmp / "data", {"site-1": 3, "site-2": 6})
+    out = tmp / "recorded"
+    job = he_job(write_job(tmp / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
+                           encryption="he"), {"app": _recorders(out)})
+    with federation_lock():
+        rc = run_simulation(job, tmp / "ws", ["site-1", "site-2"], data_root=data)
+    return rc, tmp / "ws", job, out
+
+
+SHARED_HE_RUN = pytest.mark.xdist_group("he_two_rounds")
+
+
 @pytest.mark.integration
-def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path):
-    """The figures in docs/privacy-he.md (2 sites of 3 and 6 volumes, 2 rounds, fedmsa_tiny on CPU)."""
+@SHARED_HE_RUN
+def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path, he_two_rounds):
+    """The figures in docs/privacy-he.md (2 sites of 3 and 6 volumes, 2 rounds, fedmsa_tiny on CPU): the plaintext
+    federation here, the encrypted one is the module's shared run."""
     from test_simulator import make_sites, write_job
 
     from fedfms.flare.monitor import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
+    runs = {"plain": (tmp_path / "plain" / "ws", tmp_path / "plain" / "recorded")}
+    job = write_job(tmp_path / "plain" / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2)
+    client_path = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_path.read_text())
+    rec = _recorders(runs["plain"][1])  # the same recorders as on the encrypted job
+    client["task_result_filters"] = [{"tasks": ["train"], "filters": [*client["task_result_filters"][0]["filters"], *rec["after"]]},
+                                     {"tasks": ["submit_model"], "filters": client["task_result_filters"][0]["filters"]}]
+    client["task_data_filters"] = [{"tasks": ["train"], "filters": rec["data_before"]}]
+    client_path.write_text(json.dumps(client))
+    (job / "app" / "custom" / "he_support.py").write_text(SUPPORT_SOURCE)
+    assert run_simulation(job, runs["plain"][0], ["site-1", "site-2"], data_root=data) == 0
+    rc, he_ws, _, he_out = he_two_rounds
+    assert rc == 0
+    runs["he"] = (he_ws, he_out)
+
     figures = {}
-    for flavour in ("plain", "he"):
-        out = tmp_path / flavour / "recorded"
-        job = write_job(tmp_path / flavour / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
-                        encryption="he" if flavour == "he" else None)
-        if flavour == "he":
-            he_job(job, {"app": _recorders(out)})
-        else:  # the same recorders on the plaintext job
-            client_path = job / "app" / "config" / "config_fed_client.json"
-            client = json.loads(client_path.read_text())
-            rec = _recorders(out)
-            client["task_result_filters"] = [{"tasks": ["train"], "filters": [*client["task_result_filters"][0]["filters"], *rec["after"]]},
-                                             {"tasks": ["submit_model"], "filters": client["task_result_filters"][0]["filters"]}]
-            client["task_data_filters"] = [{"tasks": ["train"], "filters": rec["data_before"]}]
-            client_path.write_text(json.dumps(client))
-            (job / "app" / "custom" / "he_support.py").write_text(SUPPORT_SOURCE)
-        ws = tmp_path / flavour / "ws"
-        assert run_simulation(job, ws, ["site-1", "site-2"], data_root=data) == 0
+    for flavour, (ws, out) in runs.items():
         record = read_run_record(server_job_dir(ws))
         sizes = {p.name: json.loads(p.read_text()) for p in out.glob("*.bytes.json")}
         figures[flavour] = {
@@ -418,29 +440,28 @@ def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path):
+@SHARED_HE_RUN
+def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path, he_two_rounds):
     """The continuing job starts from the run's encrypted global model: the simulator workspace gets that run's
-    contexts (fresh keys would decrypt it to noise: NaN at the first step); other keys are refused in one line."""
-    from test_simulator import make_sites
-
+    contexts (fresh keys would decrypt it to noise: NaN at the first step); other keys are refused in one line.
+    The run continued is the module's shared 2-round run (one more round here)."""
     from fedfms.errors import ConfigError
-    from fedfms.flare.jobs import resume_settings, rewrite_job, write_job
+    from fedfms.flare.jobs import resume_settings, rewrite_job
     from fedfms.flare.monitor import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
-    data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
+    rc, ws1, first, _ = he_two_rounds
     sites = ["site-1", "site-2"]
-    first = write_job("fedmsa_tiny", tmp_path / "job", sites=sites, num_rounds=1, encryption="he")
-    assert run_simulation(first, tmp_path / "ws1", sites, data_root=data, quiet=True) == 0
-    more = rewrite_job(first, tmp_path / "job2", num_rounds=2, **resume_settings(server_job_dir(tmp_path / "ws1")))
+    assert rc == 0
+    more = rewrite_job(first, tmp_path / "job2", num_rounds=3, **resume_settings(server_job_dir(ws1)))
 
     he.write_contexts(tmp_path / "ws_other" / "startup")  # a workspace holding another key pair
     with pytest.raises(ConfigError, match="other TenSEAL contexts than the resumed run's"):
         he.prepare_simulation(tmp_path / "ws_other", more)
 
-    assert run_simulation(more, tmp_path / "ws2", sites, data_root=data, quiet=True) == 0
+    assert run_simulation(more, tmp_path / "ws2", sites, data_root=ws1.parent / "data", quiet=True) == 0
     assert (tmp_path / "ws2" / "startup" / he.CLIENT_CONTEXT).read_bytes() == \
-        (tmp_path / "ws1" / "startup" / he.CLIENT_CONTEXT).read_bytes()
+        (ws1 / "startup" / he.CLIENT_CONTEXT).read_bytes()
     record = read_run_record(server_job_dir(tmp_path / "ws2"))
-    assert record["status"] == "completed" and [r["round"] for r in record["rounds"]] == [0, 1]
+    assert record["status"] == "completed" and [r["round"] for r in record["rounds"]] == [0, 1, 2]
     assert all(r["updated_model"] for r in record["rounds"])

@@ -146,12 +146,14 @@ def _canonical(files: dict[str, dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", ["fedmsa", "fedsam_tiny", "fednnunet"])
 def test_flare_export_job_writes_the_checked_in_job(tmp_path, name):
-    """The checked-in JSON is what FLARE's own FedJob.export_job writes (jobs/job.py --export), not a hand renderer."""
-    import subprocess
-    import sys
+    """The checked-in JSON is what FLARE's own FedJob.export_job writes (jobs/job.py --export), not a hand renderer.
+    (The script's main() in this process; test_job_py_runs_the_job_in_flares_simulator runs it as a program.)"""
+    import importlib.util
 
-    subprocess.run([sys.executable, str(JOBS / "job.py"), name, "--export", str(tmp_path)], check=True, timeout=300,
-                   capture_output=True)
+    spec = importlib.util.spec_from_file_location("fedfms_job_script", JOBS / "job.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([name, "--export", str(tmp_path)]) == 0
     exported = {p.relative_to(tmp_path / name).as_posix(): json.loads(p.read_text())
                 for p in (tmp_path / name).rglob("*.json")}
     checked_in = {p.relative_to(JOBS / name).as_posix(): json.loads(p.read_text()) for p in (JOBS / name).rglob("*.json")}

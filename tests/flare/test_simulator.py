@@ -29,12 +29,21 @@ def make_sites(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
+# Local epochs per round in the federations these tests build (a job's "train" setting may say otherwise): what
+# they check (the averages, the checks on what sites send, faults) holds for any amount of local training, and
+# each site-round of the tiny variants' 20 epochs costs about 2 CPU-seconds. The tests that check learning keep
+# their variant's epochs (test_demo, test_nnunet_simulator, the LOSO tests).
+TEST_TRAIN = {"epochs": 2}
+
+
 def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: int = 1, transfer: str = "float32",
               **settings) -> Path:
     """``apps``: app name -> {"sites": [...], "executor": class path, "args": extra executor args,
-    "filters": extra result filters, "travel_filter": bool}; ``settings``: job settings (fedfms.flare.jobs)."""
+    "filters": extra result filters, "travel_filter": bool, "without": class names of the job's result filters
+    this app leaves out}; ``settings``: job settings (fedfms.flare.jobs)."""
     sites = [s for app in apps.values() for s in app["sites"]]
     settings.setdefault("sites", sorted(sites))
+    settings["train"] = {**TEST_TRAIN, **(settings.get("train") or {})}
     files = render_job(variant, num_rounds=num_rounds, transfer=transfer, **settings)
     meta = files["meta.json"]
     meta["deploy_map"] = {"app_server": ["server"], **{name: app["sites"] for name, app in apps.items()}}
@@ -51,6 +60,7 @@ def write_job(job_dir: Path, variant: str, apps: dict[str, dict], num_rounds: in
         filters = client["task_result_filters"][0]["filters"]
         if not app.get("travel_filter", True):
             filters.clear()
+        filters[:] = [f for f in filters if f["path"].rsplit(".", 1)[-1] not in app.get("without", [])]
         filters.extend(app.get("filters", []))
         if not filters:  # FLARE refuses an empty filter chain
             client["task_result_filters"] = []
@@ -66,29 +76,53 @@ def load_global(workspace: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in saved["model"].items()}
 
 
-def recorded(out: Path, site: str) -> tuple[dict[str, np.ndarray], dict]:
-    arrays = dict(np.load(out / f"{site}_r0.npz"))
-    return arrays, json.loads((out / f"{site}_r0.json").read_text())
+def recorded(out: Path, site: str, rnd: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    arrays = dict(np.load(out / f"{site}_r{rnd}.npz"))
+    return arrays, json.loads((out / f"{site}_r{rnd}.json").read_text())
 
 
-@pytest.mark.parametrize("variant,transfer,flavour", [("fedmsa_tiny", "float32", None), ("fedsam_tiny", "float16", None),
-                                                     ("fedmsa_tiny", "float32", "reference")])
-def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, variant, transfer, flavour):
-    data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})  # unequal sample counts
-    out = tmp_path / "recorded"
+def fedavg_federation(tmp: Path, variant: str, transfer: str, flavour: str | None, num_rounds: int = 1,
+                      **settings) -> tuple[int, Path, Path]:
+    """Two sites of unequal sample counts, recording what they receive and send: (exit code, workspace, records)."""
+    data = make_sites(tmp / "data", {"site-1": 3, "site-2": 6})  # unequal sample counts
+    out = tmp / "recorded"
     recorder = {"path": "sim_support.RecordingFilter", "args": {"out_dir": str(out)}}
-    job = write_job(tmp_path / "job", variant, {"app_sites": {
+    job = write_job(tmp / "job", variant, {"app_sites": {
         "sites": ["site-1", "site-2"], "executor": "sim_support.RecordingExecutor",
-        "args": {"out_dir": str(out)}, "filters": [recorder]}}, transfer=transfer, flavour=flavour)
+        "args": {"out_dir": str(out)}, "filters": [recorder]}}, num_rounds=num_rounds, transfer=transfer,
+        flavour=flavour, **settings)
+    return run_simulation(job, tmp / "ws", ["site-1", "site-2"], data_root=data), tmp / "ws", out
 
-    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
 
-    sent = {s: recorded(out, s) for s in ("site-1", "site-2")}
+@pytest.fixture(scope="module")
+def fedmsa_tracked_by_mlflow(tmp_path_factory, federation_lock):
+    """The FedMSA float32 federation, 2 rounds, tracked by MLflow as well (TensorBoard always): one run for
+    the FedAvg test's first case and the MLflow test."""
+    with federation_lock():
+            return fedavg_federation(tmp_path_factory.mktemp("fedmsa_mlflow"), "fedmsa_tiny", "float32", None,
+                                 num_rounds=2, tracking="mlflow")
+
+
+SHARED = pytest.mark.xdist_group("simulator_fedmsa_mlflow")
+
+
+@pytest.mark.parametrize("variant,transfer,flavour", [pytest.param("fedmsa_tiny", "float32", None, marks=SHARED),
+                                                     ("fedsam_tiny", "float16", None),
+                                                     ("fedmsa_tiny", "float32", "reference")])
+def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, request, variant, transfer, flavour):
+    if (variant, transfer, flavour) == ("fedmsa_tiny", "float32", None):
+        rc, ws, out = request.getfixturevalue("fedmsa_tracked_by_mlflow")
+    else:
+        rc, ws, out = fedavg_federation(tmp_path, variant, transfer, flavour)
+    assert rc == 0
+    last = len(read_run_record(server_job_dir(ws))["rounds"]) - 1  # the global model is the last round's average
+
+    sent = {s: recorded(out, s, last) for s in ("site-1", "site-2")}
     n = {s: sent[s][1]["num_samples"] for s in sent}
     assert n["site-1"] != n["site-2"] and min(n.values()) > 0
     # independent FedAvg: sum(n_k w_k) / sum(n_k), in float64
     expected = {k: sum(n[s] * sent[s][0][k].astype(np.float64) for s in sent) / sum(n.values()) for k in sent["site-1"][0]}
-    global_model = load_global(tmp_path / "ws")
+    global_model = load_global(ws)
     assert set(global_model) == set(expected)
     for key, value in expected.items():  # (float16 transfer: the server averages the restored float16 values)
         np.testing.assert_allclose(global_model[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
@@ -107,23 +141,23 @@ def test_one_round_is_sample_weighted_fedavg_of_what_sites_sent(tmp_path, varian
         assert all(not k.startswith("image_encoder.") or "adapter" in k for k in sent["site-1"][0])
         assert travel_bytes(spec) < 0.5 * sum(p.numel() * 4 for p in build_model(ModelConfig(**model_cfg)).parameters())
         # the frozen encoder is identical before and after, and identical at both sites
-        digests = [json.loads((out / f"{s}_frozen.json").read_text())[0] for s in sent]
-        assert all(d["before"] == d["after"] for d in digests)
-        assert digests[0]["before"] == digests[1]["before"]
+        digests = [json.loads((out / f"{s}_frozen.json").read_text()) for s in sent]  # one entry per round
+        assert all(d["before"] == d["after"] for log in digests for d in log)
+        assert digests[0][0]["before"] == digests[1][0]["before"]
 
-    cross = json.loads((server_job_dir(tmp_path / "ws") / "cross_site_val" / "cross_val_results.json").read_text())
+    cross = json.loads((server_job_dir(ws) / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cross) == {"site-1", "site-2"}
     for site_results in cross.values():
         assert "SRV_FL_global_model.pt" in site_results
         assert 0.0 <= site_results["SRV_FL_global_model.pt"]["dice"] <= 1.0
-    assert (server_job_dir(tmp_path / "ws") / "tb_events" / "site-1").is_dir()
+    assert (server_job_dir(ws) / "tb_events" / "site-1").is_dir()
 
     # the per-site report reads FLARE's own outputs: cross-site results and the streamed learning curves
-    rows = site_table(tmp_path / "ws")
+    rows = site_table(ws)
     assert [r["site"] for r in rows] == ["site-1", "site-2", "average"]
     assert rows[0]["dice"] == pytest.approx(cross["site-1"]["SRV_FL_global_model.pt"]["dice"])
     assert rows[0]["dice_round0"] is not None  # round-0 validation Dice streamed through TensorBoard
-    png = plot_report(tmp_path / "ws", tmp_path / "report.png")
+    png = plot_report(ws, tmp_path / "report.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -174,15 +208,14 @@ def test_bad_contributions_are_rejected_and_the_job_completes_with_gaps(tmp_path
     assert record["sites"]["site-1"]["contributed"] == [0]
 
 
-def test_mlflow_tracking_records_every_site_and_round(tmp_path):
+@SHARED
+def test_mlflow_tracking_records_every_site_and_round(fedmsa_tracked_by_mlflow):
     from mlflow.tracking.client import MlflowClient
 
-    data = make_sites(tmp_path / "data", {"site-1": 2, "site-2": 3})
-    job = write_job(tmp_path / "job", "fedmsa_tiny", {"app": {"sites": ["site-1", "site-2"]}}, num_rounds=2,
-                    tracking="mlflow")
-    assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 0
+    rc, ws, _ = fedmsa_tracked_by_mlflow
+    assert rc == 0
 
-    stores = list((tmp_path / "ws").rglob("mlflow.db"))
+    stores = list(ws.rglob("mlflow.db"))
     assert len(stores) == 1, stores
     client = MlflowClient(tracking_uri=f"sqlite:///{stores[0]}")
     experiment = client.get_experiment_by_name("fedfms")

@@ -7,6 +7,7 @@ admin kit from a different provisioning is refused."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import time
@@ -103,7 +104,9 @@ def test_provisioned_federation_runs_production_job_and_refuses_foreign_admin(tm
         rt.wait_for_clients(sess, SITES, 180, procs=procs, logs=logs)
         assert set(admin_api.status(sess)["sites"]) == set(SITES)
 
-        job_id = admin_api.submit(sess, TINY_JOB)
+        # a copy: FLARE signs a submitted folder in place, and the checked-in job must stay as `make jobs` wrote it
+        # (other tests, running at the same time under xdist, read it)
+        job_id = admin_api.submit(sess, shutil.copytree(TINY_JOB, tmp_path / "submitted" / TINY_JOB.name))
         meta = admin_api.monitor(sess, job_id, timeout=900, interval=2)
         assert meta["status"] == admin_api.COMPLETED, logs_digest(logs)
         assert any(j["job_id"] == job_id for j in admin_api.list_jobs(sess))

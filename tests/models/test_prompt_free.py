@@ -56,10 +56,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 @pytest.mark.parametrize("num_classes", [2])
 def test_vit_b_at_1024_forward_shape(num_classes):
-    """Full-size vit_b, random init, one image: ~20 s on 2 CPU cores."""
+    """Full-size vit_b, random init, one image at the paper's 1024 px: ~20 s on 2 CPU cores (the full-size tier,
+    `make test-fullsize`)."""
     model = build_model(ModelConfig("vit_b", "fedmsa", num_classes=num_classes, pretrained=False)).eval()
     start = time.perf_counter()
     with torch.no_grad():
