@@ -49,14 +49,17 @@ def run_seconds(record: dict) -> float:
     return (ended - started).total_seconds()
 
 
-def train_timeout(workspace: Path) -> float:
-    """How long a round of the job the simulator ran waits for its sites' results (ScatterAndGather's
-    train_timeout, from the server's deployed copy of the job)."""
+def no_progress_bound(workspace: Path) -> float:
+    """How long the job the simulator ran waits for a site it hears nothing from (the federation monitor's
+    no_progress_timeout, from the server's deployed copy of the job; the liveness default when the job sets none).
+    Rounds have no speed-derived timeout any more: this is the only wait a stopped job could have sat out."""
+    from fedfms.flare.liveness import DEFAULT_NO_PROGRESS_S
+
     for config in server_job_dir(workspace).glob("*/config/config_fed_server.json"):
-        for workflow in json.loads(config.read_text())["workflows"]:
-            if "train_timeout" in workflow["args"]:
-                return float(workflow["args"]["train_timeout"])
-    raise AssertionError(f"{server_job_dir(workspace)}: no train_timeout")
+        for component in json.loads(config.read_text())["components"]:
+            if component.get("id") == "federation_monitor":
+                return float(component.get("args", {}).get("no_progress_timeout", DEFAULT_NO_PROGRESS_S))
+    raise AssertionError(f"{server_job_dir(workspace)}: no federation_monitor")
 
 
 def recording(out: Path, sites: list[str], **extra) -> dict:
@@ -109,10 +112,10 @@ def test_a_site_that_cannot_start_stops_the_job_quickly_with_its_reason(tmp_path
     assert len(errors) == 1 and "site-2" in errors[0] and "manifest.json" in errors[0] and "not valid JSON" in errors[0]
     record = read_run_record(server_job_dir(tmp_path / "ws"))
     assert record["status"] == "failed" and "site-2 cannot run this job" in record["reason"]
-    # quickly: the server stopped when site-2 reported, instead of waiting out round 0's train timeout for its result
+    # quickly: the server stopped when site-2 reported, instead of waiting for its result until the liveness bound
     # (the record's clock, from the job's start: how busy the machine is does not enter)
-    timeout = train_timeout(tmp_path / "ws")
-    assert run_seconds(record) < timeout, (run_seconds(record), timeout)
+    bound = no_progress_bound(tmp_path / "ws")
+    assert run_seconds(record) < bound, (run_seconds(record), bound)
 
 
 GOOD, FAILING = ["site-1", "site-2"], "site-3"
@@ -169,8 +172,8 @@ def test_a_round_without_enough_sites_stops_the_run(tmp_path):
     }, num_rounds=5)
     assert run_simulation(job, tmp_path / "ws", ["site-1", "site-2"], data_root=data) == 1
     record = read_run_record(server_job_dir(tmp_path / "ws"))
-    # it stopped at round 1 rather than waiting out a round's timeout (the record's clock, as above)
-    assert run_seconds(record) < train_timeout(tmp_path / "ws"), (run_seconds(record), train_timeout(tmp_path / "ws"))
+    # it stopped at round 1 rather than waiting out the liveness bound (the record's clock, as above)
+    assert run_seconds(record) < no_progress_bound(tmp_path / "ws"), (run_seconds(record), no_progress_bound(tmp_path / "ws"))
     assert record["status"] == "failed" and "round 1: 0 accepted contribution(s), fewer than min_sites=2" in record["reason"]
     assert record["persisted_round"] == 0 and len([r for r in record["rounds"] if r["seconds"] is not None]) == 1
 
