@@ -38,7 +38,7 @@ class PeakSampler(threading.Thread):
         super().__init__(daemon=True)
         self.workspace, self.sites, self.every = str(workspace), sites, every
         self.peaks: dict[str, float] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def role(self, cmd: str) -> str | None:
         if self.workspace not in cmd:
@@ -52,7 +52,7 @@ class PeakSampler(threading.Thread):
         return None
 
     def run(self):
-        while not self._stop.wait(self.every):
+        while not self._halt.wait(self.every):
             for proc in psutil.process_iter(["cmdline", "memory_info"]):
                 try:
                     name = self.role(" ".join(proc.info["cmdline"] or []))
@@ -62,7 +62,7 @@ class PeakSampler(threading.Thread):
                     continue
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
