@@ -79,7 +79,8 @@ def _cmd_loso(args) -> int:
 
 
 def _cmd_centralized(args) -> int:
-    from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
+    from fedfms.evaluation.centralized import train_centralized
+    from fedfms.training.weights_files import history_path, last_weights_path
     from fedfms.evaluation.loso import train_config
     from fedfms.evaluation.results import json_safe
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows

@@ -35,7 +35,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 from fedfms.data.site_dataset import read_manifest
 from fedfms.errors import CheckpointError, ConfigError, DataError
-from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
+from fedfms.evaluation.centralized import train_centralized
+from fedfms.training.weights_files import history_path, last_weights_path
 from fedfms.evaluation.personal import comparison_rows, format_comparison, held_out_model, personal_gaps, read_personal_record, record_dice
 from fedfms.evaluation.results import (FOLD_FILE, METHODS, RESULTS_CSV, RESULTS_JSON, EvaluationError, collect, fold_scores,
                                        format_loso_table, plain, write_csv, write_json)

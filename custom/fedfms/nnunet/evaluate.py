@@ -19,12 +19,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedfms.errors import CheckpointError, ConfigError
-# the same output files as the project's centralised baseline (one home for their names and layout)
-from fedfms.evaluation.centralized import history_path, last_weights_path, save_weights
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import build_network, check_plan, make_plan, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
+# the same output files as the project's centralised baseline (one home for their names and layout)
+from fedfms.training.weights_files import history_path, last_weights_path, save_weights
 
 PLAN_FILE = "nnunet_plan.json"
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
