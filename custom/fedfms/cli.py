@@ -93,25 +93,8 @@ def _cmd_allow_list(args) -> int:
     return 0
 
 
-def _report_outcome(workspace: Path, outcome) -> int:
-    """One truthful verdict after a simulation: plain success only when every round averaged every site."""
-    from fedfms.flare.simulate import EXIT_GAPS, EXIT_OK, server_job_dir
-
-    if outcome.exit_code == EXIT_OK:
-        print(f"finished: every round averaged every site; results in {server_job_dir(workspace)}")
-    else:
-        verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
-        lines = (outcome.summary or "").splitlines() or [""]
-        detail = lines[0].split(": ", 1)[-1]  # the summary's first line without its "federation <status>: "
-        print(f"error: simulation {verdict}: {detail}", file=sys.stderr)
-        for line in lines[1:]:
-            print(line, file=sys.stderr)
-        print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
-    return outcome.exit_code
-
-
 def _cmd_simulate(args) -> int:
-    from fedfms.flare.simulate import simulate
+    from fedfms.flare.simulate import report_outcome, simulate
 
     clients = [c for c in args.clients.split(",") if c]
     gpus = None
@@ -122,7 +105,7 @@ def _cmd_simulate(args) -> int:
             raise FedFMSError(f"--gpu: {args.gpu!r} is not a list of GPU ids; expected e.g. 0 or 0,1") from None
     outcome = simulate(args.job, args.workspace, clients, data_root=args.data_root, threads=args.threads,
                        quiet=not args.verbose, gpus=gpus)
-    return _report_outcome(Path(args.workspace), outcome)
+    return report_outcome(Path(args.workspace), outcome)
 
 
 def _cmd_report(args) -> int:

@@ -176,9 +176,8 @@ class Demo:
         self._score_all("central", {site: predictor for site in self.site_dirs})
 
     def federate(self, method: Method) -> int:
-        from fedfms.cli import _report_outcome
         from fedfms.flare.jobs import write_job
-        from fedfms.flare.simulate import server_job_dir, simulate
+        from fedfms.flare.simulate import report_outcome, server_job_dir, simulate
         from fedfms.training.predict import load_model
 
         mode = "fedsam" if method.variant.startswith("fedsam") else "fedmsa"
@@ -191,7 +190,7 @@ class Demo:
                         personalise=self.personalise if personalised else None)
         outcome = simulate(job, folder / "workspace", list(SITES), data_root=self.out / "sites", quiet=not self.verbose,
                            echo=self._echo_once)
-        rc = _report_outcome(folder / "workspace", outcome)
+        rc = report_outcome(folder / "workspace", outcome)
         if rc != 0:
             return rc
         run_dir = server_job_dir(folder / "workspace")

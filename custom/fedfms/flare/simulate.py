@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -300,3 +301,19 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
 
 def server_job_dir(workspace: str | Path) -> Path:
     return Path(workspace) / "server" / "simulate_job"
+
+
+def report_outcome(workspace: Path, outcome) -> int:
+    """One truthful verdict after a simulation, printed for ``fedfms simulate`` and the demo: plain success only when
+    every round averaged every site. Returns the exit code."""
+    if outcome.exit_code == EXIT_OK:
+        print(f"finished: every round averaged every site; results in {server_job_dir(workspace)}")
+    else:
+        verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
+        lines = (outcome.summary or "").splitlines() or [""]
+        detail = lines[0].split(": ", 1)[-1]  # the summary's first line without its "federation <status>: "
+        print(f"error: simulation {verdict}: {detail}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+        print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
+    return outcome.exit_code
