@@ -145,7 +145,8 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
     when given (else ``class0``, ..., 2D and ``pad``)."""
     from fedfms.model_card import file_digest, model_card, write_card
     from fedfms.models import ModelConfig
-    from fedfms.report import find_run_dir, run_configs
+    from fedfms.report import run_configs
+    from fedfms.run_record import find_run_dir
 
     if model not in MODELS:
         raise ConfigError(f"--model is {model!r}; expected one of {', '.join(MODELS)}")

@@ -109,7 +109,8 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from fedfms.report import SCORING_NOTE, best_model_note, find_run_dir, format_table, plot_report, run_pictures, site_table
+    from fedfms.report import SCORING_NOTE, format_table, plot_report, run_pictures, site_table
+    from fedfms.run_record import best_model_note, find_run_dir
 
     from fedfms.run_record import EXIT_GAPS, RUN_RECORD, exit_code, read_run_record, summarize
 

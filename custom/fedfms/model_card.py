@@ -44,7 +44,8 @@ def model_card(run: str | Path, job: str | Path | None = None, data_root: str | 
     ``job``: the job folder the run used (default: the configs deployed in the run's workspace); ``data_root``: the
     sites' prepared folders (one per site), for the manifests' counts and preset; ``exported``: what a bundle export
     adds (which model, its file and digest)."""
-    from fedfms.report import find_run_dir, read_cross_site
+    from fedfms.report import read_cross_site
+    from fedfms.run_record import find_run_dir
     from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
 
     run_dir = find_run_dir(run)
@@ -267,7 +268,7 @@ def _privacy_part(client: dict, server: dict, executor: dict, model: dict) -> di
 
 
 def _limits(record: dict | None, cross: dict, sites: list[str], run_dir: Path, summarize) -> list[str]:
-    from fedfms.report import best_model_note
+    from fedfms.run_record import best_model_note
 
     lines = []
     if record is None:

@@ -46,6 +46,7 @@ from fedfms.models import ModelConfig
 from fedfms.nnunet.config import NnUNetConfig
 from fedfms.numbers import fmt_score
 from fedfms.progress import bar, lines_above
+from fedfms.run_record import best_model_note
 from fedfms.training.trainer import TrainConfig
 
 __all__ = ["BEST_GLOBAL_MODEL", "FOLD_FILE", "Federation", "GLOBAL_MODEL", "METHODS", "RESULTS_CSV", "RESULTS_JSON",
@@ -76,7 +77,7 @@ class Federation(Protocol):
 
     def run(self, fold: Path, train_sites: list[str], data_root: Path, say: Say) -> Path:
         """Federate; return the folder holding the global models (``GLOBAL_MODEL``, maybe ``BEST_GLOBAL_MODEL``),
-        inside the server's run folder (its run record: ``fedfms.report.best_model_note``), or raise
+        inside the server's run folder (its run record: ``fedfms.run_record.best_model_note``), or raise
         :class:`EvaluationError` (with ``summary``) when no global model came out."""
 
 
@@ -247,8 +248,6 @@ def _fold_body(federation: Federation, data_root: Path, holdout: str, train_site
     say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {fmt_score(fed['dice'])}, IoU {fmt_score(fed['iou'])}"
         + (f" (best global model: Dice {fmt_score(record['results']['federated_best']['dice'])})"
            if "federated_best" in record["results"] else ""))
-    from fedfms.report import best_model_note
-
     for line in best_model_note(models.parent):  # which model "best" is, and whether training helped
         say(f"  {line}")
     record["federated_seconds"] = federated_seconds
