@@ -24,6 +24,7 @@ from fedfms.flare.jobs import (
     rewrite_job,
 )
 from fedfms.flare.liveness import SIMULATED
+from fedfms.data.site_warnings import site_warnings
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
 
 
@@ -223,7 +224,7 @@ def largest_batch(train: dict, data_root: str | Path | None, clients: list[str])
     if data_root is None:
         return batch
     from fedfms.data.site_dataset import patient_split, read_manifest
-    from fedfms.site_check import TRAIN_DEFAULTS
+    from fedfms.data.site_warnings import TRAIN_DEFAULTS
 
     most = 0
     for client in clients:
@@ -270,8 +271,6 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         raise ConfigError(placement.reason)
     echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
     if data_root is not None:
-        from fedfms.site_check import site_warnings
-
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")
