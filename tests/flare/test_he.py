@@ -19,7 +19,8 @@ from nvflare.job_config.fed_job_config import FedJobConfig  # noqa: E402
 
 from fedfms.errors import ConfigError  # noqa: E402
 from fedfms.flare import he  # noqa: E402
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter  # noqa: E402
+from fedfms.flare.contribution_filter import ContributionCheckFilter  # noqa: E402
+from fedfms.flare.replies import REASON_HEADER  # noqa: E402
 from fedfms.flare.jobs import variant_settings  # noqa: E402
 from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec  # noqa: E402
 

@@ -12,7 +12,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.jobs import RECIPE_KEY, STOCK_FEDAVG, component_paths, render_job
 from fedfms.flare.nnunet_job import render_fednnunet_job
 from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetGlobalModel

@@ -24,7 +24,8 @@ from nvflare.app_common.app_constant import AppConstants
 from fedfms.cli import main
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.filters import TravelSetFilter
 from fedfms.flare.jobs import render_job, write_job as write_variant
 from fedfms.flare.simulate import run_simulation, server_job_dir

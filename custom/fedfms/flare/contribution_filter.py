@@ -8,7 +8,7 @@ from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 import numpy as np
@@ -22,26 +22,7 @@ from fedfms.flare.update_check import (
     metric_problems,
     sample_count_problem,
 )
-
-# Reply header that carries the one-line reason of a rejection or of a site's failure to the server's logs
-# and the run record (fedfms.flare.monitor).
-REASON_HEADER = "fedfms_reason"
-# Reply header a site sets when it cannot run at all (data or checkpoint unusable): the job stops.
-FATAL_HEADER = "fedfms_site_cannot_start"
-
-
-def error_reply(rc: str, reason: str, original: Shareable | None = None, fatal: bool = False) -> Shareable:
-    reply = make_reply(rc)
-    reply.set_header(REASON_HEADER, reason)
-    if fatal:
-        reply.set_header(FATAL_HEADER, True)
-    if original is not None:
-        reply.set_peer_props(original.get_peer_props() or {})
-        contribution_round = original.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        if contribution_round is not None:
-            reply.add_cookie(AppConstants.CONTRIBUTION_ROUND, contribution_round)
-    return reply
-
+from fedfms.flare.replies import error_reply
 
 class ContributionCheckFilter(Filter):
     """Checks each site result of ``train_task_name`` (and models submitted for cross-site evaluation):

@@ -36,7 +36,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.filters import model_result
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.update_check import expected_travel_spec, find_problems, key_problems

@@ -44,7 +44,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from fedfms.flare.contribution_filter import FATAL_HEADER, REASON_HEADER
+from fedfms.flare.replies import FATAL_HEADER, REASON_HEADER
 from fedfms.flare.liveness import (
     DEFAULT_NO_PROGRESS_S,
     DEFAULT_START_S,

@@ -23,7 +23,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.executor import FedFMSExecutor
 from fedfms.flare.nnunet_planning import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
 from fedfms.flare.site_config import resolve_site_settings

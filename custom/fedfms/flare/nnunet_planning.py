@@ -32,7 +32,8 @@ from nvflare.apis.signal import Signal
 from torch import nn
 
 from fedfms.errors import FedFMSError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, write_plan
