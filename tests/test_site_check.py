@@ -6,7 +6,7 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.errors import ConfigError, DataError
-from fedfms.flare.jobs import write_job
+from fedfms.flare.fed_job import write_job
 from fedfms.models import ModelConfig, build_model, frozen_fingerprint
 from fedfms.site_check import check_site, format_report
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedfms.errors import FedFMSError
 
 def _cmd_job_generate(args) -> int:
-    from fedfms.flare.jobs import generate_all
+    from fedfms.flare.fed_job import generate_all
 
     for path in generate_all(args.jobs_dir):
         print(f"wrote {path}")
@@ -63,7 +63,7 @@ def _federation_settings(args) -> dict:
 
 
 def _cmd_job_new(args) -> int:
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     path = write_job(args.variant, args.out, overwrite=args.overwrite, **_federation_settings(args))
     print(f"wrote {path}")
@@ -71,7 +71,8 @@ def _cmd_job_new(args) -> int:
 
 
 def _cmd_job_resume(args) -> int:
-    from fedfms.flare.jobs import resume_settings, rewrite_job
+    from fedfms.flare.jobs import resume_settings
+    from fedfms.flare.fed_job import rewrite_job
 
     resume = resume_settings(args.run)
     path = rewrite_job(args.job, args.out, overwrite=args.overwrite, **resume)
@@ -87,7 +88,7 @@ def _cmd_job_byoc(args) -> int:
 
 
 def _cmd_allow_list(args) -> int:
-    from fedfms.flare.jobs import class_allow_list
+    from fedfms.flare.fed_job import class_allow_list
 
     print(json.dumps({"class_allow_list": class_allow_list()}, indent=2))
     return 0

@@ -176,7 +176,7 @@ class Demo:
         self._score_all("central", {site: predictor for site in self.site_dirs})
 
     def federate(self, method: Method) -> int:
-        from fedfms.flare.jobs import write_job
+        from fedfms.flare.fed_job import write_job
         from fedfms.flare.simulate import report_outcome, server_job_dir, simulate
         from fedfms.training.predict import load_model
 

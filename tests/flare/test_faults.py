@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fedfms.cli import main
-from fedfms.flare.jobs import resume_settings, render_job
+from fedfms.flare.jobs import resume_settings
+from fedfms.flare.fed_job import render_job
 from fedfms.flare.monitor import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec

@@ -8,7 +8,8 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import VARIANTS, class_allow_list, component_paths, export_byoc, is_nnunet, render_job, write_job
+from fedfms.flare.jobs import VARIANTS, component_paths, export_byoc, is_nnunet
+from fedfms.flare.fed_job import class_allow_list, render_job, write_job
 from fedfms.models import ModelConfig
 from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.training.trainer import TrainConfig
@@ -166,7 +167,7 @@ def test_an_argument_the_job_api_would_drop_stops_the_export():
     from nvflare.apis.filter import Filter
     from nvflare.job_config.defs import FilterType
 
-    from fedfms.flare.jobs import build
+    from fedfms.flare.fed_job import build_job
 
     class RenamesItsArgument(Filter):
         def __init__(self, bound: float = 1.0):
@@ -177,7 +178,7 @@ def test_an_argument_the_job_api_would_drop_stops_the_export():
             return shareable
 
     RenamesItsArgument.__module__ = "fedfms.flare.filters"  # as if it were the package's (no custom code copied)
-    job = build("fedmsa_tiny")
+    job = build_job("fedmsa_tiny")
     job.to_server(job._made(RenamesItsArgument, bound=3.0), filter_type=FilterType.TASK_DATA, tasks=["validate"])
     with pytest.raises(RuntimeError, match=r"lost arguments of fedfms.flare.filters.RenamesItsArgument.*'bound': 3.0"):
         job.files()

@@ -27,7 +27,7 @@ from fedfms.errors import ConfigError
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.filters import TravelSetFilter
-from fedfms.flare.jobs import render_job, write_job as write_variant
+from fedfms.flare.fed_job import render_job, write_job as write_variant
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_local_spec, expected_travel_spec
 from fedfms.evaluation.personal import read_personal_record

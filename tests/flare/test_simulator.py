@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedfms.data.synthetic import make_disc_site
-from fedfms.flare.jobs import render_job
+from fedfms.flare.fed_job import render_job
 from fedfms.flare.monitor import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec

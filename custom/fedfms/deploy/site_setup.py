@@ -62,7 +62,7 @@ def _local(kit: str | Path) -> Path:
 
 def fedfms_allow_entries() -> list[str]:
     """Exactly the classes the installed fedfms version's jobs name (stock FLARE ones included)."""
-    from fedfms.flare.jobs import class_allow_list  # renders every job variant: imported only when needed
+    from fedfms.flare.fed_job import class_allow_list  # renders every job variant: imported only when needed
 
     return class_allow_list()
 

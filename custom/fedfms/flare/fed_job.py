@@ -12,6 +12,7 @@ The FednnU-Net variants are the same job with four classes swapped and a plannin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -35,6 +36,7 @@ from fedfms.flare import jobs
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.executor import KEY_METRIC, FedFMSExecutor
 from fedfms.flare.filters import TravelSetFilter
+from fedfms.flare import he_job
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.robust_aggregator import RobustAggregator
 from fedfms.flare.scatter_gather import LiveScatterAndGather
@@ -185,11 +187,7 @@ class FedFMSJob(FedJob):
 
     @staticmethod
     def _he(s: dict):
-        if s.get("encryption") != "he":
-            return None
-        from fedfms.flare import he
-
-        return he
+        return he_job if s.get("encryption") == "he" else None
 
     def _aggregator(self, s: dict):
         if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
@@ -359,6 +357,64 @@ def _same(a, b) -> bool:
 
 
 def build_job(name: str, **overrides) -> FedFMSJob:
-    """The FedJob of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``)."""
+    """The job of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``) as FLARE's Job API object (a
+    ``FedJob``): ``export_job`` / ``simulator_run`` as any FLARE job. ``meta.json`` keeps the recipe (variant and
+    overrides), so a job can be re-made for other sites or continued after a stop without editing JSON."""
     s = jobs.variant_settings(name, **overrides)
     return FedFMSJob(s, {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}})
+
+
+def render_job(name: str, **overrides) -> dict[str, dict]:
+    """Relative path -> JSON content of every file of the job, as FLARE's ``export_job`` writes it."""
+    return build_job(name, **overrides).files()
+
+
+def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
+    return build_job(name, **overrides).write(out_dir, overwrite=overwrite)
+
+
+def rewrite_job(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False, **changes) -> Path:
+    """Write ``job_dir``'s recipe again with ``changes`` (e.g. the sites of this run) into ``out_dir``."""
+    recipe = jobs.job_recipe(job_dir)
+    if recipe is None:
+        raise ConfigError(f"{job_dir}/meta.json has no {jobs.RECIPE_KEY!r}: the job was not made by `fedfms job new`; "
+                          "make it with `fedfms job new` (or edit its JSON by hand)")
+    variant, settings = recipe
+    if "min_clients" in settings and "min_sites" in changes:
+        settings.pop("min_clients")
+    return write_job(variant, out_dir, overwrite=overwrite, **{**settings, **{k: v for k, v in changes.items() if v is not None}})
+
+
+def generate_all(jobs_root: str | Path) -> list[Path]:
+    """(Re)write every variant under ``jobs_root``: what is checked in."""
+    return [write_job(name, Path(jobs_root) / name, overwrite=True) for name in jobs.VARIANTS]
+
+
+def _allow_list_renders():
+    """Option sets that, over every variant, reach each branch of the job builder (and so every class it names)."""
+    for name in jobs.VARIANTS:
+        options = [{"transfer": transfer, "privacy": privacy} for transfer in jobs.TRANSFER_TYPES
+                   for privacy in (None, *jobs.PRIVACY_FILTERS)]
+        options.append({"aggregation": "median", "norm_bound": 3.0})
+        if jobs.VARIANTS[name]["model"].get("mode") == "fedmsa" and not jobs.is_nnunet(jobs.VARIANTS[name]):
+            options.append({"encryption": "he"})
+        if not jobs.is_nnunet(jobs.VARIANTS[name]):
+            options.append({"personalise": "finetune:1", "transfer": "float16"})
+        for option in options:
+            yield name, option
+
+
+@functools.cache
+def _class_allow_list() -> tuple[str, ...]:
+    found = set()
+    for name, option in _allow_list_renders():
+        found |= jobs.component_paths(render_job(name, tracking="mlflow", **option))
+    return tuple(sorted(found))
+
+
+def class_allow_list() -> list[str]:
+    """The ``class_allow_list`` a site needs to run every job here without custom code: exactly the classes the jobs
+    name, stock FLARE and this package's alike. No prefix entry: a prefix (``"fedfms."``) would admit every callable
+    below it, functions such as ``site_setup.add_class_allow_list`` included, which a job could call with arguments
+    of its choosing. Rendering every variant takes seconds, so the list is made once per process."""
+    return list(_class_allow_list())

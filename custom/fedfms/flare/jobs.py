@@ -1,9 +1,11 @@
 """The single source of truth for the FLARE jobs in ``jobs/``.
 
-Each variant is a few configuration values; :func:`build` makes its FLARE Job API object
-(:class:`fedfms.flare.fed_job.FedFMSJob`), whose ``export_job`` writes FLARE's classic JSON job (``meta.json`` +
-``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites ``jobs/`` and a test checks the
-checked-in JSON still equals what the builder exports.
+Each variant is a few configuration values; this module holds them, checks a variant's settings with the user's
+overrides (:func:`variant_settings`) and derives what the components are given from them (timeouts, monitor
+arguments, update kind), and reads a job folder back. It builds nothing: ``fedfms.flare.fed_job`` makes the FLARE
+Job API object from these settings (``build_job``, ``write_job``), whose ``export_job`` writes FLARE's classic JSON
+job (``meta.json`` + ``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites ``jobs/``
+and a test checks the checked-in JSON still equals what the builder exports.
 
 The checked-in jobs carry no custom code (the production flavour: ``fedfms`` is pre-installed at every
 site and allowed by ``class_allow_list``). :func:`export_byoc` adds ``app/custom/fedfms`` for federations
@@ -13,7 +15,6 @@ that grant the bring-your-own-code right instead.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import shutil
@@ -217,14 +218,27 @@ def _check_federation(s: dict, where: str) -> None:
             raise ConfigError(f"{where}: encryption 'he' is for FedMSA's travel set (adapters + decoder); this job's model "
                               f"is {s['model'].get('variant')}/{s['model'].get('mode')}, whose whole model as ciphertext "
                               "would be far too large per round (docs/privacy-he.md)")
-        from fedfms.flare import he
-
-        he.check_settings(s)
+        check_he_settings(s)
     if s["tracking"] not in TRACKING:
         raise ConfigError(f"{where}: tracking is {s['tracking']!r}; expected one of {TRACKING}")
     if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
         raise ConfigError(f"{where}: start_round is {s['start_round']!r}; expected a round before num_rounds "
                           f"({s['num_rounds']}): nothing is left to run")
+
+
+def check_he_settings(settings: dict) -> None:
+    """HE sums ciphertexts: only FLARE's FedAvg, full float32 weights, no other filter that needs plaintext."""
+    where = f"job {settings.get('name', '?')}: he"
+    if settings.get("aggregation", "fedavg") != "fedavg" or settings.get("norm_bound") is not None:
+        raise ConfigError(f"{where}: the server sums ciphertexts, so robust aggregation ({settings.get('aggregation')}, "
+                          f"norm_bound {settings.get('norm_bound')}) cannot run; use aggregation fedavg without norm_bound")
+    if settings.get("transfer", "float32") != "float32":
+        raise ConfigError(f"{where}: transfer {settings['transfer']!r} does not apply (ciphertexts travel); use float32")
+    if settings.get("privacy"):
+        raise ConfigError(f"{where}: the differential-privacy filters are not combined with HE here")
+    if settings.get("update", "weights") != "weights":
+        raise ConfigError(f"{where}: update {settings['update']!r}: HE jobs send whole weights (the server cannot "
+                          "add a plaintext difference to an encrypted global model)")
 
 
 SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "memory_gc_rounds", "model",
@@ -337,24 +351,6 @@ def update_kind(s: dict) -> str:
 RECIPE_KEY = "fedfms_recipe"  # meta.json: the variant and settings the job was rendered from
 
 
-def build(name: str, **overrides):
-    """The job of variant ``name`` as FLARE's Job API object (:class:`fedfms.flare.fed_job.FedFMSJob`, a
-    ``FedJob``): ``export_job`` / ``simulator_run`` as any FLARE job. ``meta.json`` keeps the recipe (variant and
-    overrides), so a job can be re-made for other sites or continued after a stop without editing JSON."""
-    from fedfms.flare.fed_job import build_job
-
-    return build_job(name, **overrides)
-
-
-def render_job(name: str, **overrides) -> dict[str, dict]:
-    """Relative path -> JSON content of every file of the job, as FLARE's ``export_job`` writes it."""
-    return build(name, **overrides).files()
-
-
-def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
-    return build(name, **overrides).write(out_dir, overwrite=overwrite)
-
-
 def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:
     """(variant, settings) a job folder was rendered from; None for a job written by hand."""
     meta_path = Path(job_dir) / "meta.json"
@@ -370,18 +366,6 @@ def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:
         raise ConfigError(f"{meta_path}: field {RECIPE_KEY!r} is {recipe!r}; expected {{'variant': one of "
                           f"{sorted(VARIANTS)}, 'settings': {{...}}}}")
     return recipe["variant"], dict(recipe["settings"])
-
-
-def rewrite_job(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False, **changes) -> Path:
-    """Write ``job_dir``'s recipe again with ``changes`` (e.g. the sites of this run) into ``out_dir``."""
-    recipe = job_recipe(job_dir)
-    if recipe is None:
-        raise ConfigError(f"{job_dir}/meta.json has no {RECIPE_KEY!r}: the job was not made by `fedfms job new`; "
-                          "make it with `fedfms job new` (or edit its JSON by hand)")
-    variant, settings = recipe
-    if "min_clients" in settings and "min_sites" in changes:
-        settings.pop("min_clients")
-    return write_job(variant, out_dir, overwrite=overwrite, **{**settings, **{k: v for k, v in changes.items() if v is not None}})
 
 
 def resume_settings(run: str | Path) -> dict:
@@ -415,11 +399,6 @@ def resume_settings(run: str | Path) -> dict:
                    "best_model": str(best.resolve()) if best else None,
                    "best_metric": (record.get("best") or {}).get("metric")},
     }
-
-
-def generate_all(jobs_root: str | Path) -> list[Path]:
-    """(Re)write every variant under ``jobs_root``: what is checked in."""
-    return [write_job(name, Path(jobs_root) / name, overwrite=True) for name in VARIANTS]
 
 
 def export_byoc(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -486,33 +465,3 @@ def components(config) -> list[tuple[str, dict]]:
 def component_paths(job: dict[str, dict]) -> set[str]:
     """Every class path a rendered job instantiates."""
     return {path for path, _ in components(job)}
-
-
-def _allow_list_renders():
-    """Option sets that, over every variant, reach each branch of the job builder (and so every class it names)."""
-    for name in VARIANTS:
-        options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES
-                   for privacy in (None, *PRIVACY_FILTERS)]
-        options.append({"aggregation": "median", "norm_bound": 3.0})
-        if VARIANTS[name]["model"].get("mode") == "fedmsa" and not is_nnunet(VARIANTS[name]):
-            options.append({"encryption": "he"})
-        if not is_nnunet(VARIANTS[name]):
-            options.append({"personalise": "finetune:1", "transfer": "float16"})
-        for option in options:
-            yield name, option
-
-
-@functools.cache
-def _class_allow_list() -> tuple[str, ...]:
-    found = set()
-    for name, option in _allow_list_renders():
-        found |= component_paths(render_job(name, tracking="mlflow", **option))
-    return tuple(sorted(found))
-
-
-def class_allow_list() -> list[str]:
-    """The ``class_allow_list`` a site needs to run every job here without custom code: exactly the classes the jobs
-    name, stock FLARE and this package's alike. No prefix entry: a prefix (``"fedfms."``) would admit every callable
-    below it, functions such as ``site_setup.add_class_allow_list`` included, which a job could call with arguments
-    of its choosing. Rendering every variant takes seconds, so the list is made once per process."""
-    return list(_class_allow_list())

@@ -1,7 +1,7 @@
 """FedFMS on FLARE's recipe API (FLARE 2.7+): ``FedFMSRecipe(variant, ...).execute(env)`` with ``SimEnv``, ``PocEnv``
 or ``ProdEnv``, as FLARE's own examples start from ``FedAvgRecipe``.
 
-The recipe is a thin wrapper of the one job builder: its job *is* :func:`fedfms.flare.jobs.build` (a
+The recipe is a thin wrapper of the one job builder: its job *is* :func:`fedfms.flare.fed_job.build_job` (a
 :class:`fedfms.flare.fed_job.FedFMSJob`), so ``recipe.export(dir)`` writes exactly what ``fedfms job new`` writes (and
 what is checked in under ``jobs/``), and an environment submits that same job. What differs per environment is
 only what the environment needs around the job:
@@ -10,7 +10,7 @@ only what the environment needs around the job:
   ``SimEnv`` installs FLARE's ``DEFAULT_CLASS_ALLOW_LIST`` into ``<workspace>/local/resources.json`` unless that file
   already holds a ``class_allow_list``; that default names stock FLARE classes only, so the simulated sites would refuse
   these jobs (no custom code: the production flavour). :meth:`FedFMSRecipe.process_env` writes the list a hospital
-  sets for these jobs (:func:`fedfms.flare.jobs.class_allow_list`, exact class names) and the sites' data folders
+  sets for these jobs (:func:`fedfms.flare.fed_job.class_allow_list`, exact class names) and the sites' data folders
   (``local/fedfms_site.json``) with :func:`fedfms.flare.simulate.prepare_sim_workspace`, the same call
   ``fedfms simulate`` makes; ``SimEnv`` then sees a list and leaves it alone. ``extra={"data_root": FOLDER}`` (one
   prepared folder per site) sets ``$FEDFMS_DATA_ROOT`` for the simulated sites, as ``fedfms simulate --data-root`` does.
@@ -40,7 +40,8 @@ from nvflare.recipe import PocEnv, SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import build, job_recipe
+from fedfms.flare.jobs import job_recipe
+from fedfms.flare.fed_job import build_job
 
 DATA_ROOT = "data_root"  # the environments' extra property: one prepared site folder per site name
 
@@ -58,7 +59,7 @@ class FedFMSRecipe(Recipe):
         self.variant = variant
         self.settings = {k: v for k, v in settings.items() if v is not None}
         self._byoc_dir: tempfile.TemporaryDirectory | None = None
-        super().__init__(build(variant, **self.settings))
+        super().__init__(build_job(variant, **self.settings))
 
     @classmethod
     def from_job(cls, job_dir: str | os.PathLike) -> "FedFMSRecipe":

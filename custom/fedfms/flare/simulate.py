@@ -15,14 +15,9 @@ from pathlib import Path
 from fedfms.errors import ConfigError, DataError
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.capacity import Placement, choose_placement
-from fedfms.flare.jobs import (
-    class_allow_list,
-    executor_args,
-    job_model_config,
-    job_recipe,
-    job_train_config,
-    rewrite_job,
-)
+from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
+from fedfms.flare.fed_job import class_allow_list, rewrite_job
+from fedfms.flare.he_job import prepare_simulation
 from fedfms.flare.liveness import SIMULATED
 from fedfms.data.site_warnings import site_warnings
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
@@ -104,7 +99,7 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
 
 def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
     """Whether the job folder is exactly what its recipe renders (not edited by hand since)."""
-    from fedfms.flare.jobs import render_job
+    from fedfms.flare.fed_job import render_job
 
     try:
         rendered = render_job(variant, **settings)
@@ -275,9 +270,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")
     prepare_sim_workspace(workspace, job_dir, data_root)
-    from fedfms.flare.he import prepare_simulation
-
-    prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
+    prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he_job)
     job = job_for_clients(job_dir, workspace, clients)
     runner = _Runner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
