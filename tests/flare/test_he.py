@@ -222,7 +222,7 @@ def test_fedjob_exports_the_he_components(tmp_path):
     job.export_job(str(tmp_path))
     server = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_server.json").read_text())
     client = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_client.json").read_text())
-    assert [w["path"] for w in server["workflows"]] == ["fedfms.flare.he.CrossSiteModelEvalHE"]
+    assert [w["path"] for w in server["workflows"]] == ["fedfms.flare.he_server.CrossSiteModelEvalHE"]
     assert {c["id"] for c in server["components"]} == {"shareable_generator", "aggregator", job_he.PERSISTOR_FILTER_ID,
                                                        "federation_monitor"}
     chains = {tuple(c["tasks"]): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in client["task_result_filters"]}

@@ -17,8 +17,8 @@ What changes under HE (docs/privacy-he.md):
   or by :func:`write_contexts` (same parameters) for the simulator.
 
 The job builder's part (which components an HE job uses, the simulator's contexts) is ``fedfms.flare.he_job``;
-this module holds what FLARE instantiates and runs: contexts, the server's ciphertext checks, the site filters
-and the HE federation monitor.
+this module holds the contexts, the ciphertext checks (the server's contribution check uses them) and the site
+filters; the server's HE components are in ``fedfms.flare.he_server``.
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ import math
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.flare.replies import error_reply
 from fedfms.flare.filters import model_result
-from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.update_check import expected_travel_spec, find_problems, key_problems
 
 SERVER_CONTEXT = "server_context.tenseal"  # FLARE's ProvFileName.SERVER_CONTEXT_TENSEAL
@@ -88,7 +86,7 @@ def write_contexts(startup_dir: str | Path, overwrite: bool = False, **params) -
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _is_ciphertext(value) -> bool:
+def is_ciphertext(value) -> bool:
     try:
         import tenseal as ts
     except ImportError:
@@ -142,7 +140,7 @@ def ciphertext_problems(dxo: DXO, spec: dict, context=None, max_items: int = 3) 
             value = data[key]
             if not marked.get(key):
                 problems.append(f"'{key}' is not marked encrypted")
-            elif not (_is_ciphertext(value) or isinstance(value, bytes)):
+            elif not (is_ciphertext(value) or isinstance(value, bytes)):
                 problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector of {expected} values")
             else:
                 try:
@@ -172,7 +170,7 @@ def encrypted_aggregate_problems(aggregate, sizes: dict[str, int | None]) -> lis
         problems = key_problems(aggregate, sizes)
         for key in sorted(set(aggregate) & set(sizes)):
             value = aggregate[key]
-            size = value.size() if _is_ciphertext(value) else np.size(value) if isinstance(value, np.ndarray) else None
+            size = value.size() if is_ciphertext(value) else np.size(value) if isinstance(value, np.ndarray) else None
             if size is None:
                 problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector")
             elif sizes[key] is not None and size != sizes[key]:
@@ -234,7 +232,7 @@ class HECiphertextBytes(DXOFilter):
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) != CKKS:
             return None
-        dxo.data = {k: v.serialize() if _is_ciphertext(v) else v for k, v in dxo.data.items()}
+        dxo.data = {k: v.serialize() if is_ciphertext(v) else v for k, v in dxo.data.items()}
         return dxo
 
 
@@ -259,73 +257,3 @@ class HEReshapeFilter(DXOFilter):
             out[key] = array.reshape(shape).astype(np.float32, copy=False)
         dxo.data = out
         return dxo
-
-
-# ---------------------------------------------------------------------------------------------- server side
-class HEFederationMonitor(FederationMonitor):
-    """The federation monitor for an encrypted run: the aggregate is ciphertext, so it is checked by key and
-    ciphertext length (:func:`encrypted_aggregate_problems`) instead of shape and finiteness, and is never cast
-    (the site decrypts it). A bad aggregate leaves the global model as it was, as in a plaintext run."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sizes: dict[str, int | None] | None = None
-
-    def _round_started(self, fl_ctx: FLContext) -> None:
-        super()._round_started(fl_ctx)
-        sizes = {}
-        for key, value in (self._previous_global or {}).items():
-            sizes[key] = value.size() if _is_ciphertext(value) else int(np.size(value)) if isinstance(value, np.ndarray) else None
-        if self._sizes is None or all(v is not None for v in sizes.values()):
-            self._sizes = sizes if self._sizes is None else {k: sizes.get(k) or self._sizes.get(k) for k in self._sizes}
-
-    def _after_aggregation(self, fl_ctx: FLContext) -> None:
-        if self._round is None:
-            return
-        if self._round["status"] == "failed":
-            self._round["updated_model"] = False
-            return
-        shareable = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
-        try:
-            dxo = from_shareable(shareable)
-            problems = encrypted_aggregate_problems(dxo.data, self._sizes or {})
-        except Exception as exc:
-            dxo, problems = None, [f"aggregate unreadable ({type(exc).__name__}: {exc})"]
-        if not problems and dxo is not None:
-            self._round["updated_model"] = True
-            return
-        self._round["updated_model"] = False
-        self._round["aggregate"] = "; ".join(problems)
-        self.log_error(fl_ctx, f"round {self._round['round']}: the aggregate is not used ({'; '.join(problems)}); "
-                               "the global model stays as it was")
-        if dxo is not None and self._previous_global:
-            dxo.data = dict(self._previous_global)
-            dxo.set_meta_prop(MetaKey.PROCESSED_KEYS, {k: not isinstance(v, np.ndarray) for k, v in dxo.data.items()})
-            dxo.update_shareable(shareable)
-
-
-def _cross_site_class():
-    from nvflare.app_opt.he.cross_site_model_eval import HECrossSiteModelEval
-    from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
-
-    class CrossSiteModelEvalHE(HECrossSiteModelEval):
-        """FLARE's HE cross-site evaluation, working again: FLARE 2.9's base class saves models with
-        ``_save_dxo_content``, while ``HECrossSiteModelEval`` still overrides the old ``_save_validation_content``,
-        so ciphertexts were saved as CKKS objects and the validate broadcast's deep copy of them fails on the
-        server ("the current context is public"). Saved as bytes, they copy; the sites' decryptor reads bytes."""
-
-        def _save_dxo_content(self, name, save_dir, dxo, fl_ctx):
-            serialize_nested_dict(dxo.data)
-            return super()._save_dxo_content(name, save_dir, dxo, fl_ctx)
-
-    CrossSiteModelEvalHE.__module__ = __name__
-    CrossSiteModelEvalHE.__qualname__ = "CrossSiteModelEvalHE"
-    return CrossSiteModelEvalHE
-
-
-def __getattr__(name):  # the class subclasses an optional FLARE module: made on first use
-    if name == "CrossSiteModelEvalHE":
-        cls = _cross_site_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from nvflare.apis.dxo import DataKind
 
 from fedfms.errors import ConfigError
-from fedfms.flare import he
+from fedfms.flare import he, he_server
 from fedfms.flare.jobs import check_he_settings, components, job_recipe, monitor_args, round_timeouts
 
 PERSISTOR_FILTER_ID = "model_serialize_filter"  # the persistor's filter_id under HE (saves ciphertexts as bytes)
@@ -97,8 +97,9 @@ def server_components(settings: dict, make=_construct) -> dict[str, object]:
         # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
         "aggregator": make(HEInTimeAccumulateWeightedAggregator, expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
         PERSISTOR_FILTER_ID: make(HEModelSerializeFilter, tenseal_context_file=he.SERVER_CONTEXT),
-        "federation_monitor": make(he.HEFederationMonitor, **monitor_args(settings)),
-        "cross_site_validate": make(he.CrossSiteModelEvalHE, tenseal_context_file=he.SERVER_CONTEXT, model_locator_id="model_locator",
+        "federation_monitor": make(he_server.HEFederationMonitor, **monitor_args(settings)),
+        "cross_site_validate": make(he_server.CrossSiteModelEvalHE, tenseal_context_file=he.SERVER_CONTEXT,
+                                    model_locator_id="model_locator",
                                     submit_model_timeout=timeouts["submit"], validation_timeout=timeouts["validate"]),
     }
 

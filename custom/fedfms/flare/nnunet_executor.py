@@ -25,7 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 from fedfms.errors import ConfigError
 from fedfms.flare.replies import error_reply
 from fedfms.flare.executor import FedFMSExecutor
-from fedfms.flare.nnunet_planning import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
+from fedfms.flare.nnunet_tasks import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, read_plan, write_plan

@@ -22,9 +22,9 @@ and ``fedfms loso fednnunet`` work like the other variants (``fedfms.flare.fed_j
 from __future__ import annotations
 
 from fedfms.flare import jobs
+from fedfms.flare.nnunet_tasks import PLANNING_TASKS
 
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
-PLANNING_TASKS = ["nnunet_fingerprint", "nnunet_plan"]
 
 
 def timeouts(s: dict) -> dict[str, int]:
