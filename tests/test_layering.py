@@ -28,7 +28,7 @@ FORBIDDEN = ("nvflare", "fedfms.flare")
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)
 RUNTIME = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
            "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.evaluation.loso",
-           "fedfms.evaluation.results", "fedfms.evaluation.protocol", "fedfms.evaluation.baselines", "fedfms.report",
+           "fedfms.evaluation.results", "fedfms.evaluation.baselines", "fedfms.report",
            "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.bundle", "fedfms.model_card"]
 
 

@@ -216,7 +216,7 @@ def _scores_part(cross: dict, model: dict) -> dict:
         for name, metrics in (by_model or {}).items():
             label = MODEL_NAMES.get(name, f"site_model:{name}")
             models.setdefault(label, {})[site] = {k: (metrics or {}).get(k) for k in SCORE_KEYS}
-    order = lambda label: (list(MODEL_NAMES.values()).index(label) if label in MODEL_NAMES.values() else 9, label)  # noqa: E731
+    order = lambda label: (list(MODEL_NAMES.values()).index(label) if label in MODEL_NAMES.values() else 9, label)
     models = {label: models[label] for label in sorted(models, key=order)}
     average = {label: {k: finite_mean([row.get(k) for row in rows.values()]) for k in SCORE_KEYS if k != "num_samples"}
                for label, rows in models.items()}

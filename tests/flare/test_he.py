@@ -12,18 +12,18 @@ import pytest
 
 tenseal = pytest.importorskip("tenseal")
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey  # noqa: E402
-from nvflare.apis.fl_context import FLContext  # noqa: E402
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode  # noqa: E402
-from nvflare.job_config.fed_job_config import FedJobConfig  # noqa: E402
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.job_config.fed_job_config import FedJobConfig
 
-from fedfms.errors import ConfigError  # noqa: E402
-from fedfms.flare import he  # noqa: E402
-from fedfms.flare import he_job as job_he  # noqa: E402  (a test below is named he_job)
-from fedfms.flare.contribution_filter import ContributionCheckFilter  # noqa: E402
-from fedfms.flare.replies import REASON_HEADER  # noqa: E402
-from fedfms.flare.jobs import variant_settings  # noqa: E402
-from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec  # noqa: E402
+from fedfms.errors import ConfigError
+from fedfms.flare import he
+from fedfms.flare import he_job as job_he  # (a test below is named he_job)
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
+from fedfms.flare.jobs import variant_settings
+from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec
 
 TINY = {"variant": "tiny", "mode": "fedmsa", "num_classes": 1, "pretrained": False, "init_seed": 0}
 
@@ -314,7 +314,7 @@ def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_re
     import torch
     from test_simulator import make_sites, recorded, write_job
 
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     sites = {"site-1": 3, "site-2": 6, "site-3": 3, "site-4": 3}
@@ -405,7 +405,7 @@ def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path, he_two_rounds
     federation here, the encrypted one is the module's shared run."""
     from test_simulator import make_sites, write_job
 
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
@@ -450,7 +450,7 @@ def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path, he_two_rounds):
     from fedfms.errors import ConfigError
     from fedfms.flare.jobs import resume_settings
     from fedfms.flare.fed_job import rewrite_job
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     rc, ws1, first, _ = he_two_rounds

@@ -192,7 +192,7 @@ def test_job_py_runs_the_job_in_flares_simulator(tmp_path):
     import sys
 
     from fedfms.data.synthetic import make_disc_site
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
 
     for i, site in enumerate(["site-1", "site-2"]):
         make_disc_site(tmp_path / "data" / site, site=site, num_volumes=2 + i, slices_per_volume=3, seed=i)

@@ -14,7 +14,7 @@ from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.replies import REASON_HEADER
-from fedfms.flare.jobs import RECIPE_KEY, STOCK_FEDAVG, component_paths
+from fedfms.flare.jobs import RECIPE_KEY, component_paths
 from fedfms.flare.fed_job import render_job
 from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetGlobalModel
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
@@ -22,6 +22,8 @@ from fedfms.nnunet.config import MODEL_CONFIG, TINY_TRAIN
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import make_plan, plan_digest
 from fedfms.nnunet.sitedata import NnUNetSiteData
+
+STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
 
 
 def test_the_job_is_the_fedunet_federation_with_planning_first():

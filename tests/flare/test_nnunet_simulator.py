@@ -15,7 +15,7 @@ import torch
 from fedfms.data.synthetic import make_disc_site
 from fedfms.flare.fed_job import render_job
 from fedfms.flare.jobs import RECIPE_KEY
-from fedfms.flare.monitor import read_run_record
+from fedfms.run_record import read_run_record
 from fedfms.flare.nnunet_planning import FINGERPRINTS_FILE
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.nnunet.evaluate import PLAN_FILE, read_plan

@@ -13,7 +13,7 @@ import torch
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.flare.fed_job import render_job
-from fedfms.flare.monitor import read_run_record
+from fedfms.run_record import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec
 from fedfms.models import ModelConfig, build_model, travel_bytes

@@ -86,7 +86,7 @@ def main() -> None:
 
     # 4. the job in FLARE's simulator, two sites
     from fedfms.flare.jobs import RECIPE_KEY
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.fed_job import write_job
     from fedfms.flare.simulate import run_simulation, server_job_dir
 

@@ -189,7 +189,7 @@ def call_with_timeout(fn, timeout: float):
     def run():
         try:
             box["ok"] = (True, fn())
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+        except BaseException as exc:  # reported to the caller
             box["ok"] = (False, exc)
 
     t = threading.Thread(target=run, daemon=True)

@@ -222,7 +222,7 @@ def write_site_config(kit: str | Path, **settings) -> Path:
     local = _local(kit)
     path = local / SITE_CONFIG
     current = json.loads(path.read_text()) if path.is_file() else {}
-    as_text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    as_text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v
     current.update({k: as_text(v) for k, v in settings.items() if v is not None})
     path.write_text(json.dumps(current, indent=2) + "\n")
     return path

@@ -313,17 +313,12 @@ def is_nnunet(s: dict) -> bool:
 # Models travel as float32, or as float16 through FLARE's own quantisation filters (half the bytes; the
 # receiving side restores float32 before anything is checked, averaged or trained).
 TRANSFER_TYPES = ("float32", "float16")
-QUANTIZER = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
-DEQUANTIZER = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
 MODEL_TASKS_OUT = ["train", "validate"]  # tasks whose data carries a model to the sites
 MODEL_TASKS_BACK = ["train", "submit_model"]  # tasks whose results carry a model back
 
 
 DEAD_CLIENT_GRACE_S = 15  # above the sites' 10 s job heartbeat, so a live site is never given up on
 DEAD_CLIENT_LEAD_S = 10
-MLFLOW_RECEIVER = "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver"
-STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
-ROBUST_AGGREGATOR = "fedfms.flare.robust_aggregator.RobustAggregator"
 
 
 def min_sites(s: dict) -> int | None:

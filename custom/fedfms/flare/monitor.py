@@ -57,14 +57,13 @@ from fedfms.flare.liveness import (
     oom_kills,
 )
 from fedfms.flare.update_check import aggregate_problems
-from fedfms.run_record import (  # noqa: F401  (RUN_RECORD and read_run_record re-exported for the FLARE layer)
+from fedfms.run_record import (
     COMPLETED,
     COMPLETED_WITH_GAPS,
     FAILED,
     RUN_RECORD,
     RUNNING,
     as_float,
-    read_run_record,
     site_summary,
     summarize,
 )

@@ -53,19 +53,19 @@ class _NnUNetKind:
     timeouts = staticmethod(timeouts)
 
     @property
-    def CheckFilter(self):  # noqa: N802 - a class, as the builder uses it
+    def CheckFilter(self):  # a class, as the builder uses it (hence the capital)
         from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter
 
         return NnUNetContributionCheckFilter
 
     @property
-    def Planning(self):  # noqa: N802
+    def Planning(self):
         from fedfms.flare.nnunet_planning import NnUNetPlanning
 
         return NnUNetPlanning
 
     @property
-    def Executor(self):  # noqa: N802
+    def Executor(self):
         from fedfms.flare.nnunet_executor import NnUNetExecutor
 
         return NnUNetExecutor

@@ -139,8 +139,8 @@ def _data_root(env: ExecEnv):
 def run_outcome(run, timeout: float = 0.0):
     """The truthful outcome of a recipe's run (``nvflare.recipe.Run``): from the run record in the result folder,
     exit code 0 only when every round averaged every site (:class:`fedfms.flare.simulate.Outcome`)."""
-    from fedfms.flare.simulate import EXIT_FAILED, Outcome
-    from fedfms.run_record import exit_code, read_run_record, summarize
+    from fedfms.flare.simulate import Outcome
+    from fedfms.run_record import EXIT_FAILED, exit_code, read_run_record, summarize
 
     result = run.get_result(timeout=timeout)
     record = read_run_record(result) if result and Path(result).is_dir() else None

@@ -20,7 +20,7 @@ from fedfms.flare.fed_job import class_allow_list, rewrite_job
 from fedfms.flare.he_job import prepare_simulation
 from fedfms.flare.liveness import SIMULATED
 from fedfms.data.site_warnings import site_warnings
-from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
+from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize
 
 
 def prepare_sim_workspace(workspace: str | Path, job_dir: str | Path | None = None,
