@@ -43,6 +43,17 @@ def test_every_component_resolves_and_configs_parse(name):
     assert component_paths(job) <= set(allow)
 
 
+@pytest.mark.parametrize("settings, expected", [({}, 2), ({"sites": ["a", "b", "c"]}, 2), ({"sites": ["a"]}, 1),
+                                                ({"sites": ["a", "b", "c", "d"], "min_sites": 4}, 4)])
+def test_min_clients_is_one_value_in_the_whole_job(settings, expected):
+    """meta.json's min_clients (when FLARE's scheduler starts the job), the server config's and the workflow's (the
+    fewest results a round goes on with) come from one setting and agree."""
+    job = render_job("fedmsa_tiny", **settings)
+    server = job["app/config/config_fed_server.json"]
+    workflow = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    assert job["meta.json"]["min_clients"] == server["min_clients"] == workflow["args"]["min_clients"] == expected
+
+
 def test_variants_differ_only_in_configuration():
     shapes = {}
     for name in VARIANTS:

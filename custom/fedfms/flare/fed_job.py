@@ -60,7 +60,7 @@ class FedFMSJob(FedJob):
     def __init__(self, settings: dict, recipe: dict | None = None):
         s = settings
         meta = {jobs.RECIPE_KEY: recipe} if recipe else None
-        super().__init__(name=s["name"], min_clients=jobs.min_sites(s) or 2, meta_props=meta)
+        super().__init__(name=s["name"], min_clients=jobs.min_clients(s), meta_props=meta)
         # the sites have fedfms installed (production flavour): no source is copied into app/custom
         self.set_app_packages(["fedfms"])
         self.sites = list(s["sites"]) if s["sites"] else None
@@ -92,7 +92,7 @@ class FedFMSJob(FedJob):
         t = kind.timeouts(s) if kind else jobs.round_timeouts(s)
         self.to_server({
             "num_rounds": s["num_rounds"] - s["start_round"],
-            "min_clients": jobs.min_sites(s) or 1,
+            "min_clients": jobs.min_clients(s),
             # FLARE's dead-site handling: once the server has dropped a site (no heartbeat for the kit's
             # heart_beat_timeout), a round stops waiting for it after this grace period (default 60 s), checked
             # from this long after a task starts (default 30 s)
@@ -150,7 +150,7 @@ class FedFMSJob(FedJob):
                                       persistor_id="persistor", timeout=t["plan"]), id="nnunet_planning")
         self.to_server(self._made(
             LiveScatterAndGather,
-            min_clients=jobs.min_sites(s) or 1,
+            min_clients=jobs.min_clients(s),
             num_rounds=s["num_rounds"] - s["start_round"],
             start_round=s["start_round"],
             # a round waits for every site as long as it reports progress (a slow site is averaged, not dropped);

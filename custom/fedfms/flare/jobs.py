@@ -327,6 +327,14 @@ def min_sites(s: dict) -> int | None:
     return default_min_sites(len(s["sites"])) if s["sites"] else None
 
 
+def min_clients(s: dict) -> int:
+    """FLARE's ``min_clients``, one value for the job's ``meta.json`` (the scheduler starts the job once that many
+    sites are connected) and the server's workflows (the fewest results a round goes on with): ``min_sites``, or 2
+    for a job without a site list (a federation of one site is none; the federation monitor's default for two
+    sites is both of them)."""
+    return min_sites(s) or 2
+
+
 def monitor_args(s: dict) -> dict:
     """The federation monitor's arguments (plaintext and HE jobs alike)."""
     args = {"expected_sites": sorted(s["sites"]) if s["sites"] else None, "min_sites": min_sites(s),
