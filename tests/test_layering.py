@@ -21,8 +21,10 @@ ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 # FLARE-free: these packages (every module in them) and modules
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
 CORE_MODULES = ["fedfms.report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
-                "fedfms.tables", "fedfms.cli_tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
-                "fedfms.progress", "fedfms.bundle", "fedfms.model_card", "fedfms.cli_export"]
+                "fedfms.tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
+                "fedfms.progress", "fedfms.bundle", "fedfms.model_card"]
+# (the `fedfms tables` and `fedfms export` commands import FLARE in no function they run:
+# tests/test_layering_tables.py imports fedfms.cli.tables in a fresh interpreter)
 FORBIDDEN = ("nvflare", "fedfms.flare")
 
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)
@@ -145,7 +147,7 @@ LAYERS = [
     ("flare job building", ["fedfms.flare.jobs", "fedfms.flare.he_job", "fedfms.flare.nnunet_job", "fedfms.flare.fed_job"]),
     ("flare running", ["fedfms.flare", "fedfms.flare.simulate", "fedfms.flare.recipe", "fedfms.flare.loso_runner"]),
     ("applications", ["fedfms.deploy", "fedfms.site_check", "fedfms.demo", "fedfms.bundle", "fedfms.model_card"]),
-    ("command line", ["fedfms.cli", "fedfms.cli_evaluate", "fedfms.cli_prepare", "fedfms.cli_tables", "fedfms.cli_export"]),
+    ("command line", ["fedfms.cli"]),
 ]
 SITE_COMPONENTS = ["fedfms.flare.executor", "fedfms.flare.nnunet_executor", "fedfms.flare.filters", "fedfms.flare.he",
                    "fedfms.flare.site_progress", "fedfms.flare.job_guard"]

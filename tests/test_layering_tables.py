@@ -4,7 +4,7 @@ import nvflare or the project's FLARE layer (fedfms.flare). tests/test_layering.
 import subprocess
 import sys
 
-MODULES = ["fedfms.flavours", "fedfms.tables", "fedfms.cli_tables", "fedfms.evaluation.scoring", "fedfms.training.metrics"]
+MODULES = ["fedfms.flavours", "fedfms.tables", "fedfms.cli.tables", "fedfms.evaluation.scoring", "fedfms.training.metrics"]
 
 
 def test_flavours_and_tables_do_not_import_nvflare():

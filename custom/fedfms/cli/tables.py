@@ -1,6 +1,6 @@
 """``fedfms table1`` and ``fedfms table2``: the paper's Table 1 from LOSO results, Table 2 measured here.
 
-The main CLI calls :func:`add_table_parsers`; problems a user can fix raise
+The main CLI calls :func:`add_parsers`; problems a user can fix raise
 :class:`fedfms.errors.FedFMSError`, printed as one line."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _cmd_table2(args) -> int:
 
 
 
-def add_table_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("table1", help="the paper's Table 1 (LOSO Dice/IoU per held-out site) from 'fedfms loso' runs",
                        epilog=TABLE1_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="'fedfms loso' workspaces (or their loso_results.json)")
