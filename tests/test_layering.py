@@ -20,8 +20,8 @@ import fedfms
 ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 # FLARE-free: these packages (every module in them) and modules
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
-CORE_MODULES = ["fedfms.report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
-                "fedfms.tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
+CORE_MODULES = ["fedfms.reporting.run_report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
+                "fedfms.reporting.tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
                 "fedfms.progress", "fedfms.bundle", "fedfms.model_card"]
 # (the `fedfms tables` and `fedfms export` commands import FLARE in no function they run:
 # tests/test_layering_tables.py imports fedfms.cli.tables in a fresh interpreter)
@@ -30,7 +30,7 @@ FORBIDDEN = ("nvflare", "fedfms.flare")
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)
 RUNTIME = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
            "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.evaluation.loso",
-           "fedfms.evaluation.results", "fedfms.evaluation.baselines", "fedfms.report",
+           "fedfms.evaluation.results", "fedfms.evaluation.baselines", "fedfms.reporting.run_report",
            "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.bundle", "fedfms.model_card"]
 
 
@@ -135,7 +135,7 @@ LAYERS = [
     ("training", ["fedfms.training", "fedfms.flavours"]),
     ("nnunet", ["fedfms.nnunet"]),
     ("evaluation", ["fedfms.evaluation"]),
-    ("reporting", ["fedfms.report", "fedfms.tables"]),
+    ("reporting", ["fedfms.reporting"]),
     # what FLARE instantiates and runs at the sites and the server
     ("flare runtime", ["fedfms.flare.site_config", "fedfms.flare.liveness", "fedfms.flare.update_check", "fedfms.flare.replies",
                        "fedfms.flare.nnunet_tasks", "fedfms.flare.site_progress", "fedfms.flare.executor", "fedfms.flare.filters",

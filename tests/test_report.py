@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedfms.errors import DataError
-from fedfms.report import format_table
+from fedfms.reporting.run_report import format_table
 from fedfms.run_record import best_model_note, find_run_dir
 
 
@@ -72,7 +72,7 @@ def test_best_model_note_for_a_run_without_a_best_model(tmp_path):
 
 
 def test_pick_samples_is_even_and_stable():
-    from fedfms.report import pick_samples
+    from fedfms.reporting.run_report import pick_samples
 
     assert pick_samples([5, 6, 7, 8, 9], 2) == [5, 9]
     assert pick_samples([5, 6, 7, 8, 9], 3) == [5, 7, 9]
@@ -80,7 +80,7 @@ def test_pick_samples_is_even_and_stable():
 
 
 def test_run_configs_come_from_the_job_or_the_workspace_and_are_named_when_missing(tmp_path):
-    from fedfms.report import run_configs
+    from fedfms.reporting.run_report import run_configs
 
     run = _run(tmp_path, [(0.4, 0.4)], None)
     with pytest.raises(DataError, match="pass --job"):

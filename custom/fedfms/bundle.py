@@ -145,7 +145,7 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
     when given (else ``class0``, ..., 2D and ``pad``)."""
     from fedfms.model_card import file_digest, model_card, write_card
     from fedfms.models import ModelConfig
-    from fedfms.report import run_configs
+    from fedfms.reporting.run_report import run_configs
     from fedfms.run_record import find_run_dir
 
     if model not in MODELS:
@@ -230,7 +230,7 @@ def _encoder_text(cfg, checkpoint, fingerprint: str | None) -> str | None:
 
 
 def _global_model(run_dir: Path, model: str) -> Path:
-    from fedfms.report import global_model_file
+    from fedfms.reporting.run_report import global_model_file
 
     if model == "final":
         return global_model_file(run_dir)
@@ -321,7 +321,7 @@ def _manifest_facts(run_dir: Path, data_root) -> dict:
         return {}
     from fedfms.data.site_dataset import read_manifest
     from fedfms.run_record import RUN_RECORD, read_run_record
-    from fedfms.report import read_cross_site
+    from fedfms.reporting.run_report import read_cross_site
 
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
     sites = sorted(set(read_cross_site(run_dir)) | set((record or {}).get("expected_sites") or []))

@@ -286,7 +286,7 @@ class Demo:
         }
 
     def figure(self) -> Path:
-        from fedfms.report import pick_samples, plot_demo, site_pictures
+        from fedfms.reporting.run_report import pick_samples, plot_demo, site_pictures
 
         labels = self.labels
         shown = [k for k in ("fedmsa", "fedmsa_personal", "alone", "threshold") if k in self.predictors]

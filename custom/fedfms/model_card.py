@@ -28,7 +28,7 @@ CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
 SCORE_KEYS = ("dice", "iou", "volume_dice", "volume_iou", "dice_reference", "iou_reference", "num_samples")
 SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "volume_dice": "3D Dice", "volume_iou": "3D IoU",
                 "dice_reference": "ref Dice", "iou_reference": "ref IoU", "num_samples": "n"}
-# cross_val_results.json's names of the server's models (fedfms.report), and the card's
+# cross_val_results.json's names of the server's models (fedfms.reporting.run_report), and the card's
 MODEL_NAMES = {"SRV_FL_global_model.pt": "global_final", "SRV_best_FL_global_model.pt": "global_best"}
 PRIVACY_FILTERS = {"nvflare.app_common.filters.percentile_privacy.PercentilePrivacy": "percentile",
                    "nvflare.app_common.filters.svt_privacy.SVTPrivacy": "svt"}
@@ -44,7 +44,7 @@ def model_card(run: str | Path, job: str | Path | None = None, data_root: str | 
     ``job``: the job folder the run used (default: the configs deployed in the run's workspace); ``data_root``: the
     sites' prepared folders (one per site), for the manifests' counts and preset; ``exported``: what a bundle export
     adds (which model, its file and digest)."""
-    from fedfms.report import read_cross_site
+    from fedfms.reporting.run_report import read_cross_site
     from fedfms.run_record import find_run_dir
     from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
 

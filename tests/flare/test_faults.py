@@ -251,7 +251,7 @@ def test_a_stopped_run_continues_from_its_last_saved_model(tmp_path):
     assert record["resumed_from"] == str((run1 / "fedfms_run.json").resolve())
     assert_close(load_global(tmp_path / "ws2"), fedavg([sent(out2, s, 3) for s in ("site-1", "site-2")]))
     # the learning curve goes on at round 2
-    from fedfms.report import read_curves
+    from fedfms.reporting.run_report import read_curves
 
     curves = read_curves(server_job_dir(tmp_path / "ws2"))["site-1"]
     steps = [step for tag, points in curves.items() if tag.endswith("train_loss") for step, _ in points]

@@ -12,7 +12,7 @@ from fedfms.run_record import EXIT_GAPS, RUN_RECORD, best_model_note, exit_code,
 
 def _cmd_report(args) -> int:
     from fedfms.evaluation.personal import format_record, personal_gaps, read_personal_record
-    from fedfms.report import SCORING_NOTE, format_table, plot_report, run_pictures, site_table
+    from fedfms.reporting.run_report import SCORING_NOTE, format_table, plot_report, run_pictures, site_table
 
     run_dir = find_run_dir(args.run)
     rows = site_table(run_dir)

@@ -43,7 +43,7 @@ def _out_paths(out: str | None, csv: str | None) -> tuple[Path | None, Path | No
 
 
 def _cmd_table1(args) -> int:
-    from fedfms.tables import build_table1, format_table1, write_table1_csv
+    from fedfms.reporting.tables import build_table1, format_table1, write_table1_csv
 
     md, csv_path = _out_paths(args.out, args.csv)
     tables = build_table1(args.runs, select=args.select)
@@ -59,7 +59,7 @@ def _cmd_table1(args) -> int:
 
 
 def _cmd_table2(args) -> int:
-    from fedfms.tables import build_table2, format_table2, write_table2_csv
+    from fedfms.reporting.tables import build_table2, format_table2, write_table2_csv
 
     md, csv_path = _out_paths(args.out, args.csv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
