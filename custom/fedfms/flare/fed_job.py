@@ -110,7 +110,7 @@ class FedFMSJob(FedJob):
             self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=jobs.MODEL_TASKS_BACK)
         he = self._he(s)
         # under HE: FLARE's HE generator, aggregator and cross-site evaluation, a serialize filter for the persistor,
-        # the monitor and the server's check on ciphertext (fedfms.flare.he, docs/privacy-he.md)
+        # the monitor and the server's check on ciphertext (fedfms.flare.he_job, docs/privacy-he.md)
         he_parts = he.server_components(s, make=self._made) if he else {}
         check_args = {"model_config": s["model"], "max_samples": s["max_samples"], "site_samples": s["site_samples"]}
         if s["update"] != "weights":
