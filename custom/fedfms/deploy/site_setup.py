@@ -16,7 +16,7 @@ Everything written lives in the kit's ``local/`` folder, which re-provisioning n
 ``resources.json`` (class_allow_list, storage), ``fedfms_site.json`` (data/checkpoint),
 ``authorization.json`` (who may send custom code). Run it after installing FedFMS on that machine
 (provisioning/README.md, step 3): the allow-list it writes is the installed version's
-(:func:`fedfms.flare.jobs.class_allow_list`). ``provisioning/site_setup.py`` and
+(:func:`fedfms.flare.fed_job.class_allow_list`). ``provisioning/site_setup.py`` and
 ``python -m fedfms.deploy.site_setup`` are the same command.
 
 ``stale-jobs`` is the one maintenance command: FLARE 2.9 does not resume or close a job whose server was
