@@ -29,6 +29,9 @@ from typing import Sequence
 
 from fedfms.errors import CheckpointError, ConfigError, DataError
 
+# The project's other modules are imported in the functions that use them: the bundle's inference
+# (BundlePredictor, in a clinic) loads only the prediction code, the exporter only what exporting needs.
+
 MODEL_FILE = "models/model.pt"
 BUNDLE_VERSION = "0.1.0"
 METADATA_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"

@@ -21,6 +21,13 @@ from pathlib import Path
 
 from fedfms.errors import DataError
 from fedfms.numbers import finite_mean, fmt_score
+from fedfms.reporting.run_report import read_cross_site
+from fedfms.run_record import find_run_dir
+from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
+from fedfms.flavours import flavour_of
+from fedfms.data.site_dataset import read_manifest
+from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
+from fedfms.run_record import best_model_note
 
 CARD_FORMAT = "fedfms-model-card"
 CARD_VERSION = 1
@@ -44,10 +51,6 @@ def model_card(run: str | Path, job: str | Path | None = None, data_root: str | 
     ``job``: the job folder the run used (default: the configs deployed in the run's workspace); ``data_root``: the
     sites' prepared folders (one per site), for the manifests' counts and preset; ``exported``: what a bundle export
     adds (which model, its file and digest)."""
-    from fedfms.reporting.run_report import read_cross_site
-    from fedfms.run_record import find_run_dir
-    from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
-
     run_dir = find_run_dir(run)
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
     cross = read_cross_site(run_dir)
@@ -155,8 +158,6 @@ def _run_part(run_dir: Path, record: dict | None, summarize) -> dict:
 
 
 def _job_part(meta: dict, model: dict, train: dict, server: dict, record: dict | None) -> dict:
-    from fedfms.flavours import flavour_of
-
     recipe = meta.get("fedfms_recipe") or {}
     _, sag = _server_component(server, "scatter_and_gather")
     aggregator, agg_args = _server_component(server, "aggregator")
@@ -194,8 +195,6 @@ def _sites_part(sites: list[str], record: dict | None, site_summary, data_root) 
 
 
 def _manifest(folder: Path) -> dict:
-    from fedfms.data.site_dataset import read_manifest
-
     m = read_manifest(folder)  # DataError naming the file when the site's folder is not a prepared site
     return {"dataset": m.dataset, "preset": m.settings.get("preset"), "samples": len(m.samples),
             "volumes": len(set(m.volumes)), "classes": list(m.classes), "image_size": m.image_size,
@@ -209,8 +208,6 @@ def _contributions(record: dict | None) -> list[dict]:
 
 
 def _scores_part(cross: dict, model: dict) -> dict:
-    from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
-
     models: dict[str, dict] = {}
     for site, by_model in sorted(cross.items()):
         for name, metrics in (by_model or {}).items():
@@ -268,8 +265,6 @@ def _privacy_part(client: dict, server: dict, executor: dict, model: dict) -> di
 
 
 def _limits(record: dict | None, cross: dict, sites: list[str], run_dir: Path, summarize) -> list[str]:
-    from fedfms.run_record import best_model_note
-
     lines = []
     if record is None:
         lines.append("no run record (fedfms_run.json): contributions and missed rounds are unknown")

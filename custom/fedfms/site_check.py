@@ -18,6 +18,12 @@ from typing import Mapping
 from fedfms.data.site_dataset import patient_split
 from fedfms.data.site_warnings import TRAIN_DEFAULTS, site_warnings
 from fedfms.errors import ConfigError
+from fedfms.data.site_dataset import SiteDataset
+from fedfms.flare.jobs import job_model_config, job_train_config
+from fedfms.flare.site_config import expand
+from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
+from fedfms.training.trainer import LocalTrainer, TrainConfig
+from fedfms.flare.liveness import format_seconds
 
 
 def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None = None, site_name: str = "site",
@@ -27,11 +33,6 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
     ``measure_speed``: also train one step on the site's device with the job's batch size and report this site's
     own seconds per sample and peak memory (``report["speed"]``)."""
     import torch
-
-    from fedfms.data.site_dataset import SiteDataset
-    from fedfms.flare.jobs import job_model_config, job_train_config
-    from fedfms.flare.site_config import expand
-    from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
 
     report: dict = {"site": site_name, "data_dir": str(data_dir)}
     raw_model = job_model_config(job_dir)
@@ -78,8 +79,6 @@ def site_speed(cfg, train: Mapping, data_dir: str | Path, model, train_samples: 
     report while it trains (``fedfms.flare.liveness``); nothing else here assumes a speed."""
     import resource
 
-    from fedfms.training.trainer import LocalTrainer, TrainConfig
-
     train_cfg = TrainConfig.from_dict({**train, "cache_decoded": False, "num_workers": 0, "progress": False},
                                       f"{data_dir} train_config")
     trainer = LocalTrainer(cfg, train_cfg, str(data_dir), model=model)
@@ -118,8 +117,6 @@ def format_report(report: dict) -> str:
 
 
 def _speed_line(speed: dict) -> str:
-    from fedfms.flare.liveness import format_seconds
-
     return (f"  speed    {speed['s_per_sample']:.3g} s/sample on {speed['device']} (one training step of {speed['batch']} "
             f"sample(s): {speed['step_s']:.3g} s); a local round here takes about {format_seconds(speed['round_estimate_s'])}; "
             f"peak memory of this check {speed['peak_rss_gb']:.1f} GB")

@@ -243,6 +243,6 @@ def shutdown_federation(admin_kit: str | os.PathLike, username: str, timeout: fl
 def export_byoc_copy(job_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """The bring-your-own-code copy of a production job (the fedfms source in ``app/custom/fedfms``),
     replacing an older copy."""
-    from fedfms.flare.jobs import export_byoc
+    from fedfms.flare.jobs import export_byoc  # the job settings load torch and FLARE: only when a copy is made
 
     return Path(export_byoc(job_dir, out_dir, overwrite=True))

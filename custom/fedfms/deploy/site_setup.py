@@ -34,6 +34,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterable
+from fedfms.run_record import RUN_RECORD, close_interrupted
 
 # The kit component that checks what a job's arguments point at (fedfms.flare.job_guard), in local/resources.json.
 GUARD = {"id": "fedfms_job_guard", "path": "fedfms.flare.job_guard.JobArgumentGuard", "args": {}}
@@ -197,8 +198,6 @@ def close_run_record(run_dir: Path) -> Path | None:
     """The job's run record (``fedfms_run.json`` in the server's run folder), left ``running`` by the killed
     server, closed as ``failed`` with where it stopped and how to continue, so that ``fedfms report`` tells the
     truth about it."""
-    from fedfms.run_record import RUN_RECORD, close_interrupted
-
     path = Path(run_dir) / RUN_RECORD
     try:
         record = json.loads(path.read_text())

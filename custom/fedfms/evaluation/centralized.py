@@ -23,6 +23,7 @@ from fedfms.numbers import finite_or_none
 from fedfms.progress import bar, drawn
 from fedfms.training.trainer import LocalTrainer, TrainConfig
 from fedfms.training.weights_files import history_path, last_weights_path, save_weights
+from fedfms.nnunet.evaluate import train_centralized as train_nnunet
 
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
 
@@ -45,7 +46,6 @@ def train_centralized(
     and the history says so."""
     if is_nnunet_model(model_cfg):
         # nnU-Net on the pooled sites, planned as the federation would be; the same outputs plus its plan
-        from fedfms.nnunet.evaluate import train_centralized as train_nnunet
 
         return train_nnunet(nnunet_model_dict(model_cfg), train_cfg, site_dirs,
                             epochs, out_weights, overwrite=overwrite, checkpoint=checkpoint, log=log)

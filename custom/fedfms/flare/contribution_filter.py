@@ -22,7 +22,9 @@ from fedfms.flare.update_check import (
     metric_problems,
     sample_count_problem,
 )
+from fedfms.flare.he import ciphertext_problems, server_context
 from fedfms.flare.replies import error_reply
+
 
 class ContributionCheckFilter(Filter):
     """Checks each site result of ``train_task_name`` (and models submitted for cross-site evaluation):
@@ -136,8 +138,6 @@ class ContributionCheckFilter(Filter):
         if spec is None:
             return [self.NO_SPEC_REASON], dxo, None
         if self.encrypted:
-            from fedfms.flare.he import ciphertext_problems, server_context
-
             if self._he_context is None:
                 self._he_context = server_context(fl_ctx)
             problems = ciphertext_problems(dxo, spec, self._he_context)  # ciphertexts bound to the server's context

@@ -40,6 +40,8 @@ from fedfms.flare import he_job
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.robust_aggregator import RobustAggregator
 from fedfms.flare.scatter_gather import LiveScatterAndGather
+from fedfms.flare import nnunet_job
+from fedfms.flare.personalise import PersonalisationRecorder
 
 TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
 # bitsandbytes, which FLARE's quantisation filters import, warns on CPUs with AVX512-BF16 that its optional 4-bit
@@ -67,8 +69,6 @@ class FedFMSJob(FedJob):
         self._intended: list[tuple[object, dict]] = []  # (component, the arguments it was made with)
         nnunet = jobs.is_nnunet(s)
         if nnunet:
-            from fedfms.flare import nnunet_job  # the FednnU-Net classes, only for its jobs (loads no nnU-Net)
-
             self.kind = nnunet_job.NNUNET_KIND
             s = nnunet_job.complete(s)
         else:
@@ -175,8 +175,6 @@ class FedFMSJob(FedJob):
         """After the last round: FLARE's BroadcastAndProcess sends the final global model to every site, which
         fine-tunes and scores its personalised model (fedfms.flare.personalise); before cross-site evaluation."""
         from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProcess
-
-        from fedfms.flare.personalise import PersonalisationRecorder
 
         self.to_server(self._made(PersonalisationRecorder, personalise=s["personalise"], model_locator_id="model_locator",
                                   expected_sites=sorted(s["sites"]) if s["sites"] else None,

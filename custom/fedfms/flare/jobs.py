@@ -29,6 +29,10 @@ from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
 # nnU-Net's settings only (no nnU-Net import): rendering a job never loads nnU-Net (tests/nnunet/test_layering.py)
 from fedfms.nnunet.config import JOB_VARIANTS as NNUNET_VARIANTS, NNUNET_VARIANT, NnUNetConfig, check_model_config
+from fedfms.models.travel import check_local_parts
+from fedfms.run_record import RUN_RECORD, read_run_record
+from fedfms.training.distributed import check_processes_per_site
+from fedfms.training.personal import Personalisation
 from fedfms.training.trainer import TrainConfig
 
 PAPER_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-4, "betas": [0.9, 0.999], "loss": "bce", "val_fraction": 0.1}
@@ -115,8 +119,6 @@ def round_timeouts(s: dict) -> dict[str, int]:
 
 def personalisation(s: dict):
     """The job's parsed ``personalise`` setting (fedfms.training.personal.Personalisation), or None."""
-    from fedfms.training.personal import Personalisation
-
     return Personalisation.parse(s.get("personalise"), f"job {s.get('name')}: personalise")
 
 
@@ -143,8 +145,6 @@ def model_tasks_out(s: dict) -> list[str]:
 
 def _check_personalise(s: dict, where: str) -> None:
     """``personalise`` parsed and written back canonically; it alone sets the model's ``local_parts``."""
-    from fedfms.models.travel import check_local_parts
-
     p = personalisation(s)
     declared = s["model"].get("local_parts")
     if p is None:
@@ -279,7 +279,6 @@ def variant_settings(name: str, **overrides) -> dict:
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
     _check_personalise(s, f"job {name}")
-    from fedfms.training.distributed import check_processes_per_site
 
     n = check_processes_per_site(s["processes_per_site"], f"job {name}: processes_per_site")
     if is_nnunet(s):
@@ -376,8 +375,6 @@ def resume_settings(run: str | Path) -> dict:
     round whose model was saved, the saved global model as the persistor's source, the sites' accepted sample
     counts pinned, and the previous best model and metric for the model selection. ``run``: the server's run
     folder of the stopped job (or anything above it holding one ``fedfms_run.json``)."""
-    from fedfms.run_record import RUN_RECORD, read_run_record
-
     run = Path(run)
     found = [run] if run.is_file() else sorted(run.rglob(RUN_RECORD), key=lambda p: (len(p.parts), str(p))) if run.is_dir() else []
     if not found:

@@ -31,6 +31,8 @@ from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, read_plan, write_plan
 from fedfms.nnunet.fingerprint import site_fingerprint
 from fedfms.nnunet.sitedata import NnUNetSiteData
+from fedfms.nnunet.plan import describe
+from fedfms.nnunet.trainer import NnUNetSiteTrainer
 
 
 class NnUNetExecutor(FedFMSExecutor):
@@ -103,9 +105,6 @@ class NnUNetExecutor(FedFMSExecutor):
         return DXO(DataKind.APP_DEFINED, {DIGEST_KEY: self.fingerprint}).to_shareable()
 
     def _build_trainer(self, plan: dict, fl_ctx: FLContext, where: str) -> None:
-        from fedfms.nnunet.plan import describe
-        from fedfms.nnunet.trainer import NnUNetSiteTrainer
-
         self.trainer = NnUNetSiteTrainer(plan, self.cfg, self.site_data)
         self.fingerprint = self.trainer.digest  # sent with every update; the server compares it with its own
         self.log_info(fl_ctx, f"nnU-Net plan {self.fingerprint[:12]} ({where}): {describe(plan)}; device {self.trainer.device}")

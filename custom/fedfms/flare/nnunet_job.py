@@ -22,6 +22,8 @@ and ``fedfms loso fednnunet`` work like the other variants (``fedfms.flare.fed_j
 from __future__ import annotations
 
 from fedfms.flare import jobs
+from fedfms.flare.nnunet_executor import NnUNetExecutor
+from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetPlanning
 from fedfms.flare.nnunet_tasks import PLANNING_TASKS
 
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
@@ -45,30 +47,14 @@ def complete(s: dict) -> dict:
 
 
 class _NnUNetKind:
-    """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring).
-    The classes are imported when a FednnU-Net job is built; they load no nnU-Net."""
+    """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring)."""
 
     GLOBAL_MODEL = GLOBAL_MODEL
     PLANNING_TASKS = PLANNING_TASKS
     timeouts = staticmethod(timeouts)
-
-    @property
-    def CheckFilter(self):  # a class, as the builder uses it (hence the capital)
-        from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter
-
-        return NnUNetContributionCheckFilter
-
-    @property
-    def Planning(self):
-        from fedfms.flare.nnunet_planning import NnUNetPlanning
-
-        return NnUNetPlanning
-
-    @property
-    def Executor(self):
-        from fedfms.flare.nnunet_executor import NnUNetExecutor
-
-        return NnUNetExecutor
+    CheckFilter = NnUNetContributionCheckFilter
+    Planning = NnUNetPlanning
+    Executor = NnUNetExecutor
 
 
 NNUNET_KIND = _NnUNetKind()

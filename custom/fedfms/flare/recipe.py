@@ -42,6 +42,8 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 from fedfms.errors import ConfigError
 from fedfms.flare.jobs import job_recipe
 from fedfms.flare.fed_job import build_job
+from fedfms.flare.simulate import Outcome, prepare_sim_workspace
+from fedfms.run_record import EXIT_FAILED, exit_code, read_run_record, summarize
 
 DATA_ROOT = "data_root"  # the environments' extra property: one prepared site folder per site name
 
@@ -91,8 +93,6 @@ class FedFMSRecipe(Recipe):
 
     # -- environments -------------------------------------------------------------------------------------------
     def _prepare_simulation(self, env: SimEnv) -> None:
-        from fedfms.flare.simulate import prepare_sim_workspace
-
         clients = list(env.clients) if env.clients else [f"site-{i}" for i in range(1, env.num_clients + 1)]
         if self.sites and sorted(self.sites) != sorted(clients):
             raise ConfigError(f"recipe {self.name}: the job names sites {self.sites}, but SimEnv simulates {clients}; "
@@ -139,9 +139,6 @@ def _data_root(env: ExecEnv):
 def run_outcome(run, timeout: float = 0.0):
     """The truthful outcome of a recipe's run (``nvflare.recipe.Run``): from the run record in the result folder,
     exit code 0 only when every round averaged every site (:class:`fedfms.flare.simulate.Outcome`)."""
-    from fedfms.flare.simulate import Outcome
-    from fedfms.run_record import EXIT_FAILED, exit_code, read_run_record, summarize
-
     result = run.get_result(timeout=timeout)
     record = read_run_record(result) if result and Path(result).is_dir() else None
     if record is None:

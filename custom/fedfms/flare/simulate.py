@@ -12,14 +12,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfms.errors import ConfigError, DataError
-from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.capacity import Placement, choose_placement
-from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
-from fedfms.flare.fed_job import class_allow_list, rewrite_job
+from fedfms.data.site_dataset import patient_split, read_manifest
+from fedfms.data.site_warnings import TRAIN_DEFAULTS, site_warnings
+from fedfms.errors import ConfigError, DataError
+from fedfms.evaluation.personal import personal_gaps, read_personal_record
+from fedfms.flare.fed_job import class_allow_list, render_job, rewrite_job
 from fedfms.flare.he_job import prepare_simulation
+from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
 from fedfms.flare.liveness import SIMULATED
-from fedfms.data.site_warnings import site_warnings
+from fedfms.flare.monitor import PROGRESS_LOGGER
+from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize
 
 
@@ -61,8 +64,6 @@ def quiet_log_config(workspace: str | Path) -> Path:
     INFO logs still go to each participant's ``log.txt`` in the workspace."""
     from nvflare.fuel.utils.log_utils import default_log_dict
 
-    from fedfms.flare.monitor import PROGRESS_LOGGER
-
     config = copy.deepcopy(default_log_dict)
     config["formatters"]["fedfmsConcise"] = {"format": "%(levelname)s %(name)s: %(message)s"}
     config["formatters"]["fedfmsBare"] = {"format": "%(message)s"}
@@ -99,8 +100,6 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
 
 def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
     """Whether the job folder is exactly what its recipe renders (not edited by hand since)."""
-    from fedfms.flare.fed_job import render_job
-
     try:
         rendered = render_job(variant, **settings)
     except ConfigError:
@@ -130,7 +129,6 @@ def simulation_outcome(workspace: str | Path, flare_rc: int) -> Outcome:
     if flare_rc != 0 and code == EXIT_OK:
         code = EXIT_FAILED
     summary = summarize(record)
-    from fedfms.evaluation.personal import personal_gaps, read_personal_record
 
     gaps = personal_gaps(read_personal_record(server_job_dir(workspace)))
     if gaps:  # a personalised job in which some site ended without its personalised model
@@ -218,8 +216,6 @@ def largest_batch(train: dict, data_root: str | Path | None, clients: list[str])
     batch = int(train.get("batch_size", 6))
     if data_root is None:
         return batch
-    from fedfms.data.site_dataset import patient_split, read_manifest
-    from fedfms.data.site_warnings import TRAIN_DEFAULTS
 
     most = 0
     for client in clients:

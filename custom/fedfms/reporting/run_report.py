@@ -15,6 +15,13 @@ import numpy as np
 from fedfms.errors import DataError
 from fedfms.numbers import finite_mean, render_table
 from fedfms.run_record import RUN_RECORD, find_run_dir, read_run_record
+from fedfms.overlays import LEGEND, dice, overlay
+from fedfms.evaluation.baselines import model_predictor, site_split
+from fedfms.evaluation.personal import read_personal_record
+from fedfms.evaluation.scoring import resolve_model_config
+from fedfms.models import ModelConfig
+from fedfms.training.predict import load_model
+from fedfms.training.trainer import TrainConfig
 
 GLOBAL_MODEL = "SRV_FL_global_model.pt"
 BEST_MODEL = "SRV_best_FL_global_model.pt"
@@ -146,13 +153,6 @@ def run_pictures(run_dir: str | Path, data_root: str | Path, job: str | Path | N
     ``split_seed``, from ``job`` or the run's own client config). A personalised run adds each site's personalised
     model, and its "global model" at a site is the global model with that site's local part (the site's
     ``fedfms_personal/global_model.pt``, when this machine can read it; else the initial local part, and said so)."""
-    from fedfms.evaluation.baselines import model_predictor, site_split
-    from fedfms.evaluation.personal import read_personal_record
-    from fedfms.evaluation.scoring import resolve_model_config
-    from fedfms.models import ModelConfig
-    from fedfms.training.predict import load_model
-    from fedfms.training.trainer import TrainConfig
-
     run_dir = find_run_dir(run_dir)
     model_cfg, train_cfg = run_configs(run_dir, job)
     cfg = resolve_model_config(ModelConfig.from_dict(model_cfg, "the run's model config"), checkpoint)
@@ -211,8 +211,6 @@ def run_configs(run_dir: Path, job: str | Path | None = None) -> tuple[dict, dic
 
 def _draw_pictures(fig, grid, pictures: dict[str, list[dict]]) -> None:
     """One row per site: for each sample, the image, the ground truth and each prediction (overlays)."""
-    from fedfms.overlays import LEGEND, dice, overlay
-
     for row, (site, samples) in enumerate(pictures.items()):
         col = 0
         for s, sample in enumerate(samples):
