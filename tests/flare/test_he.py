@@ -22,7 +22,7 @@ from fedfms.flare import he
 from fedfms.flare import he_job as job_he  # (a test below is named he_job)
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.replies import REASON_HEADER
-from fedfms.flare.jobs import variant_settings
+from fedfms.flare.jobs import job_settings
 from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec
 
 TINY = {"variant": "tiny", "mode": "fedmsa", "num_classes": 1, "pretrained": False, "init_seed": 0}
@@ -177,7 +177,7 @@ def test_builders_refuse_what_cannot_run_on_ciphertext():
     for bad in ({"aggregation": "median"}, {"norm_bound": 3.0}, {"transfer": "float16"}, {"privacy": "svt"},
                 {"update": "weight_diff"}):
         with pytest.raises(ConfigError):
-            job_he.site_filters(variant_settings("fedmsa_tiny", sites=["a", "b"], **bad))
+            job_he.site_filters(job_settings("fedmsa_tiny", sites=["a", "b"], **bad))
 
 
 def _instance_json(obj) -> dict:
@@ -189,7 +189,7 @@ def _instance_json(obj) -> dict:
 def test_every_component_serializes_through_fedjob_and_rebuilds_the_same():
     from nvflare.fuel.utils.class_utils import instantiate_class
 
-    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    s = job_settings("fedmsa_tiny", sites=["site-1", "site-2"])
     server = job_he.server_components(s)
     assert set(server) == {"shareable_generator", "aggregator", job_he.PERSISTOR_FILTER_ID, "federation_monitor",
                            "cross_site_validate"}
@@ -210,7 +210,7 @@ def test_fedjob_exports_the_he_components(tmp_path):
     from nvflare.job_config.api import FedJob
     from nvflare.job_config.defs import FilterType
 
-    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    s = job_settings("fedmsa_tiny", sites=["site-1", "site-2"])
     job = FedJob(name="he", min_clients=2)
     for cid, obj in job_he.server_components(s).items():
         job.to_server(obj, id=cid)

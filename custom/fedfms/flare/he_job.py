@@ -14,7 +14,7 @@ from nvflare.apis.dxo import DataKind
 
 from fedfms.errors import ConfigError
 from fedfms.flare import he, he_server
-from fedfms.flare.jobs import check_he_settings, components, job_recipe, monitor_args, round_timeouts
+from fedfms.flare.jobs import JobSettings, check_he_settings, components, job_recipe
 
 PERSISTOR_FILTER_ID = "model_serialize_filter"  # the persistor's filter_id under HE (saves ciphertexts as bytes)
 MODEL_TASKS_IN = ["train", "validate"]
@@ -80,7 +80,7 @@ def _construct(cls, **args):
     return cls(**args)
 
 
-def server_components(settings: dict, make=_construct) -> dict[str, object]:
+def server_components(settings: JobSettings, make=_construct) -> dict[str, object]:
     """Server components by id, to replace (or add) in a plaintext job: ``shareable_generator``, ``aggregator``,
     ``model_serialize_filter`` (new: the persistor's ``filter_id`` must name it, :data:`PERSISTOR_FILTER_ID`),
     ``federation_monitor`` (same arguments, HE-aware aggregate check) and the workflow ``cross_site_validate``.
@@ -90,21 +90,21 @@ def server_components(settings: dict, make=_construct) -> dict[str, object]:
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
 
-    check_he_settings(settings)
-    timeouts = round_timeouts(settings)
+    check_he_settings(settings.values)
+    timeouts = settings.timeouts
     return {
         "shareable_generator": make(HEModelShareableGenerator, tenseal_context_file=he.SERVER_CONTEXT),
         # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
         "aggregator": make(HEInTimeAccumulateWeightedAggregator, expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
         PERSISTOR_FILTER_ID: make(HEModelSerializeFilter, tenseal_context_file=he.SERVER_CONTEXT),
-        "federation_monitor": make(he_server.HEFederationMonitor, **monitor_args(settings)),
+        "federation_monitor": make(he_server.HEFederationMonitor, **settings.monitor_args),
         "cross_site_validate": make(he_server.CrossSiteModelEvalHE, tenseal_context_file=he.SERVER_CONTEXT,
                                     model_locator_id="model_locator",
                                     submit_model_timeout=timeouts["submit"], validation_timeout=timeouts["validate"]),
     }
 
 
-def site_filters(settings: dict, make=_construct) -> tuple[list, list]:
+def site_filters(settings: JobSettings, make=_construct) -> tuple[list, list]:
     """(result chains, data chains), each a list of ``(tasks, [filter instances])`` with disjoint tasks.
     Result chains go after the site's ``TravelSetFilter`` of the same tasks: the plaintext check, then FLARE's
     encryptor (training results weighted by the sample count, submitted models not), then the ciphertexts as
@@ -113,9 +113,9 @@ def site_filters(settings: dict, make=_construct) -> tuple[list, list]:
     from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
     from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
-    check_he_settings(settings)
-    model = settings["model"]
-    max_abs = settings.get("he_max_abs") or he.DEFAULT_MAX_ABS
+    check_he_settings(settings.values)
+    model = settings.values["model"]
+    max_abs = settings.values.get("he_max_abs") or he.DEFAULT_MAX_ABS
 
     def outgoing(weigh: bool) -> list:
         return [make(he.HEPlaintextCheck, model_config=model, max_abs=max_abs),

@@ -18,7 +18,9 @@ import copy
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from fedfms.aggregation import NORM_BOUND_ACTIONS
 from fedfms.errors import ConfigError
@@ -348,6 +350,47 @@ def monitor_args(s: dict) -> dict:
 def update_kind(s: dict) -> str:
     """FLARE's DataKind of the training results: the weights, or their change to the global model."""
     return "WEIGHT_DIFF" if s["update"] == "weight_diff" else "WEIGHTS"
+
+
+def complete_nnunet(s: dict) -> dict:
+    """A FednnU-Net job's settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the
+    job's rounds x the nnU-Net epochs per round, unless the train config sets it (a resumed job keeps the same total)."""
+    s = dict(s)
+    train = dict(s["train"])
+    train.setdefault("total_epochs", int(s["num_rounds"]) * int(train.get("epochs", 1)))
+    s["train"] = train
+    return s
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """A job's checked settings and every value the builder derives from them, computed once (:func:`job_settings`):
+    the job builder (``fedfms.flare.fed_job``, ``he_job``) reads these and derives nothing itself."""
+
+    values: Mapping  # the checked settings (variant_settings; a FednnU-Net job's completed)
+    nnunet: bool
+    min_sites: int | None  # the federation monitor's
+    min_clients: int  # FLARE's, in meta.json and the workflow
+    timeouts: Mapping[str, int]  # train, submit, validate, plan (round_timeouts)
+    monitor_args: Mapping
+    update_kind: str
+    model_tasks_out: list[str]
+    alone_epochs: int
+    personalise_timeout: int
+
+
+def job_settings(name: str, **overrides) -> JobSettings:
+    """The settings of variant ``name`` with ``overrides`` (any of :data:`SETTING_KEYS`), checked, with what the
+    components are given derived once."""
+    s = variant_settings(name, **overrides)
+    nnunet = is_nnunet(s)
+    if nnunet:
+        s = complete_nnunet(s)
+    timeouts = round_timeouts(s)
+    return JobSettings(values=s, nnunet=nnunet, min_sites=min_sites(s), min_clients=min_clients(s),
+                       timeouts={**timeouts, "plan": timeouts["train"]}, monitor_args=monitor_args(s),
+                       update_kind=update_kind(s), model_tasks_out=model_tasks_out(s), alone_epochs=alone_epochs(s),
+                       personalise_timeout=personalise_timeout(s))
 
 
 RECIPE_KEY = "fedfms_recipe"  # meta.json: the variant and settings the job was rendered from

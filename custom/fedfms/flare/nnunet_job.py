@@ -21,7 +21,6 @@ and ``fedfms loso fednnunet`` work like the other variants (``fedfms.flare.fed_j
 
 from __future__ import annotations
 
-from fedfms.flare import jobs
 from fedfms.flare.nnunet_executor import NnUNetExecutor
 from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetPlanning
 from fedfms.flare.nnunet_tasks import PLANNING_TASKS
@@ -29,29 +28,11 @@ from fedfms.flare.nnunet_tasks import PLANNING_TASKS
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
 
 
-def timeouts(s: dict) -> dict[str, int]:
-    """The outer bounds of the rounds (``train``), each planning broadcast (``plan``) and cross-site evaluation: the
-    job's ``round_timeout`` (0: none), as for the other variants (``jobs.round_timeouts``)."""
-    bounds = jobs.round_timeouts(s)
-    return {**bounds, "plan": bounds["train"]}
-
-
-def complete(s: dict) -> dict:
-    """The settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the job's rounds x
-    the nnU-Net epochs per round, unless the train config sets it (a resumed job keeps the same total)."""
-    s = dict(s)
-    train = dict(s["train"])
-    train.setdefault("total_epochs", int(s["num_rounds"]) * int(train.get("epochs", 1)))
-    s["train"] = train
-    return s
-
-
 class _NnUNetKind:
     """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring)."""
 
     GLOBAL_MODEL = GLOBAL_MODEL
     PLANNING_TASKS = PLANNING_TASKS
-    timeouts = staticmethod(timeouts)
     CheckFilter = NnUNetContributionCheckFilter
     Planning = NnUNetPlanning
     Executor = NnUNetExecutor
