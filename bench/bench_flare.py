@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fedfms.data.synthetic import make_disc_site
-from fedfms.flare.jobs import write_job
+from fedfms.flare.fed_job import write_job
 from fedfms.flare.simulate import run_simulation
 from fedfms.models import ModelConfig, build_model_on_meta, travel_bytes, travel_spec
 from fedfms.training.trainer import LocalTrainer, TrainConfig

@@ -69,7 +69,7 @@ class PeakSampler(threading.Thread):
 def run(variant: str, sites: list[str], threads: int | None, volumes: int, slices: int, workdir: Path) -> dict:
     from fedfms.data.synthetic import make_disc_site
     from fedfms.deploy import poc, runtime as rt
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     for i, site in enumerate(sites):
         make_disc_site(workdir / "data" / site, site=site, num_volumes=volumes, slices_per_volume=slices, size=128,

@@ -44,7 +44,7 @@ def tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 def run(num_sites: int, rounds: int, threads: int | None, work: Path) -> dict:
     from fedfms.data.synthetic import make_disc_site
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
     from fedfms.run_record import read_run_record
 
     data = work / f"data{num_sites}"

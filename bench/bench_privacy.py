@@ -36,7 +36,7 @@ def main() -> int:
     from test_simulator import make_sites, write_job
 
     from fedfms.flare.simulate import run_simulation, server_job_dir
-    from fedfms.report import read_curves
+    from fedfms.reporting.run_report import read_curves
     from fedfms.run_record import read_run_record
 
     rows = []

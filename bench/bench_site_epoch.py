@@ -46,7 +46,7 @@ def main() -> int:
 
     from fedfms.data.synthetic import make_disc_site
     from fedfms.models import ModelConfig, build_model_on_meta
-    from fedfms.tables import count_flops
+    from fedfms.reporting.tables import count_flops
     from fedfms.training.trainer import LocalTrainer, TrainConfig, pick_device
 
     model_cfg = ModelConfig(variant=args.variant, mode=args.mode, pretrained=False)

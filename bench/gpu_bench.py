@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
-from fedfms.data.synthetic import make_disc_site  # noqa: E402
-from fedfms.models import ModelConfig, build_model, count_parameters  # noqa: E402
-from fedfms.training.trainer import LocalTrainer, TrainConfig  # noqa: E402
+from fedfms.data.synthetic import make_disc_site
+from fedfms.models import ModelConfig, build_model, count_parameters
+from fedfms.training.trainer import LocalTrainer, TrainConfig
 
 
 def time_steps(trainer: LocalTrainer, batch: int, size: int, warmup: int, steps: int) -> tuple[float, float]:

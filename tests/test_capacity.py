@@ -65,7 +65,7 @@ def test_a_plan_that_cannot_fit_is_refused_with_what_would(monkeypatch):
 def test_simulate_refuses_before_anything_starts(monkeypatch, tmp_path):
     from fedfms import capacity
     from fedfms.cli import main
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     monkeypatch.setattr(capacity, "memory_rows", lambda *a: ROWS)
     monkeypatch.setattr(capacity, "free_host_gib", lambda: 10.0)

@@ -1,9 +1,12 @@
-"""The ML core runs without FLARE: nothing in it may import nvflare or the project's FLARE layer (fedfms.flare),
-directly or through other modules, at import time or later inside a function.
+"""The package's layering, checked on its import graph (every ``import`` statement, those inside functions too).
 
-Two checks: a static one over the import graph of every module of the core (all ``import`` statements, those
-inside functions too, followed through the project's own modules), which names the chain that reaches FLARE;
-and importing the core in a fresh interpreter, which must leave nvflare and fedfms.flare out of sys.modules."""
+- The ML core runs without FLARE: nothing in it may import nvflare or the project's FLARE layer (fedfms.flare),
+  directly or through other modules, at import time or later inside a function. Checked statically (naming the
+  chain that reaches FLARE) and by importing the core in a fresh interpreter.
+- No module imports a module of a higher layer (:data:`LAYERS`, bottom first), and no modules import each other
+  in a circle. Every module is placed in a layer, so a new one is placed on purpose.
+- In the FLARE layer, no site component imports a server component (the sites and the server share only what
+  both need: replies, update checks, task names)."""
 
 from __future__ import annotations
 
@@ -17,15 +20,17 @@ import fedfms
 ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 # FLARE-free: these packages (every module in them) and modules
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
-CORE_MODULES = ["fedfms.report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
-                "fedfms.tables", "fedfms.cli_tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
-                "fedfms.progress", "fedfms.bundle", "fedfms.model_card", "fedfms.cli_export"]
+CORE_MODULES = ["fedfms.reporting.run_report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
+                "fedfms.reporting.tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
+                "fedfms.progress", "fedfms.bundle", "fedfms.model_card"]
+# (the `fedfms tables` and `fedfms export` commands import FLARE in no function they run:
+# tests/test_layering_tables.py imports fedfms.cli.tables in a fresh interpreter)
 FORBIDDEN = ("nvflare", "fedfms.flare")
 
 # imported at runtime in one interpreter (the static check covers every module; this one, real imports)
 RUNTIME = ["fedfms.models", "fedfms.data.site_dataset", "fedfms.data.preparers.registry", "fedfms.training.trainer",
            "fedfms.training.metrics", "fedfms.training.predict", "fedfms.evaluation", "fedfms.evaluation.loso",
-           "fedfms.evaluation.results", "fedfms.evaluation.protocol", "fedfms.evaluation.baselines", "fedfms.report",
+           "fedfms.evaluation.results", "fedfms.evaluation.baselines", "fedfms.reporting.run_report",
            "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.bundle", "fedfms.model_card"]
 
 
@@ -119,3 +124,145 @@ def test_core_modules_do_not_import_flare_at_runtime():
         "import sys", "print(sorted(m for m in sys.modules if m.split('.')[0] == 'nvflare' or m.startswith('fedfms.flare')))"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.splitlines()[-1] == "[]", f"the ML core pulled in FLARE: {out}"
+
+
+# bottom first; a module belongs to the layer of the longest prefix that names it (itself or a package above it)
+LAYERS = [
+    ("helpers", ["fedfms", "fedfms.errors", "fedfms.numbers", "fedfms.config", "fedfms.progress", "fedfms.run_record",
+                 "fedfms.aggregation", "fedfms.capacity", "fedfms.processes",
+                 "fedfms.overlays"]),  # numpy drawing, for `fedfms predict --overlay` and the reports alike
+    ("models and data", ["fedfms.models", "fedfms.data"]),
+    ("training", ["fedfms.training", "fedfms.flavours"]),
+    ("nnunet", ["fedfms.nnunet"]),
+    ("evaluation", ["fedfms.evaluation"]),
+    ("reporting", ["fedfms.reporting"]),
+    # what FLARE instantiates and runs at the sites and the server
+    ("flare runtime", ["fedfms.flare.site_config", "fedfms.flare.liveness", "fedfms.flare.update_check", "fedfms.flare.replies",
+                       "fedfms.flare.nnunet_tasks", "fedfms.flare.site_progress", "fedfms.flare.executor", "fedfms.flare.filters",
+                       "fedfms.flare.he", "fedfms.flare.nnunet_executor", "fedfms.flare.job_guard", "fedfms.flare.global_model",
+                       "fedfms.flare.scatter_gather", "fedfms.flare.robust_aggregator", "fedfms.flare.contribution_filter",
+                       "fedfms.flare.monitor", "fedfms.flare.personalise", "fedfms.flare.nnunet_planning",
+                       "fedfms.flare.he_server"]),
+    # the settings of a job and the builder that makes it from them
+    ("flare job building", ["fedfms.flare.jobs", "fedfms.flare.he_job", "fedfms.flare.nnunet_job", "fedfms.flare.fed_job"]),
+    ("flare running", ["fedfms.flare", "fedfms.flare.simulate", "fedfms.flare.recipe", "fedfms.flare.loso_runner"]),
+    ("applications", ["fedfms.deploy", "fedfms.site_check", "fedfms.demo", "fedfms.bundle", "fedfms.model_card"]),
+    ("command line", ["fedfms.cli"]),
+]
+SITE_COMPONENTS = ["fedfms.flare.executor", "fedfms.flare.nnunet_executor", "fedfms.flare.filters", "fedfms.flare.he",
+                   "fedfms.flare.site_progress", "fedfms.flare.job_guard"]
+SERVER_COMPONENTS = ["fedfms.flare.contribution_filter", "fedfms.flare.monitor", "fedfms.flare.personalise",
+                     "fedfms.flare.nnunet_planning", "fedfms.flare.he_server", "fedfms.flare.robust_aggregator",
+                     "fedfms.flare.scatter_gather", "fedfms.flare.global_model"]
+
+
+def module_imports(name: str, path: Path, modules) -> dict[str, int]:
+    """The project modules the file imports (each with the line of its first import): ``from a import b`` is
+    module a.b when that is a module, else a (a name from a's ``__init__``); ``import a.b`` is a.b."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        for target in targets:
+            while target and target not in modules:  # import a.b.c of a name in a.b
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.setdefault(target, node.lineno)
+    return found
+
+
+def module_graph() -> dict[str, dict[str, int]]:
+    modules = _modules()
+    return {name: module_imports(name, path, modules) for name, path in modules.items()}
+
+
+def layer_of(module: str) -> int | None:
+    best, layer = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, layer = len(prefix), index
+    return layer
+
+
+def upward_imports(graph) -> list[str]:
+    bad = []
+    for module, deps in sorted(graph.items()):
+        for dep, line in sorted(deps.items()):
+            if layer_of(dep) > layer_of(module):
+                bad.append(f"{module} (line {line}, layer {LAYERS[layer_of(module)][0]!r}) imports {dep} "
+                           f"(layer {LAYERS[layer_of(dep)][0]!r})")
+    return bad
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in module_graph() if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer of LAYERS (place each one): {unplaced}"
+
+
+def test_no_module_imports_a_higher_layer():
+    bad = upward_imports(module_graph())
+    assert not bad, "imports from a lower layer to a higher one:\n" + "\n".join(bad)
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    cycles = import_cycles({m: set(deps) for m, deps in module_graph().items()})
+    assert not cycles, "modules that import each other in a circle:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_site_component_imports_a_server_component():
+    graph = module_graph()
+    bad = [f"{site} (line {graph[site][dep]}) imports {dep}" for site in SITE_COMPONENTS for dep in graph[site]
+           if dep in SERVER_COMPONENTS]
+    assert not bad, "site components import server components:\n" + "\n".join(bad)
+
+
+def test_the_layer_checks_see_what_they_forbid(tmp_path):
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("import os\ndef f():\n    from .. import cli\n    from fedfms.evaluation import centralized, collect\n")
+    modules = {"fedfms.cli": None, "fedfms.evaluation": None, "fedfms.evaluation.centralized": None, "fedfms.nnunet.lazy": None}
+    assert module_imports("fedfms.nnunet.lazy", lazy, modules) == {
+        "fedfms.cli": 3, "fedfms.evaluation.centralized": 4, "fedfms.evaluation": 4}
+    graph = {"fedfms.nnunet.lazy": {"fedfms.cli": 3}, "fedfms.cli": {}}
+    assert upward_imports(graph) == ["fedfms.nnunet.lazy (line 3, layer 'nnunet') imports fedfms.cli (layer 'command line')"]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert layer_of("fedfms.flare.he_job") == layer_of("fedfms.flare.jobs") > layer_of("fedfms.flare.he")

@@ -81,7 +81,7 @@ def scores(dice: float) -> dict:
 
 
 def test_a_run_with_gaps_privacy_filters_and_a_held_out_site(tmp_path, capsys):
-    from fedfms.flare.jobs import render_job
+    from fedfms.flare.fed_job import render_job
 
     files = render_job("fedmsa_tiny", sites=["a", "b"], num_rounds=2, privacy="percentile",
                        privacy_args={"percentile": 10, "gamma": 0.01}, transfer="float16")

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fedfms.errors import DataError
-from fedfms.report import find_run_dir, format_table
+from fedfms.reporting.run_report import format_table
+from fedfms.run_record import best_model_note, find_run_dir
 
 
 def test_find_run_dir_takes_the_shallowest_result(tmp_path):
@@ -38,7 +39,6 @@ def _run(tmp_path, rounds, best, start_round=0):
 
 
 def test_best_model_note_says_how_trained_the_best_model_is(tmp_path):
-    from fedfms.report import best_model_note
 
     run = _run(tmp_path, [(0.2, 0.2), (0.5, 0.7), (0.6, 0.6)], {"round": 1, "metric": 0.65})
     lines = best_model_note(run)
@@ -47,7 +47,6 @@ def test_best_model_note_says_how_trained_the_best_model_is(tmp_path):
 
 
 def test_best_model_note_of_a_resumed_run_counts_the_rounds_of_both_runs(tmp_path):
-    from fedfms.report import best_model_note
 
     # stopped after round 6, resumed from round 7 to round 9; the best model (scored in round 5) came from the first
     run = _run(tmp_path, [(0.2, 0.2)] * 10, {"round": 5, "metric": 0.65})
@@ -58,7 +57,6 @@ def test_best_model_note_of_a_resumed_run_counts_the_rounds_of_both_runs(tmp_pat
 
 
 def test_best_model_note_says_when_the_untrained_start_beat_every_trained_model(tmp_path):
-    from fedfms.report import best_model_note
 
     # round 0 scores the initial model: 0.48 (weighted 10:30) beats both trained ones
     run = _run(tmp_path, [(0.42, 0.5), (0.3, 0.4), (0.2, 0.1)], {"round": 1, "metric": 0.375})
@@ -68,14 +66,13 @@ def test_best_model_note_says_when_the_untrained_start_beat_every_trained_model(
 
 
 def test_best_model_note_for_a_run_without_a_best_model(tmp_path):
-    from fedfms.report import best_model_note
 
     run = _run(tmp_path, [(0.4, 0.4)], None)
     assert best_model_note(run)[0].startswith("best global model: none chosen")
 
 
 def test_pick_samples_is_even_and_stable():
-    from fedfms.report import pick_samples
+    from fedfms.reporting.run_report import pick_samples
 
     assert pick_samples([5, 6, 7, 8, 9], 2) == [5, 9]
     assert pick_samples([5, 6, 7, 8, 9], 3) == [5, 7, 9]
@@ -83,7 +80,7 @@ def test_pick_samples_is_even_and_stable():
 
 
 def test_run_configs_come_from_the_job_or_the_workspace_and_are_named_when_missing(tmp_path):
-    from fedfms.report import run_configs
+    from fedfms.reporting.run_report import run_configs
 
     run = _run(tmp_path, [(0.4, 0.4)], None)
     with pytest.raises(DataError, match="pass --job"):

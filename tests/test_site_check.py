@@ -6,7 +6,7 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.errors import ConfigError, DataError
-from fedfms.flare.jobs import write_job
+from fedfms.flare.fed_job import write_job
 from fedfms.models import ModelConfig, build_model, frozen_fingerprint
 from fedfms.site_check import check_site, format_report
 
@@ -57,7 +57,7 @@ import numpy as np
 
 from fedfms.data.site_dataset import SiteWriter
 from fedfms.data.synthetic import make_disc_site
-from fedfms.site_check import TRAIN_DEFAULTS, site_warnings
+from fedfms.data.site_warnings import TRAIN_DEFAULTS, site_warnings
 
 
 def _site(path, volumes, slices, positive=lambda v, k: k % 2 == 0):

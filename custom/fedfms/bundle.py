@@ -29,6 +29,9 @@ from typing import Sequence
 
 from fedfms.errors import CheckpointError, ConfigError, DataError
 
+# The project's other modules are imported in the functions that use them: the bundle's inference
+# (BundlePredictor, in a clinic) loads only the prediction code, the exporter only what exporting needs.
+
 MODEL_FILE = "models/model.pt"
 BUNDLE_VERSION = "0.1.0"
 METADATA_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -145,7 +148,8 @@ def export_bundle(run: str | Path, out: str | Path, model: str = "final", person
     when given (else ``class0``, ..., 2D and ``pad``)."""
     from fedfms.model_card import file_digest, model_card, write_card
     from fedfms.models import ModelConfig
-    from fedfms.report import find_run_dir, run_configs
+    from fedfms.reporting.run_report import run_configs
+    from fedfms.run_record import find_run_dir
 
     if model not in MODELS:
         raise ConfigError(f"--model is {model!r}; expected one of {', '.join(MODELS)}")
@@ -229,7 +233,7 @@ def _encoder_text(cfg, checkpoint, fingerprint: str | None) -> str | None:
 
 
 def _global_model(run_dir: Path, model: str) -> Path:
-    from fedfms.report import global_model_file
+    from fedfms.reporting.run_report import global_model_file
 
     if model == "final":
         return global_model_file(run_dir)
@@ -320,7 +324,7 @@ def _manifest_facts(run_dir: Path, data_root) -> dict:
         return {}
     from fedfms.data.site_dataset import read_manifest
     from fedfms.run_record import RUN_RECORD, read_run_record
-    from fedfms.report import read_cross_site
+    from fedfms.reporting.run_report import read_cross_site
 
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
     sites = sorted(set(read_cross_site(run_dir)) | set((record or {}).get("expected_sites") or []))

@@ -52,6 +52,10 @@ from fedfms.models import ModelConfig
 from fedfms.training.personal import NOISE_DICE, Personalisation
 from fedfms.training.pretrain import DEMO_CHECKPOINT, provenance_path
 from fedfms.training.trainer import TrainConfig
+from fedfms.data.preparers.registry import prepare
+from fedfms.training.predict import load_model
+from fedfms.evaluation.personal import read_personal_record
+from fedfms.reporting.run_report import pick_samples, plot_demo, site_pictures
 
 DEMO_ROUNDS = 10
 DEMO_EPOCHS = 3
@@ -135,8 +139,6 @@ class Demo:
 
     # ------------------------------------------------------------------ data
     def prepare(self) -> None:
-        from fedfms.data.preparers.registry import prepare
-
         size = {"image_size": 128, "mask_size": 32}
         try:
             self.site_dirs = prepare("mni-demo", self.out / "raw", self.out / "sites", summary=False, **size)
@@ -176,10 +178,9 @@ class Demo:
         self._score_all("central", {site: predictor for site in self.site_dirs})
 
     def federate(self, method: Method) -> int:
-        from fedfms.cli import _report_outcome
-        from fedfms.flare.jobs import write_job
-        from fedfms.flare.simulate import server_job_dir, simulate
-        from fedfms.training.predict import load_model
+        # FLARE loads only when a method federates (the threshold, alone and central rows run without it)
+        from fedfms.flare.fed_job import write_job
+        from fedfms.flare.simulate import report_outcome, server_job_dir, simulate
 
         mode = "fedsam" if method.variant.startswith("fedsam") else "fedmsa"
         cfg = model_config(mode, method.pretrained)
@@ -191,14 +192,13 @@ class Demo:
                         personalise=self.personalise if personalised else None)
         outcome = simulate(job, folder / "workspace", list(SITES), data_root=self.out / "sites", quiet=not self.verbose,
                            echo=self._echo_once)
-        rc = _report_outcome(folder / "workspace", outcome)
+        rc = report_outcome(folder / "workspace", outcome)
         if rc != 0:
             return rc
         run_dir = server_job_dir(folder / "workspace")
         self.runs[method.key] = run_dir
         if personalised:
             # each site's own personalised model, as its simulated FLARE site saved it (fedfms_personal/ in its folder)
-            from fedfms.evaluation.personal import read_personal_record
 
             record = read_personal_record(run_dir)
             cfg.local_parts = Personalisation.parse(self.personalise).local_parts
@@ -287,8 +287,6 @@ class Demo:
         }
 
     def figure(self) -> Path:
-        from fedfms.report import pick_samples, plot_demo, site_pictures
-
         labels = self.labels
         shown = [k for k in ("fedmsa", "fedmsa_personal", "alone", "threshold") if k in self.predictors]
         pictures = {site: site_pictures(dataset, pick_samples(val, OVERLAY_SAMPLES),

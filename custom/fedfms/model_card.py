@@ -21,6 +21,13 @@ from pathlib import Path
 
 from fedfms.errors import DataError
 from fedfms.numbers import finite_mean, fmt_score
+from fedfms.reporting.run_report import read_cross_site
+from fedfms.run_record import find_run_dir
+from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
+from fedfms.flavours import flavour_of
+from fedfms.data.site_dataset import read_manifest
+from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
+from fedfms.run_record import best_model_note
 
 CARD_FORMAT = "fedfms-model-card"
 CARD_VERSION = 1
@@ -28,7 +35,7 @@ CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
 SCORE_KEYS = ("dice", "iou", "volume_dice", "volume_iou", "dice_reference", "iou_reference", "num_samples")
 SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "volume_dice": "3D Dice", "volume_iou": "3D IoU",
                 "dice_reference": "ref Dice", "iou_reference": "ref IoU", "num_samples": "n"}
-# cross_val_results.json's names of the server's models (fedfms.report), and the card's
+# cross_val_results.json's names of the server's models (fedfms.reporting.run_report), and the card's
 MODEL_NAMES = {"SRV_FL_global_model.pt": "global_final", "SRV_best_FL_global_model.pt": "global_best"}
 PRIVACY_FILTERS = {"nvflare.app_common.filters.percentile_privacy.PercentilePrivacy": "percentile",
                    "nvflare.app_common.filters.svt_privacy.SVTPrivacy": "svt"}
@@ -44,9 +51,6 @@ def model_card(run: str | Path, job: str | Path | None = None, data_root: str | 
     ``job``: the job folder the run used (default: the configs deployed in the run's workspace); ``data_root``: the
     sites' prepared folders (one per site), for the manifests' counts and preset; ``exported``: what a bundle export
     adds (which model, its file and digest)."""
-    from fedfms.report import find_run_dir, read_cross_site
-    from fedfms.run_record import RUN_RECORD, read_run_record, site_summary, summarize
-
     run_dir = find_run_dir(run)
     record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
     cross = read_cross_site(run_dir)
@@ -154,8 +158,6 @@ def _run_part(run_dir: Path, record: dict | None, summarize) -> dict:
 
 
 def _job_part(meta: dict, model: dict, train: dict, server: dict, record: dict | None) -> dict:
-    from fedfms.flavours import flavour_of
-
     recipe = meta.get("fedfms_recipe") or {}
     _, sag = _server_component(server, "scatter_and_gather")
     aggregator, agg_args = _server_component(server, "aggregator")
@@ -193,8 +195,6 @@ def _sites_part(sites: list[str], record: dict | None, site_summary, data_root) 
 
 
 def _manifest(folder: Path) -> dict:
-    from fedfms.data.site_dataset import read_manifest
-
     m = read_manifest(folder)  # DataError naming the file when the site's folder is not a prepared site
     return {"dataset": m.dataset, "preset": m.settings.get("preset"), "samples": len(m.samples),
             "volumes": len(set(m.volumes)), "classes": list(m.classes), "image_size": m.image_size,
@@ -208,14 +208,12 @@ def _contributions(record: dict | None) -> list[dict]:
 
 
 def _scores_part(cross: dict, model: dict) -> dict:
-    from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
-
     models: dict[str, dict] = {}
     for site, by_model in sorted(cross.items()):
         for name, metrics in (by_model or {}).items():
             label = MODEL_NAMES.get(name, f"site_model:{name}")
             models.setdefault(label, {})[site] = {k: (metrics or {}).get(k) for k in SCORE_KEYS}
-    order = lambda label: (list(MODEL_NAMES.values()).index(label) if label in MODEL_NAMES.values() else 9, label)  # noqa: E731
+    order = lambda label: (list(MODEL_NAMES.values()).index(label) if label in MODEL_NAMES.values() else 9, label)
     models = {label: models[label] for label in sorted(models, key=order)}
     average = {label: {k: finite_mean([row.get(k) for row in rows.values()]) for k in SCORE_KEYS if k != "num_samples"}
                for label, rows in models.items()}
@@ -267,8 +265,6 @@ def _privacy_part(client: dict, server: dict, executor: dict, model: dict) -> di
 
 
 def _limits(record: dict | None, cross: dict, sites: list[str], run_dir: Path, summarize) -> list[str]:
-    from fedfms.report import best_model_note
-
     lines = []
     if record is None:
         lines.append("no run record (fedfms_run.json): contributions and missed rounds are unknown")

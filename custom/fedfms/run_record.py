@@ -5,7 +5,10 @@ here without FLARE by ``fedfms simulate``, ``fedfms report`` and ``fedfms job re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from fedfms.errors import DataError
 
 RUN_RECORD = "fedfms_run.json"
 
@@ -116,3 +119,61 @@ def read_run_record(path: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The server's run folder (holding ``cross_site_val/`` or the run record): given itself, a simulator
+    workspace, or a downloaded job result (the shallowest match wins)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder; expected a finished FLARE run (simulator workspace or downloaded result)")
+    found = [p.parent.parent for p in path.rglob("cross_site_val/cross_val_results.json")]
+    found += [p.parent for p in path.rglob(RUN_RECORD)]
+    if not found:
+        raise DataError(f"{path}: no cross_site_val/cross_val_results.json or {RUN_RECORD} found; "
+                        "expected a FLARE run folder")
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))[0]
+
+
+def best_model_note(run_dir: str | Path) -> list[str]:
+    """What the "best" global model is, in words: after how many rounds of training, with which validation Dice,
+    and, when the untrained initial model scored at least as well as every trained one, that it did.
+
+    FLARE's model selector compares the validation Dice the sites report for the global model they *received*:
+    in round r (counting from 0) that is the aggregate of round r-1, so the best model is always a trained one
+    (from round 1 on; a 1-round run has none); the initial model's score (round 0) is only read here."""
+    run_dir = find_run_dir(run_dir)
+    record = read_run_record(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else None
+    if record is None:
+        return []
+    done = [r for r in record.get("rounds", []) if r.get("seconds") is not None]
+    trained = len([r for r in done if r.get("updated_model")])
+    best = record.get("best") or {}
+    lines = []
+    if best.get("round") is None or best.get("metric") is None:
+        lines.append(f"best global model: none chosen (FLARE's selector compares trained models from the second round "
+                     f"on; this run finished {len(done)} round(s))")
+    else:
+        # the model a site scored in round r is the aggregate of rounds 0..r-1: r rounds of training, counted over
+        # the whole run (a resumed run's record carries the earlier rounds and their best)
+        b = int(best["round"])
+        lines.append(f"best global model: the one after {b} of {trained} round(s) of training (sites' validation "
+                     f"Dice {best['metric']:.3f}); the final global model is the one after {trained}")
+    first = next((r for r in done if r.get("round") == record.get("start_round", 0)), None)
+    initial = _weighted_dice(first) if first else None
+    if initial is not None and int(record.get("start_round") or 0) == 0:
+        scores = [_weighted_dice(r) for r in done[1:]]
+        scores = [x for x in scores if x is not None]
+        if scores and initial >= max(scores):
+            lines.append(f"note: the untrained initial model scored {initial:.3f} (round 0), at least as high as every "
+                         f"trained model (best {max(scores):.3f}): training did not improve on it; the best model above "
+                         "is the best trained one, not the initial model")
+    return lines
+
+
+def _weighted_dice(round_info: dict) -> float | None:
+    """The sites' validation Dice in a round, weighted by their sample counts (as FLARE's selector weighs them)."""
+    pairs = [(d, (round_info.get("accepted") or {}).get(site) or 1) for site, d in (round_info.get("val_dice") or {}).items()
+             if isinstance(d, (int, float)) and math.isfinite(d)]
+    total = sum(w for _, w in pairs)
+    return sum(d * w for d, w in pairs) / total if total else None

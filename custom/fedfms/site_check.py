@@ -4,66 +4,26 @@ Reads every sample of the site's prepared data, builds the job's model with the 
 loading), reports the device, and prints the frozen-weights fingerprint the server will compare — two sites
 can compare fingerprints before the first round instead of finding out from a rejected contribution.
 
-:func:`site_warnings` is the fast part (manifest and split only) that says what would make a run uninformative
-(no validation samples, fewer training samples than one batch, no or only positive samples); ``fedfms
-check-site`` prints it, and a simulation can print it for every site before it starts.
+:func:`fedfms.data.site_warnings.site_warnings` is the fast part (manifest and split only) that says what would
+make a run uninformative (no validation samples, fewer training samples than one batch, no or only positive
+samples); ``fedfms check-site`` prints it, and a simulation prints it for every site before it starts.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Mapping
 
-from fedfms.data.site_dataset import patient_split, read_manifest
-from fedfms.errors import ConfigError, DataError
-
-# TrainConfig's defaults for the settings the warnings use (fedfms.training.trainer imports MONAI, which takes
-# seconds; tests/test_site_check.py keeps these equal to TrainConfig's).
-TRAIN_DEFAULTS = {"batch_size": 6, "val_fraction": 0.1, "split_seed": 0}
-
-
-def site_warnings(data_dir: str | os.PathLike, train_config: Mapping | None = None,
-                  model_config: Mapping | None = None) -> list[str]:
-    """One line per condition that makes this site's part of a run uninformative; ``[]`` when there is none.
-
-    ``train_config`` / ``model_config``: the job's (``fedfms.flare.jobs.job_train_config(job)`` /
-    ``job_model_config(job)``); missing train settings take the trainer's defaults. Fast: reads the manifest
-    and computes the train/val split only (no image is decoded, no model built). Never raises for the site's
-    data: a site that cannot be read gives one line saying why (the site itself will refuse to start).
-    Lines start with the data folder; print them as ``warning: <line>``."""
-    where = str(data_dir)
-    train = {**TRAIN_DEFAULTS, **{k: v for k, v in dict(train_config or {}).items() if k in TRAIN_DEFAULTS}}
-    try:
-        m = read_manifest(data_dir)
-        train_idx, val_idx = patient_split(m.volumes, train["val_fraction"], train["split_seed"])
-    except DataError as exc:
-        text = str(exc)
-        return [text if text.startswith(where) else f"{where}: {text}"]
-    lines = []
-    volumes = len(set(m.volumes))
-    if not val_idx:
-        lines.append(f"{where}: no validation samples ({volumes} volume(s), val_fraction {train['val_fraction']}; a split needs "
-                     f"2+ volumes): its validation Dice will be empty ('-') every round")
-    elif len(val_idx) == 1:
-        lines.append(f"{where}: 1 validation sample: its validation Dice comes from a single image")
-    if not train_idx:
-        lines.append(f"{where}: no training samples: it cannot train")
-    elif len(train_idx) < train["batch_size"]:
-        lines.append(f"{where}: {len(train_idx)} training sample(s), fewer than one batch (batch_size {train['batch_size']}): "
-                     f"one small step per local epoch")
-    fraction = m.counts.get("positive_fraction")
-    if fraction == 0:
-        lines.append(f"{where}: no sample contains any class {m.classes} (positive fraction 0): it can only teach background "
-                     f"and its Dice is undefined")
-    elif fraction == 1:
-        lines.append(f"{where}: every sample contains a class {m.classes} (positive fraction 1): it never shows an image "
-                     f"without one, so false positives there go unmeasured")
-    if model_config is not None and model_config.get("num_classes") not in (None, m.num_classes):
-        lines.append(f"{where}: the job's model has num_classes={model_config.get('num_classes')}, the site has "
-                     f"{m.num_classes} class(es) {m.classes}: it will refuse to start")
-    return lines
+from fedfms.data.site_dataset import patient_split
+from fedfms.data.site_warnings import TRAIN_DEFAULTS, site_warnings
+from fedfms.errors import ConfigError
+from fedfms.data.site_dataset import SiteDataset
+from fedfms.flare.jobs import job_model_config, job_train_config
+from fedfms.flare.site_config import expand
+from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
+from fedfms.training.trainer import LocalTrainer, TrainConfig
+from fedfms.flare.liveness import format_seconds
 
 
 def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None = None, site_name: str = "site",
@@ -73,11 +33,6 @@ def check_site(job_dir: str | Path, data_dir: str | Path, checkpoint: str | None
     ``measure_speed``: also train one step on the site's device with the job's batch size and report this site's
     own seconds per sample and peak memory (``report["speed"]``)."""
     import torch
-
-    from fedfms.data.site_dataset import SiteDataset
-    from fedfms.flare.jobs import job_model_config, job_train_config
-    from fedfms.flare.site_config import expand
-    from fedfms.models import ModelConfig, build_model, count_parameters, frozen_fingerprint, travel_bytes, travel_spec
 
     report: dict = {"site": site_name, "data_dir": str(data_dir)}
     raw_model = job_model_config(job_dir)
@@ -124,8 +79,6 @@ def site_speed(cfg, train: Mapping, data_dir: str | Path, model, train_samples: 
     report while it trains (``fedfms.flare.liveness``); nothing else here assumes a speed."""
     import resource
 
-    from fedfms.training.trainer import LocalTrainer, TrainConfig
-
     train_cfg = TrainConfig.from_dict({**train, "cache_decoded": False, "num_workers": 0, "progress": False},
                                       f"{data_dir} train_config")
     trainer = LocalTrainer(cfg, train_cfg, str(data_dir), model=model)
@@ -164,8 +117,6 @@ def format_report(report: dict) -> str:
 
 
 def _speed_line(speed: dict) -> str:
-    from fedfms.flare.liveness import format_seconds
-
     return (f"  speed    {speed['s_per_sample']:.3g} s/sample on {speed['device']} (one training step of {speed['batch']} "
             f"sample(s): {speed['step_s']:.3g} s); a local round here takes about {format_seconds(speed['round_estimate_s'])}; "
             f"peak memory of this check {speed['peak_rss_gb']:.1f} GB")

@@ -712,7 +712,7 @@ def test_registry_rejects_unknown_dataset_option_and_site(prostate_raw, tmp_path
 
 
 def cli(argv):
-    from fedfms.cli_prepare import add_prepare_parser
+    from fedfms.cli.prepare import add_parsers as add_prepare_parser
 
     parser = argparse.ArgumentParser(prog="fedfms")
     add_prepare_parser(parser.add_subparsers(dest="command", required=True))

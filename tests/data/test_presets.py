@@ -42,7 +42,7 @@ def masks_of(site_dir, sample_id, num_classes=1):
 
 
 def cli(argv):
-    from fedfms.cli_prepare import add_prepare_parser
+    from fedfms.cli.prepare import add_parsers as add_prepare_parser
 
     parser = argparse.ArgumentParser(prog="fedfms")
     add_prepare_parser(parser.add_subparsers(dest="command", required=True))

@@ -15,7 +15,7 @@ import torch
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.evaluation import evaluate_sites, train_centralized
-from fedfms.evaluation.centralized import history_path
+from fedfms.training.weights_files import history_path
 from fedfms.models import ModelConfig
 from fedfms.training.trainer import TrainConfig
 

@@ -12,7 +12,7 @@ from fedfms.evaluation.loso import check_settings
 from fedfms.evaluation.personal import (comparison_rows, format_comparison, format_record, held_out_model, personal_gaps,
                                         site_entry_problems)
 from fedfms.evaluation.results import FOLD_FILE, RESULTS_JSON, collect
-from fedfms.tables import build_table1, format_table1
+from fedfms.reporting.tables import build_table1, format_table1
 
 TINY = {"variant": "tiny", "mode": "fedmsa", "num_classes": 1, "pretrained": False}
 

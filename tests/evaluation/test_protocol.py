@@ -18,11 +18,12 @@ from fedfms.data.site_dataset import SiteDataset
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
 from fedfms.evaluation import EvaluationError, collect, evaluate_sites, format_loso_table, train_centralized
-from fedfms.evaluation.centralized import history_path, last_weights_path
+from fedfms.training.weights_files import history_path, last_weights_path
 from fedfms.evaluation.results import FOLD_FILE, RESULTS_CSV, RESULTS_JSON, write_csv
 from fedfms.flare import loso_runner
 from fedfms.flare.loso_runner import job_source, leave_one_site_out
-from fedfms.flare.jobs import CPU_TRAIN, write_job
+from fedfms.flare.jobs import CPU_TRAIN
+from fedfms.flare.fed_job import write_job
 from fedfms.flare.simulate import server_job_dir
 from fedfms.models import ModelConfig, build_model, travel_state_dict
 from fedfms.training.metrics import SegmentationMetric

@@ -16,7 +16,7 @@ from fedfms.data.synthetic import make_disc_site
 from fedfms.evaluation.results import FOLD_FILE, RESULTS_JSON, collect
 from fedfms.flavours import FLAVOURS
 from fedfms.models import ModelConfig, build_model, build_model_on_meta
-from fedfms.tables import (NEEDS_GPU, _variant_guess, build_table1, build_table2, count_flops, format_table1, format_table2,
+from fedfms.reporting.tables import (NEEDS_GPU, _variant_guess, build_table1, build_table2, count_flops, format_table1, format_table2,
                            gpu_costs, method_label, static_costs, table1_cells, write_table1_csv)
 
 PROSTATE = ["BIDMC", "HK", "UCL"]

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from fedfms.cli import main
-from fedfms.flare.jobs import resume_settings, render_job
-from fedfms.flare.monitor import read_run_record
+from fedfms.flare.jobs import resume_settings
+from fedfms.flare.fed_job import render_job
+from fedfms.run_record import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec
 
@@ -253,7 +254,7 @@ def test_a_stopped_run_continues_from_its_last_saved_model(tmp_path):
     assert record["resumed_from"] == str((run1 / "fedfms_run.json").resolve())
     assert_close(load_global(tmp_path / "ws2"), fedavg([sent(out2, s, 3) for s in ("site-1", "site-2")]))
     # the learning curve goes on at round 2
-    from fedfms.report import read_curves
+    from fedfms.reporting.run_report import read_curves
 
     curves = read_curves(server_job_dir(tmp_path / "ws2"))["site-1"]
     steps = [step for tag, points in curves.items() if tag.endswith("train_loss") for step, _ in points]

@@ -12,16 +12,18 @@ import pytest
 
 tenseal = pytest.importorskip("tenseal")
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey  # noqa: E402
-from nvflare.apis.fl_context import FLContext  # noqa: E402
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode  # noqa: E402
-from nvflare.job_config.fed_job_config import FedJobConfig  # noqa: E402
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.job_config.fed_job_config import FedJobConfig
 
-from fedfms.errors import ConfigError  # noqa: E402
-from fedfms.flare import he  # noqa: E402
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter  # noqa: E402
-from fedfms.flare.jobs import variant_settings  # noqa: E402
-from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec  # noqa: E402
+from fedfms.errors import ConfigError
+from fedfms.flare import he
+from fedfms.flare import he_job as job_he  # (a test below is named he_job)
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
+from fedfms.flare.jobs import job_settings
+from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_travel_spec
 
 TINY = {"variant": "tiny", "mode": "fedmsa", "num_classes": 1, "pretrained": False, "init_seed": 0}
 
@@ -175,7 +177,7 @@ def test_builders_refuse_what_cannot_run_on_ciphertext():
     for bad in ({"aggregation": "median"}, {"norm_bound": 3.0}, {"transfer": "float16"}, {"privacy": "svt"},
                 {"update": "weight_diff"}):
         with pytest.raises(ConfigError):
-            he.site_filters(variant_settings("fedmsa_tiny", sites=["a", "b"], **bad))
+            job_he.site_filters(job_settings("fedmsa_tiny", sites=["a", "b"], **bad))
 
 
 def _instance_json(obj) -> dict:
@@ -187,11 +189,11 @@ def _instance_json(obj) -> dict:
 def test_every_component_serializes_through_fedjob_and_rebuilds_the_same():
     from nvflare.fuel.utils.class_utils import instantiate_class
 
-    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
-    server = he.server_components(s)
-    assert set(server) == {"shareable_generator", "aggregator", he.PERSISTOR_FILTER_ID, "federation_monitor",
+    s = job_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    server = job_he.server_components(s)
+    assert set(server) == {"shareable_generator", "aggregator", job_he.PERSISTOR_FILTER_ID, "federation_monitor",
                            "cross_site_validate"}
-    results, data = he.site_filters(s)
+    results, data = job_he.site_filters(s)
     assert [tasks for tasks, _ in results] == [["train"], ["submit_model"]]
     instances = [*server.values(), *(f for _, chain in results + data for f in chain)]
     for obj in instances:
@@ -208,11 +210,11 @@ def test_fedjob_exports_the_he_components(tmp_path):
     from nvflare.job_config.api import FedJob
     from nvflare.job_config.defs import FilterType
 
-    s = variant_settings("fedmsa_tiny", sites=["site-1", "site-2"])
+    s = job_settings("fedmsa_tiny", sites=["site-1", "site-2"])
     job = FedJob(name="he", min_clients=2)
-    for cid, obj in he.server_components(s).items():
+    for cid, obj in job_he.server_components(s).items():
         job.to_server(obj, id=cid)
-    results, data = he.site_filters(s)
+    results, data = job_he.site_filters(s)
     for kind, chains in ((FilterType.TASK_RESULT, results), (FilterType.TASK_DATA, data)):
         for tasks, chain in chains:
             for f in chain:
@@ -220,8 +222,8 @@ def test_fedjob_exports_the_he_components(tmp_path):
     job.export_job(str(tmp_path))
     server = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_server.json").read_text())
     client = json.loads((tmp_path / "he" / "app" / "config" / "config_fed_client.json").read_text())
-    assert [w["path"] for w in server["workflows"]] == ["fedfms.flare.he.CrossSiteModelEvalHE"]
-    assert {c["id"] for c in server["components"]} == {"shareable_generator", "aggregator", he.PERSISTOR_FILTER_ID,
+    assert [w["path"] for w in server["workflows"]] == ["fedfms.flare.he_server.CrossSiteModelEvalHE"]
+    assert {c["id"] for c in server["components"]} == {"shareable_generator", "aggregator", job_he.PERSISTOR_FILTER_ID,
                                                        "federation_monitor"}
     chains = {tuple(c["tasks"]): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in client["task_result_filters"]}
     assert chains == {("train",): ["HEPlaintextCheck", "HEModelEncryptor", "HECiphertextBytes"],
@@ -312,7 +314,7 @@ def test_encrypted_round_is_fedavg_of_what_sites_sent_and_bad_ciphertexts_are_re
     import torch
     from test_simulator import make_sites, recorded, write_job
 
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     sites = {"site-1": 3, "site-2": 6, "site-3": 3, "site-4": 3}
@@ -403,7 +405,7 @@ def test_bytes_and_seconds_per_round_with_and_without_he(tmp_path, he_two_rounds
     federation here, the encrypted one is the module's shared run."""
     from test_simulator import make_sites, write_job
 
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     data = make_sites(tmp_path / "data", {"site-1": 3, "site-2": 6})
@@ -446,8 +448,9 @@ def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path, he_two_rounds):
     contexts (fresh keys would decrypt it to noise: NaN at the first step); other keys are refused in one line.
     The run continued is the module's shared 2-round run (one more round here)."""
     from fedfms.errors import ConfigError
-    from fedfms.flare.jobs import resume_settings, rewrite_job
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.flare.jobs import resume_settings
+    from fedfms.flare.fed_job import rewrite_job
+    from fedfms.run_record import read_run_record
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
     rc, ws1, first, _ = he_two_rounds
@@ -457,7 +460,7 @@ def test_a_stopped_he_run_resumes_with_its_own_key(tmp_path, he_two_rounds):
 
     he.write_contexts(tmp_path / "ws_other" / "startup")  # a workspace holding another key pair
     with pytest.raises(ConfigError, match="other TenSEAL contexts than the resumed run's"):
-        he.prepare_simulation(tmp_path / "ws_other", more)
+        job_he.prepare_simulation(tmp_path / "ws_other", more)
 
     assert run_simulation(more, tmp_path / "ws2", sites, data_root=ws1.parent / "data", quiet=True) == 0
     assert (tmp_path / "ws2" / "startup" / he.CLIENT_CONTEXT).read_bytes() == \

@@ -16,7 +16,8 @@ import pytest
 from fedfms.deploy import site_setup
 from fedfms.errors import ConfigError
 from fedfms.flare.job_guard import SITE_PATHS, check_component
-from fedfms.flare.jobs import _allow_list_renders, class_allow_list, component_paths, render_job
+from fedfms.flare.jobs import component_paths
+from fedfms.flare.fed_job import _allow_list_renders, class_allow_list, render_job
 from fedfms.flare.site_config import SITE_CONFIG_FILE, resolve_site_settings
 
 EXECUTOR = "fedfms.flare.executor.FedFMSExecutor"

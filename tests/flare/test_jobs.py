@@ -8,7 +8,8 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import VARIANTS, class_allow_list, component_paths, export_byoc, is_nnunet, render_job, write_job
+from fedfms.flare.jobs import VARIANTS, component_paths, export_byoc, is_nnunet
+from fedfms.flare.fed_job import class_allow_list, render_job, write_job
 from fedfms.models import ModelConfig
 from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.training.trainer import TrainConfig
@@ -40,6 +41,17 @@ def test_every_component_resolves_and_configs_parse(name):
         TrainConfig.from_dict(args["train_config"])
     allow = class_allow_list()
     assert component_paths(job) <= set(allow)
+
+
+@pytest.mark.parametrize("settings, expected", [({}, 2), ({"sites": ["a", "b", "c"]}, 2), ({"sites": ["a"]}, 1),
+                                                ({"sites": ["a", "b", "c", "d"], "min_sites": 4}, 4)])
+def test_min_clients_is_one_value_in_the_whole_job(settings, expected):
+    """meta.json's min_clients (when FLARE's scheduler starts the job), the server config's and the workflow's (the
+    fewest results a round goes on with) come from one setting and agree."""
+    job = render_job("fedmsa_tiny", **settings)
+    server = job["app/config/config_fed_server.json"]
+    workflow = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    assert job["meta.json"]["min_clients"] == server["min_clients"] == workflow["args"]["min_clients"] == expected
 
 
 def test_variants_differ_only_in_configuration():
@@ -166,7 +178,7 @@ def test_an_argument_the_job_api_would_drop_stops_the_export():
     from nvflare.apis.filter import Filter
     from nvflare.job_config.defs import FilterType
 
-    from fedfms.flare.jobs import build
+    from fedfms.flare.fed_job import build_job
 
     class RenamesItsArgument(Filter):
         def __init__(self, bound: float = 1.0):
@@ -177,7 +189,7 @@ def test_an_argument_the_job_api_would_drop_stops_the_export():
             return shareable
 
     RenamesItsArgument.__module__ = "fedfms.flare.filters"  # as if it were the package's (no custom code copied)
-    job = build("fedmsa_tiny")
+    job = build_job("fedmsa_tiny")
     job.to_server(job._made(RenamesItsArgument, bound=3.0), filter_type=FilterType.TASK_DATA, tasks=["validate"])
     with pytest.raises(RuntimeError, match=r"lost arguments of fedfms.flare.filters.RenamesItsArgument.*'bound': 3.0"):
         job.files()
@@ -191,7 +203,7 @@ def test_job_py_runs_the_job_in_flares_simulator(tmp_path):
     import sys
 
     from fedfms.data.synthetic import make_disc_site
-    from fedfms.flare.monitor import read_run_record
+    from fedfms.run_record import read_run_record
 
     for i, site in enumerate(["site-1", "site-2"]):
         make_disc_site(tmp_path / "data" / site, site=site, num_volumes=2 + i, slices_per_volume=3, seed=i)

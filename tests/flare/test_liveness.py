@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from fedfms.data.synthetic import make_disc_site
-from fedfms.flare.jobs import render_job
+from fedfms.flare.fed_job import render_job
 from fedfms.flare.liveness import SiteLiveness, death_cause, describe_exit, progress_line
 from fedfms.flare.simulate import server_job_dir
 

@@ -129,7 +129,7 @@ def test_a_simulated_federation_of_two_process_sites_completes(tmp_path):
     """The whole path: a job with processes_per_site=2, FLARE's simulator, each site's executor launching torchrun
     (gloo, 2 ranks) per round; every site contributes once with its own sample count (not x2)."""
     from fedfms.data.synthetic import make_disc_site
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
     from fedfms.flare.simulate import run_simulation, server_job_dir
     from fedfms.run_record import read_run_record
     from fedfms.site_check import check_site

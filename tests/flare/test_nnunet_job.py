@@ -12,9 +12,10 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
-from fedfms.flare.jobs import RECIPE_KEY, STOCK_FEDAVG, component_paths, render_job
-from fedfms.flare.nnunet_job import render_fednnunet_job
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
+from fedfms.flare.jobs import RECIPE_KEY, component_paths
+from fedfms.flare.fed_job import render_job
 from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetGlobalModel
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.nnunet.config import MODEL_CONFIG, TINY_TRAIN
@@ -22,9 +23,11 @@ from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import make_plan, plan_digest
 from fedfms.nnunet.sitedata import NnUNetSiteData
 
+STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
+
 
 def test_the_job_is_the_fedunet_federation_with_planning_first():
-    files = render_fednnunet_job("fednnunet", sites=["a", "b", "c"], num_rounds=50, site_samples={"a": 10})
+    files = render_job("fednnunet", sites=["a", "b", "c"], num_rounds=50, site_samples={"a": 10})
     server, client = files["app/config/config_fed_server.json"], files["app/config/config_fed_client.json"]
     base = render_job("fedunet", sites=["a", "b", "c"], num_rounds=50, site_samples={"a": 10})["app/config/config_fed_server.json"]
     assert [w["id"] for w in server["workflows"]] == ["nnunet_planning", "scatter_and_gather", "cross_site_validate"]
@@ -52,18 +55,18 @@ def test_the_job_is_the_fedunet_federation_with_planning_first():
 
 
 def test_overrides_and_refusals():
-    files = render_fednnunet_job("fednnunet_tiny", num_classes=2, train={"iterations_per_epoch": 3, "total_epochs": 7})
+    files = render_job("fednnunet_tiny", num_classes=2, train={"iterations_per_epoch": 3, "total_epochs": 7})
     args = files["app/config/config_fed_client.json"]["executors"][0]["executor"]["args"]
     assert args["model_config"]["num_classes"] == 2 and args["train_config"]["total_epochs"] == 7
     assert args["train_config"]["base_num_features"] == TINY_TRAIN["base_num_features"]
     with pytest.raises(ConfigError, match="unknown field"):
-        render_fednnunet_job("fednnunet", train={"lr_max": 1})
+        render_job("fednnunet", train={"lr_max": 1})
     with pytest.raises(ConfigError, match="no flavour 'reference'"):
-        render_fednnunet_job("fednnunet", flavour="reference")
+        render_job("fednnunet", flavour="reference")
     with pytest.raises(ConfigError, match="do not apply to the nnU-Net baseline"):
-        render_fednnunet_job("fednnunet", model={"head": "reference"})
+        render_job("fednnunet", model={"head": "reference"})
     with pytest.raises(ConfigError, match="min_sites"):  # the federation settings go through the project's checks
-        render_fednnunet_job("fednnunet", sites=["a"], min_sites=3)
+        render_job("fednnunet", sites=["a"], min_sites=3)
 
 
 class _Engine:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fedfms.data.synthetic import make_disc_site
+from fedfms.flare.fed_job import render_job
 from fedfms.flare.jobs import RECIPE_KEY
-from fedfms.flare.monitor import read_run_record
-from fedfms.flare.nnunet_job import render_fednnunet_job
+from fedfms.run_record import read_run_record
 from fedfms.flare.nnunet_planning import FINGERPRINTS_FILE
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.nnunet.evaluate import PLAN_FILE, read_plan
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 def write_job(job_dir: Path, sites: list[str], out: Path, num_rounds: int, **settings) -> Path:
     """The fednnunet_tiny job as the renderer makes it, one app for all sites plus a filter that records, after the
     project's own filters, everything each site sends (fingerprint, plan digest, updates)."""
-    files = render_fednnunet_job("fednnunet_tiny", num_rounds=num_rounds, sites=sites, **settings)
+    files = render_job("fednnunet_tiny", num_rounds=num_rounds, sites=sites, **settings)
     meta = files["meta.json"]
     meta.pop(RECIPE_KEY)  # used as written: with its recipe, the simulator would render it again without the recorder
     meta["deploy_map"] = {"app_server": ["server"], "app_sites": sites}

@@ -24,9 +24,10 @@ from nvflare.app_common.app_constant import AppConstants
 from fedfms.cli import main
 from fedfms.data.synthetic import make_disc_site
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.filters import TravelSetFilter
-from fedfms.flare.jobs import render_job, write_job as write_variant
+from fedfms.flare.fed_job import render_job, write_job as write_variant
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import FROZEN_FINGERPRINT, expected_local_spec, expected_travel_spec
 from fedfms.evaluation.personal import read_personal_record

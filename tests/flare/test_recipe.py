@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import class_allow_list, write_job
+from fedfms.flare.fed_job import class_allow_list, write_job
 from fedfms.flare.recipe import DATA_ROOT, FedFMSRecipe, run_outcome
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from fedfms.data.synthetic import make_disc_site
-from fedfms.flare.jobs import render_job
-from fedfms.flare.monitor import read_run_record
+from fedfms.flare.fed_job import render_job
+from fedfms.run_record import read_run_record
 from fedfms.flare.simulate import run_simulation, server_job_dir
 from fedfms.flare.update_check import expected_travel_spec
 from fedfms.models import ModelConfig, build_model, travel_bytes
-from fedfms.report import plot_report, site_table
+from fedfms.reporting.run_report import plot_report, site_table
 
 SUPPORT = Path(__file__).with_name("sim_support.py")
 pytestmark = pytest.mark.integration

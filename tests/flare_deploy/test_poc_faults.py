@@ -114,7 +114,7 @@ def federation(tmp_path_factory):
 @SHARED_FEDERATION
 def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(federation, tmp_path, capsys):
     state = federation
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     # 2 local epochs a round (the variant's 20 cost ~3 CPU-s per site-round; nothing here depends on them), and still
     # 8 rounds: the server is killed in round 3 with rounds to go
@@ -165,7 +165,7 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
 @SHARED_FEDERATION
 def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_path):
     state = federation
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     # the variant's 20 local epochs: the kill must land while site-3 trains, between two of its uploads
     job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=ROUNDS)

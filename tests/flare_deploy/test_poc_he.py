@@ -13,7 +13,7 @@ import pytest
 from fedfms.deploy import poc
 from fedfms.deploy import runtime as rt
 from fedfms.flare.he import CLIENT_CONTEXT, SERVER_CONTEXT
-from fedfms.flare.jobs import write_job
+from fedfms.flare.fed_job import write_job
 
 from .deploy_support import logs_digest
 

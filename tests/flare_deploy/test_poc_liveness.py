@@ -74,7 +74,7 @@ def federation(tmp_path):
 
 def _run(federation, tmp_path, restart_after: float | None) -> tuple[dict, dict, float, str]:
     state = federation
-    from fedfms.flare.jobs import write_job
+    from fedfms.flare.fed_job import write_job
 
     job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=4, train={"epochs": 10}, no_progress_timeout=BOUND)
     job_id = poc.submit(state["workspace"], str(job))

@@ -86,11 +86,11 @@ def main() -> None:
 
     # 4. the job in FLARE's simulator, two sites
     from fedfms.flare.jobs import RECIPE_KEY
-    from fedfms.flare.monitor import read_run_record
-    from fedfms.flare.nnunet_job import write_fednnunet_job
+    from fedfms.run_record import read_run_record
+    from fedfms.flare.fed_job import write_job
     from fedfms.flare.simulate import run_simulation, server_job_dir
 
-    job = write_fednnunet_job(a.out / "job", "fednnunet", num_rounds=2, sites=["a", "b"], samples_per_site=48,
+    job = write_job("fednnunet", a.out / "job", num_rounds=2, sites=["a", "b"], samples_per_site=48,
                               train={"iterations_per_epoch": a.iterations, "device": a.device})
     meta = json.loads((job / "meta.json").read_text())
     meta.pop(RECIPE_KEY)  # used exactly as written here (the simulator renders a job with a recipe again)

@@ -31,6 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from fedfms.data.geometry import (DEFAULT_MASK_RESIZE, LEGACY_RESIZE, MASK_RESIZES, PAD, RESIZE_MODES, content_shape,
                                   fit_image, fit_mask, resize_image, resize_mask, valid_region)
 from fedfms.errors import DataError
+from fedfms.data.intensity import UNIT_RULES
+from fedfms.data import intensity
 
 FORMAT_NAME = "fedfms-site"
 FORMAT_VERSION = 1
@@ -356,8 +358,6 @@ class SiteWriter:
         mask_resize: str = DEFAULT_MASK_RESIZE,
         resize: str = PAD,
     ):
-        from fedfms.data.intensity import UNIT_RULES
-
         if not 1 <= len(classes) <= MAX_CLASSES:
             raise DataError(f"classes is {list(classes)}; expected 1 to {MAX_CLASSES} names")
         if intensity not in UNIT_RULES:
@@ -439,8 +439,6 @@ class SiteWriter:
         class's ``intensity``); ``mask``: (C,H,W) or, for one class, (H,W) array of {0,1}. Resized to the site's
         sizes. A constant image is refused for a 2D sample (``slice_index`` None); a volume's slices may be
         constant (background above a body), but a volume whose every slice is constant draws a warning."""
-        from fedfms.data import intensity
-
         if not self._open:
             raise RuntimeError("SiteWriter.add() outside of a 'with' block")
         sample_id = sample_id or (f"{volume}_{slice_index:04d}" if slice_index is not None else str(volume))

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from fedfms.errors import ConfigError, DataError
+from fedfms.data import intensity
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -145,8 +146,6 @@ def window_volume(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99
     """:func:`window_percentiles` for a volume that enters the project (prepare, predict): a constant volume, a
     label map passed as an image, or one whose window is empty is refused with a DataError naming ``path``
     instead of becoming all-black slices (see :mod:`fedfms.data.intensity`)."""
-    from fedfms.data import intensity
-
     check_percentiles(low_pct, high_pct)
     intensity.check_content(volume, str(path), "volume")
     return intensity.window(volume, low_pct, high_pct, str(path), "volume")

@@ -85,7 +85,7 @@ def _env(state: dict) -> dict:
 def project_yaml(sites: list[str], port: int, he: bool = False) -> dict:
     """The POC project; ``he``: FLARE's HEBuilder also writes the TenSEAL contexts into the kits (server: no secret
     key), before the SignatureBuilder signs them, for jobs made with ``--encryption he`` (docs/privacy-he.md)."""
-    from fedfms.flare.he import HE_PARAMS
+    from fedfms.flare.he import HE_PARAMS  # FLARE's DXO filters load only for a POC made for HE jobs
 
     he_builder = [{"path": "nvflare.lighter.impl.he.HEBuilder", "args": {**HE_PARAMS, "scheme": "CKKS"}}] if he else []
     return {
@@ -296,7 +296,7 @@ def cycle(workspace: str, job: str, out: str, sites: int | list[str] = 2, byoc: 
     names = [f"site-{i + 1}" for i in range(sites)] if isinstance(sites, int) else list(sites)
     site_data = dict(site_data or {})
     if synthetic_data:
-        from fedfms.data.synthetic import make_disc_site
+        from fedfms.data.synthetic import make_disc_site  # only when synthetic sites are asked for
 
         for i, name in enumerate(names):
             # Different folder layouts per site on purpose: the job must not care where data lives.

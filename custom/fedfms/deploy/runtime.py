@@ -189,7 +189,7 @@ def call_with_timeout(fn, timeout: float):
     def run():
         try:
             box["ok"] = (True, fn())
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+        except BaseException as exc:  # reported to the caller
             box["ok"] = (False, exc)
 
     t = threading.Thread(target=run, daemon=True)
@@ -243,6 +243,6 @@ def shutdown_federation(admin_kit: str | os.PathLike, username: str, timeout: fl
 def export_byoc_copy(job_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """The bring-your-own-code copy of a production job (the fedfms source in ``app/custom/fedfms``),
     replacing an older copy."""
-    from fedfms.flare.jobs import export_byoc
+    from fedfms.flare.jobs import export_byoc  # the job settings load torch and FLARE: only when a copy is made
 
     return Path(export_byoc(job_dir, out_dir, overwrite=True))

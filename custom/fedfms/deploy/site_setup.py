@@ -16,7 +16,7 @@ Everything written lives in the kit's ``local/`` folder, which re-provisioning n
 ``resources.json`` (class_allow_list, storage), ``fedfms_site.json`` (data/checkpoint),
 ``authorization.json`` (who may send custom code). Run it after installing FedFMS on that machine
 (provisioning/README.md, step 3): the allow-list it writes is the installed version's
-(:func:`fedfms.flare.jobs.class_allow_list`). ``provisioning/site_setup.py`` and
+(:func:`fedfms.flare.fed_job.class_allow_list`). ``provisioning/site_setup.py`` and
 ``python -m fedfms.deploy.site_setup`` are the same command.
 
 ``stale-jobs`` is the one maintenance command: FLARE 2.9 does not resume or close a job whose server was
@@ -34,6 +34,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterable
+from fedfms.run_record import RUN_RECORD, close_interrupted
 
 # The kit component that checks what a job's arguments point at (fedfms.flare.job_guard), in local/resources.json.
 GUARD = {"id": "fedfms_job_guard", "path": "fedfms.flare.job_guard.JobArgumentGuard", "args": {}}
@@ -62,7 +63,7 @@ def _local(kit: str | Path) -> Path:
 
 def fedfms_allow_entries() -> list[str]:
     """Exactly the classes the installed fedfms version's jobs name (stock FLARE ones included)."""
-    from fedfms.flare.jobs import class_allow_list  # renders every job variant: imported only when needed
+    from fedfms.flare.fed_job import class_allow_list  # renders every job variant: imported only when needed
 
     return class_allow_list()
 
@@ -197,8 +198,6 @@ def close_run_record(run_dir: Path) -> Path | None:
     """The job's run record (``fedfms_run.json`` in the server's run folder), left ``running`` by the killed
     server, closed as ``failed`` with where it stopped and how to continue, so that ``fedfms report`` tells the
     truth about it."""
-    from fedfms.run_record import RUN_RECORD, close_interrupted
-
     path = Path(run_dir) / RUN_RECORD
     try:
         record = json.loads(path.read_text())
@@ -222,7 +221,7 @@ def write_site_config(kit: str | Path, **settings) -> Path:
     local = _local(kit)
     path = local / SITE_CONFIG
     current = json.loads(path.read_text()) if path.is_file() else {}
-    as_text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    as_text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v
     current.update({k: as_text(v) for k, v in settings.items() if v is not None})
     path.write_text(json.dumps(current, indent=2) + "\n")
     return path

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import torch
 
 from fedfms.errors import ConfigError
 from fedfms.evaluation.scoring import is_nnunet_model, nnunet_model_dict, resolve_model_config
@@ -23,25 +22,10 @@ from fedfms.models import ModelConfig
 from fedfms.numbers import finite_or_none
 from fedfms.progress import bar, drawn
 from fedfms.training.trainer import LocalTrainer, TrainConfig
+from fedfms.training.weights_files import history_path, last_weights_path, save_weights
+from fedfms.nnunet.evaluate import train_centralized as train_nnunet
 
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
-
-
-def last_weights_path(out_weights: str | os.PathLike) -> Path:
-    """Where :func:`train_centralized` keeps the last epoch's weights next to the selected ones."""
-    out = Path(out_weights)
-    return out.with_name(f"{out.stem}_last{out.suffix or '.pt'}")
-
-
-def history_path(out_weights: str | os.PathLike) -> Path:
-    return Path(out_weights).with_suffix(".json")
-
-
-def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
-    # FLARE's persistor layout ({"model": travel set}), so load_model / `fedfms predict` read it unchanged.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": dict(weights)}, tmp)
-    os.replace(tmp, path)
 
 
 def train_centralized(
@@ -62,7 +46,6 @@ def train_centralized(
     and the history says so."""
     if is_nnunet_model(model_cfg):
         # nnU-Net on the pooled sites, planned as the federation would be; the same outputs plus its plan
-        from fedfms.nnunet.evaluate import train_centralized as train_nnunet
 
         return train_nnunet(nnunet_model_dict(model_cfg), train_cfg, site_dirs,
                             epochs, out_weights, overwrite=overwrite, checkpoint=checkpoint, log=log)

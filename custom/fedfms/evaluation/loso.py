@@ -35,7 +35,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 from fedfms.data.site_dataset import read_manifest
 from fedfms.errors import CheckpointError, ConfigError, DataError
-from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
+from fedfms.evaluation.centralized import train_centralized
+from fedfms.training.weights_files import history_path, last_weights_path
 from fedfms.evaluation.personal import comparison_rows, format_comparison, held_out_model, personal_gaps, read_personal_record, record_dice
 from fedfms.evaluation.results import (FOLD_FILE, METHODS, RESULTS_CSV, RESULTS_JSON, EvaluationError, collect, fold_scores,
                                        format_loso_table, plain, write_csv, write_json)
@@ -45,6 +46,7 @@ from fedfms.models import ModelConfig
 from fedfms.nnunet.config import NnUNetConfig
 from fedfms.numbers import fmt_score
 from fedfms.progress import bar, lines_above
+from fedfms.run_record import best_model_note
 from fedfms.training.trainer import TrainConfig
 
 __all__ = ["BEST_GLOBAL_MODEL", "FOLD_FILE", "Federation", "GLOBAL_MODEL", "METHODS", "RESULTS_CSV", "RESULTS_JSON",
@@ -75,7 +77,7 @@ class Federation(Protocol):
 
     def run(self, fold: Path, train_sites: list[str], data_root: Path, say: Say) -> Path:
         """Federate; return the folder holding the global models (``GLOBAL_MODEL``, maybe ``BEST_GLOBAL_MODEL``),
-        inside the server's run folder (its run record: ``fedfms.report.best_model_note``), or raise
+        inside the server's run folder (its run record: ``fedfms.run_record.best_model_note``), or raise
         :class:`EvaluationError` (with ``summary``) when no global model came out."""
 
 
@@ -246,8 +248,6 @@ def _fold_body(federation: Federation, data_root: Path, holdout: str, train_site
     say(f"  federated: {federated_seconds:.0f} s; {holdout} Dice {fmt_score(fed['dice'])}, IoU {fmt_score(fed['iou'])}"
         + (f" (best global model: Dice {fmt_score(record['results']['federated_best']['dice'])})"
            if "federated_best" in record["results"] else ""))
-    from fedfms.report import best_model_note
-
     for line in best_model_note(models.parent):  # which model "best" is, and whether training helped
         say(f"  {line}")
     record["federated_seconds"] = federated_seconds

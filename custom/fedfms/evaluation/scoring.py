@@ -27,6 +27,8 @@ from fedfms.numbers import finite_mean, fmt_score, render_table
 from fedfms.training.metrics import HONEST_RULE, SegmentationMetric, reference_rule
 from fedfms.training.predict import load_model
 from fedfms.training.trainer import autocast_for, pick_device
+from fedfms.nnunet.config import NNUNET_VARIANT
+from fedfms.nnunet.evaluate import evaluate_sites as evaluate_nnunet
 
 SUMMARY_KEYS = ("dice", "iou", "volume_dice", "volume_iou")  # this project's rule
 REFERENCE_KEYS = ("dice_reference", "iou_reference")  # the paper code's rule
@@ -64,8 +66,6 @@ def scoring_notes(scoring: str, reference_on: str | None = "logits") -> list[str
 
 def is_nnunet_model(model_cfg: ModelConfig | Mapping) -> bool:
     """The FednnU-Net baseline's model config (variant ``nnunet``: the network comes from its nnU-Net plan)."""
-    from fedfms.nnunet.config import NNUNET_VARIANT
-
     variant = model_cfg.variant if isinstance(model_cfg, ModelConfig) else dict(model_cfg).get("variant")
     return variant == NNUNET_VARIANT
 
@@ -137,8 +137,6 @@ def evaluate_sites(
     if not site_dirs:
         raise ConfigError("no site folders to evaluate")
     if is_nnunet_model(model_cfg):
-        from fedfms.nnunet.evaluate import evaluate_sites as evaluate_nnunet
-
         return evaluate_nnunet(nnunet_model_dict(model_cfg), weights_path, site_dirs, batch_size=batch_size, device=device, amp=amp,
                                checkpoint=checkpoint)
     cfg = resolve_model_config(model_cfg, checkpoint)

@@ -8,7 +8,7 @@ from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 import numpy as np
@@ -22,25 +22,8 @@ from fedfms.flare.update_check import (
     metric_problems,
     sample_count_problem,
 )
-
-# Reply header that carries the one-line reason of a rejection or of a site's failure to the server's logs
-# and the run record (fedfms.flare.monitor).
-REASON_HEADER = "fedfms_reason"
-# Reply header a site sets when it cannot run at all (data or checkpoint unusable): the job stops.
-FATAL_HEADER = "fedfms_site_cannot_start"
-
-
-def error_reply(rc: str, reason: str, original: Shareable | None = None, fatal: bool = False) -> Shareable:
-    reply = make_reply(rc)
-    reply.set_header(REASON_HEADER, reason)
-    if fatal:
-        reply.set_header(FATAL_HEADER, True)
-    if original is not None:
-        reply.set_peer_props(original.get_peer_props() or {})
-        contribution_round = original.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        if contribution_round is not None:
-            reply.add_cookie(AppConstants.CONTRIBUTION_ROUND, contribution_round)
-    return reply
+from fedfms.flare.he import ciphertext_problems, server_context
+from fedfms.flare.replies import error_reply
 
 
 class ContributionCheckFilter(Filter):
@@ -155,8 +138,6 @@ class ContributionCheckFilter(Filter):
         if spec is None:
             return [self.NO_SPEC_REASON], dxo, None
         if self.encrypted:
-            from fedfms.flare.he import ciphertext_problems, server_context
-
             if self._he_context is None:
                 self._he_context = server_context(fl_ctx)
             problems = ciphertext_problems(dxo, spec, self._he_context)  # ciphertexts bound to the server's context

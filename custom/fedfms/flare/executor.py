@@ -19,7 +19,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.flare.site_progress import ProgressReporter
 from fedfms.flare.update_check import FROZEN_FINGERPRINT

@@ -1,7 +1,7 @@
 """Every FedFMS job, built with FLARE's Job API (:class:`nvflare.job_config.api.FedJob`).
 
 :class:`FedFMSJob` is a ``FedJob`` whose components are made from a variant's settings
-(``fedfms.flare.jobs.variant_settings``): FLARE's ``ScatterAndGather``, ``InTimeAccumulateWeightedAggregator``,
+(``fedfms.flare.jobs.job_settings``): FLARE's ``ScatterAndGather``, ``InTimeAccumulateWeightedAggregator``,
 ``PTFileModelPersistor``, ``IntimeModelSelector``, ``CrossSiteModelEval`` and tracking receivers, and the project's
 executor, filters and federation monitor. ``export_job`` writes the classic JSON job that is checked in under
 ``jobs/``; ``simulator_run`` runs it in FLARE's simulator (``gpu="0,1"`` places the simulated sites on GPUs).
@@ -12,6 +12,7 @@ The FednnU-Net variants are the same job with four classes swapped and a plannin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -35,9 +36,12 @@ from fedfms.flare import jobs
 from fedfms.flare.contribution_filter import ContributionCheckFilter
 from fedfms.flare.executor import KEY_METRIC, FedFMSExecutor
 from fedfms.flare.filters import TravelSetFilter
+from fedfms.flare import he_job
 from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.robust_aggregator import RobustAggregator
 from fedfms.flare.scatter_gather import LiveScatterAndGather
+from fedfms.flare import nnunet_job
+from fedfms.flare.personalise import PersonalisationRecorder
 
 TRAVEL_SET_MODEL = "fedfms.flare.global_model.TravelSetModel"
 # bitsandbytes, which FLARE's quantisation filters import, warns on CPUs with AVX512-BF16 that its optional 4-bit
@@ -48,32 +52,26 @@ TASK_ORDER = ("train", "validate", "submit_model", "personalise")
 
 
 class FedFMSJob(FedJob):
-    """A FedFMS job from settings (``fedfms.flare.jobs.variant_settings``).
+    """A FedFMS job from settings (``fedfms.flare.jobs.job_settings``).
 
     Args:
-        settings: a variant's checked settings.
+        settings: a variant's checked settings with what is derived from them.
         recipe: what ``meta.json`` keeps to re-make the job (variant and overrides).
     """
 
-    def __init__(self, settings: dict, recipe: dict | None = None):
-        s = settings
+    def __init__(self, settings: jobs.JobSettings, recipe: dict | None = None):
+        self.job_settings = js = settings
+        s = js.values
         meta = {jobs.RECIPE_KEY: recipe} if recipe else None
-        super().__init__(name=s["name"], min_clients=jobs.min_sites(s) or 2, meta_props=meta)
+        super().__init__(name=s["name"], min_clients=js.min_clients, meta_props=meta)
         # the sites have fedfms installed (production flavour): no source is copied into app/custom
         self.set_app_packages(["fedfms"])
         self.sites = list(s["sites"]) if s["sites"] else None
         self._intended: list[tuple[object, dict]] = []  # (component, the arguments it was made with)
-        nnunet = jobs.is_nnunet(s)
-        if nnunet:
-            from fedfms.flare import nnunet_job  # the FednnU-Net classes, only for its jobs (loads no nnU-Net)
-
-            self.kind = nnunet_job.NNUNET_KIND
-            s = nnunet_job.complete(s)
-        else:
-            self.kind = None
+        self.kind = nnunet_job.NNUNET_KIND if js.nnunet else None
         self.settings = s
-        self._add_server(s)
-        self._add_sites(s)
+        self._add_server(js)
+        self._add_sites(js)
 
     def _made(self, cls, **args):
         args = {k: v for k, v in args.items() if v is not None}  # None: not set here, the class default applies
@@ -85,12 +83,11 @@ class FedFMSJob(FedJob):
         return obj
 
     # -- server ---------------------------------------------------------------------------------------------------
-    def _add_server(self, s: dict) -> None:
-        kind = self.kind
-        t = kind.timeouts(s) if kind else jobs.round_timeouts(s)
+    def _add_server(self, js: jobs.JobSettings) -> None:
+        kind, s, t = self.kind, js.values, js.timeouts
         self.to_server({
             "num_rounds": s["num_rounds"] - s["start_round"],
-            "min_clients": jobs.min_sites(s) or 1,
+            "min_clients": js.min_clients,
             # FLARE's dead-site handling: once the server has dropped a site (no heartbeat for the kit's
             # heart_beat_timeout), a round stops waiting for it after this grace period (default 60 s), checked
             # from this long after a task starts (default 30 s)
@@ -100,7 +97,7 @@ class FedFMSJob(FedJob):
         })
         quantize = self._quantizer(s)
         if quantize:
-            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=jobs.model_tasks_out(s))
+            self.to_server(quantize, filter_type=FilterType.TASK_DATA, tasks=js.model_tasks_out)
         # every result is checked (after float16 is restored) before the workflow, the model selector or the
         # aggregator reads it; a bad one turns into an error reply naming the reason
         dequantize = self._dequantizer(s)
@@ -108,11 +105,11 @@ class FedFMSJob(FedJob):
             self.to_server(dequantize, filter_type=FilterType.TASK_RESULT, tasks=jobs.MODEL_TASKS_BACK)
         he = self._he(s)
         # under HE: FLARE's HE generator, aggregator and cross-site evaluation, a serialize filter for the persistor,
-        # the monitor and the server's check on ciphertext (fedfms.flare.he, docs/privacy-he.md)
-        he_parts = he.server_components(s, make=self._made) if he else {}
+        # the monitor and the server's check on ciphertext (fedfms.flare.he_job, docs/privacy-he.md)
+        he_parts = he.server_components(js, make=self._made) if he else {}
         check_args = {"model_config": s["model"], "max_samples": s["max_samples"], "site_samples": s["site_samples"]}
         if s["update"] != "weights":
-            check_args["data_kinds"] = [jobs.update_kind(s)]
+            check_args["data_kinds"] = [js.update_kind]
         if he:
             check_args.update(he.CONTRIBUTION_CHECK_ARGS)
         check = self._made(kind.CheckFilter if kind else ContributionCheckFilter, **check_args)
@@ -127,9 +124,9 @@ class FedFMSJob(FedJob):
         if he:
             self.to_server(he_parts[he.PERSISTOR_FILTER_ID], id=he.PERSISTOR_FILTER_ID)
         self.to_server(he_parts.get("shareable_generator") or self._made(FullModelShareableGenerator), id="shareable_generator")
-        self.to_server(he_parts.get("aggregator") or self._aggregator(s), id="aggregator")
+        self.to_server(he_parts.get("aggregator") or self._aggregator(js), id="aggregator")
         self.to_server(self._made(IntimeModelSelector, key_metric=KEY_METRIC, weigh_by_local_iter=True), id="model_selector")
-        self.to_server(he_parts.get("federation_monitor") or self._made(FederationMonitor, **jobs.monitor_args(s)),
+        self.to_server(he_parts.get("federation_monitor") or self._made(FederationMonitor, **js.monitor_args),
                        id="federation_monitor")
         self.to_server(self._made(PTFileModelLocator, pt_persistor_id="persistor"), id="model_locator")
         self.to_server(self._made(ValidationJsonGenerator), id="json_generator")
@@ -148,7 +145,7 @@ class FedFMSJob(FedJob):
                                       persistor_id="persistor", timeout=t["plan"]), id="nnunet_planning")
         self.to_server(self._made(
             LiveScatterAndGather,
-            min_clients=jobs.min_sites(s) or 1,
+            min_clients=js.min_clients,
             num_rounds=s["num_rounds"] - s["start_round"],
             start_round=s["start_round"],
             # a round waits for every site as long as it reports progress (a slow site is averaged, not dropped);
@@ -164,42 +161,38 @@ class FedFMSJob(FedJob):
             memory_gc_rounds=s["memory_gc_rounds"],
         ), id="scatter_and_gather")
         if s.get("personalise"):
-            self._add_personalisation(s)
+            self._add_personalisation(js)
         self.to_server(he_parts.get("cross_site_validate") or self._made(
             CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=t["submit"],
             validation_timeout=t["validate"]), id="cross_site_validate")
 
-    def _add_personalisation(self, s: dict) -> None:
+    def _add_personalisation(self, js: jobs.JobSettings) -> None:
         """After the last round: FLARE's BroadcastAndProcess sends the final global model to every site, which
         fine-tunes and scores its personalised model (fedfms.flare.personalise); before cross-site evaluation."""
         from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProcess
 
-        from fedfms.flare.personalise import PersonalisationRecorder
-
+        s = js.values
         self.to_server(self._made(PersonalisationRecorder, personalise=s["personalise"], model_locator_id="model_locator",
                                   expected_sites=sorted(s["sites"]) if s["sites"] else None,
-                                  alone_epochs=jobs.alone_epochs(s) or None), id="personalisation")
+                                  alone_epochs=js.alone_epochs or None), id="personalisation")
         self.to_server(self._made(BroadcastAndProcess, processor="personalisation", task_name=jobs.PERSONALISE_TASK,
                                   min_responses_required=0, wait_time_after_min_received=0,
-                                  timeout=jobs.personalise_timeout(s)), id="personalise")
+                                  timeout=js.personalise_timeout), id="personalise")
 
     @staticmethod
     def _he(s: dict):
-        if s.get("encryption") != "he":
-            return None
-        from fedfms.flare import he
+        return he_job if s.get("encryption") == "he" else None
 
-        return he
-
-    def _aggregator(self, s: dict):
+    def _aggregator(self, js: jobs.JobSettings):
+        s = js.values
         if s["aggregation"] == "fedavg" and s["norm_bound"] is None:
             # FLARE's own FedAvg: weight = NUM_STEPS_CURRENT_ROUND, which the executor sets to the site's number of
             # training samples, so the result is sum(n_k w_k) / sum(n_k)
-            return self._made(InTimeAccumulateWeightedAggregator, expected_data_kind=jobs.update_kind(s),
+            return self._made(InTimeAccumulateWeightedAggregator, expected_data_kind=js.update_kind,
                               weigh_by_local_iter=True)
         return self._made(RobustAggregator, method="mean" if s["aggregation"] == "fedavg" else s["aggregation"],
                           trim_fraction=s["trim_fraction"], norm_bound=s["norm_bound"],
-                          norm_bound_action=s["norm_bound_action"], expected_data_kind=jobs.update_kind(s))
+                          norm_bound_action=s["norm_bound_action"], expected_data_kind=js.update_kind)
 
     def _quantizer(self, s: dict):
         if s["transfer"] == "float32":
@@ -216,8 +209,8 @@ class FedFMSJob(FedJob):
         return self._made(ModelDequantizer)
 
     # -- sites ----------------------------------------------------------------------------------------------------
-    def _add_sites(self, s: dict) -> None:
-        kind = self.kind
+    def _add_sites(self, js: jobs.JobSettings) -> None:
+        kind, s = self.kind, js.values
         executor_args = {"model_config": s["model"], "train_config": s["train"], "data_dir": s["data_dir"],
                          "transfer": s["transfer"]}
         if s["update"] != "weights":
@@ -226,9 +219,9 @@ class FedFMSJob(FedJob):
             executor_args["processes_per_site"] = s["processes_per_site"]
         if not kind and s["round_timeout"]:
             # a site's multi-process round (its own processes_per_site included) ends where the server stops waiting
-            executor_args["round_timeout_s"] = jobs.round_timeouts(s)["train"]
+            executor_args["round_timeout_s"] = js.timeouts["train"]
         if s.get("personalise"):
-            executor_args.update(personalise=s["personalise"], alone_epochs=jobs.alone_epochs(s) or None)
+            executor_args.update(personalise=s["personalise"], alone_epochs=js.alone_epochs or None)
         tasks = ["train", "validate", "submit_model", *(kind.PLANNING_TASKS if kind else []),
                  *([jobs.PERSONALISE_TASK] if s.get("personalise") else [])]
         self.to_clients(self._made(kind.Executor if kind else FedFMSExecutor, **executor_args), tasks=tasks)
@@ -240,7 +233,7 @@ class FedFMSJob(FedJob):
         if he:
             # the plaintext travel-set check, then the HE site filters (checked again, encrypted, sent as bytes);
             # incoming models are decrypted and reshaped
-            results, data = he.site_filters(s, make=self._made)
+            results, data = he.site_filters(js, make=self._made)
             for tasks_of_chain, chain in results:
                 for f in [self._travel_filter(s), *chain]:
                     self.to_clients(f, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
@@ -261,7 +254,7 @@ class FedFMSJob(FedJob):
                     self.to_clients(quantize, filter_type=FilterType.TASK_RESULT, tasks=tasks_of_chain)
         dequantize = self._dequantizer(s)
         if dequantize:
-            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=jobs.model_tasks_out(s))
+            self.to_clients(dequantize, filter_type=FilterType.TASK_DATA, tasks=js.model_tasks_out)
         self._add_site_tracking()
 
     def _add_site_tracking(self) -> None:
@@ -359,6 +352,64 @@ def _same(a, b) -> bool:
 
 
 def build_job(name: str, **overrides) -> FedFMSJob:
-    """The FedJob of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``)."""
-    s = jobs.variant_settings(name, **overrides)
-    return FedFMSJob(s, {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}})
+    """The job of variant ``name`` with ``overrides`` (any of ``jobs.SETTING_KEYS``) as FLARE's Job API object (a
+    ``FedJob``): ``export_job`` / ``simulator_run`` as any FLARE job. ``meta.json`` keeps the recipe (variant and
+    overrides), so a job can be re-made for other sites or continued after a stop without editing JSON."""
+    recipe = {"variant": name, "settings": {k: v for k, v in overrides.items() if v is not None}}
+    return FedFMSJob(jobs.job_settings(name, **overrides), recipe)
+
+
+def render_job(name: str, **overrides) -> dict[str, dict]:
+    """Relative path -> JSON content of every file of the job, as FLARE's ``export_job`` writes it."""
+    return build_job(name, **overrides).files()
+
+
+def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
+    return build_job(name, **overrides).write(out_dir, overwrite=overwrite)
+
+
+def rewrite_job(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False, **changes) -> Path:
+    """Write ``job_dir``'s recipe again with ``changes`` (e.g. the sites of this run) into ``out_dir``."""
+    recipe = jobs.job_recipe(job_dir)
+    if recipe is None:
+        raise ConfigError(f"{job_dir}/meta.json has no {jobs.RECIPE_KEY!r}: the job was not made by `fedfms job new`; "
+                          "make it with `fedfms job new` (or edit its JSON by hand)")
+    variant, settings = recipe
+    if "min_clients" in settings and "min_sites" in changes:
+        settings.pop("min_clients")
+    return write_job(variant, out_dir, overwrite=overwrite, **{**settings, **{k: v for k, v in changes.items() if v is not None}})
+
+
+def generate_all(jobs_root: str | Path) -> list[Path]:
+    """(Re)write every variant under ``jobs_root``: what is checked in."""
+    return [write_job(name, Path(jobs_root) / name, overwrite=True) for name in jobs.VARIANTS]
+
+
+def _allow_list_renders():
+    """Option sets that, over every variant, reach each branch of the job builder (and so every class it names)."""
+    for name in jobs.VARIANTS:
+        options = [{"transfer": transfer, "privacy": privacy} for transfer in jobs.TRANSFER_TYPES
+                   for privacy in (None, *jobs.PRIVACY_FILTERS)]
+        options.append({"aggregation": "median", "norm_bound": 3.0})
+        if jobs.VARIANTS[name]["model"].get("mode") == "fedmsa" and not jobs.is_nnunet(jobs.VARIANTS[name]):
+            options.append({"encryption": "he"})
+        if not jobs.is_nnunet(jobs.VARIANTS[name]):
+            options.append({"personalise": "finetune:1", "transfer": "float16"})
+        for option in options:
+            yield name, option
+
+
+@functools.cache
+def _class_allow_list() -> tuple[str, ...]:
+    found = set()
+    for name, option in _allow_list_renders():
+        found |= jobs.component_paths(render_job(name, tracking="mlflow", **option))
+    return tuple(sorted(found))
+
+
+def class_allow_list() -> list[str]:
+    """The ``class_allow_list`` a site needs to run every job here without custom code: exactly the classes the jobs
+    name, stock FLARE and this package's alike. No prefix entry: a prefix (``"fedfms."``) would admit every callable
+    below it, functions such as ``site_setup.add_class_allow_list`` included, which a job could call with arguments
+    of its choosing. Rendering every variant takes seconds, so the list is made once per process."""
+    return list(_class_allow_list())

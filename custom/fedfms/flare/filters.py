@@ -9,7 +9,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.update_check import expected_travel_spec, key_problems, local_part_problems
 from fedfms.models.travel import check_mode, is_travel_key
 

@@ -16,29 +16,26 @@ What changes under HE (docs/privacy-he.md):
   no secret key; ``client_context.tenseal``: with the secret key), made by FLARE's ``HEBuilder`` at provisioning,
   or by :func:`write_contexts` (same parameters) for the simulator.
 
-The builders return component instances whose constructor arguments are all stored under the same name (or
-``_name``), so FLARE's ``FedJob`` can serialize them.
+The job builder's part (which components an HE job uses, the simulator's contexts) is ``fedfms.flare.he_job``;
+this module holds the contexts, the ciphertext checks (the server's contribution check uses them) and the site
+filters; the server's HE components are in ``fedfms.flare.he_server``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.app_constant import AppConstants
 
-from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.filters import model_result
-from fedfms.flare.monitor import FederationMonitor
 from fedfms.flare.update_check import expected_travel_spec, find_problems, key_problems
 
 SERVER_CONTEXT = "server_context.tenseal"  # FLARE's ProvFileName.SERVER_CONTEXT_TENSEAL
@@ -50,8 +47,6 @@ HE_PARAMS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "
 # |w| a site may encrypt: n_k w_k x 2^40 must stay inside the 100-bit data modulus, and the average x 2^40 inside
 # the 60 bits left after the rescale (|avg| < 2^19); trained weights are orders of magnitude below this
 DEFAULT_MAX_ABS = 1e4
-PERSISTOR_FILTER_ID = "model_serialize_filter"  # the persistor's filter_id under HE (saves ciphertexts as bytes)
-MODEL_TASKS_IN = ["train", "validate"]
 
 
 # ---------------------------------------------------------------------------------------------- contexts
@@ -90,67 +85,8 @@ def write_contexts(startup_dir: str | Path, overwrite: bool = False, **params) -
     return server, client
 
 
-def job_he_classes(job_dir: str | Path) -> list[str]:
-    """FLARE HE class paths a job folder's configs name (empty: the job does not use HE)."""
-    from fedfms.flare.jobs import components
-
-    found: set[str] = set()
-    for config in sorted(Path(job_dir).glob("*/config/config_fed_*.json")):
-        try:
-            found |= {path for path, _ in components(json.loads(config.read_text())) if path.startswith("nvflare.app_opt.he.")}
-        except (OSError, json.JSONDecodeError):
-            continue
-    return sorted(found)
-
-
-def _contexts_of_resumed_run(job_dir: str | Path, startup: Path) -> None:
-    """A job that continues a stopped HE run (``fedfms job resume``) starts from that run's encrypted global model,
-    which only that run's secret key decrypts (a fresh key pair would decrypt it to noise: NaN at the first step):
-    its contexts, from the simulator workspace above the run record, go into ``startup`` too."""
-    from fedfms.flare.jobs import job_recipe
-
-    recipe = job_recipe(job_dir)
-    record = (recipe[1].get("resume") or {}).get("record") if recipe else None
-    if not record:
-        return
-    found = next((p / "startup" for p in Path(record).parents if (p / "startup" / CLIENT_CONTEXT).is_file()), None)
-    if found is None:
-        raise ConfigError(f"{job_dir}: continues the HE run of {record}, but no startup/{CLIENT_CONTEXT} is above it; "
-                          "expected the stopped run's simulator workspace (its global model needs that run's key)")
-    if found.resolve() == startup.resolve():
-        return
-    theirs = [(found / name).read_bytes() for name in (SERVER_CONTEXT, CLIENT_CONTEXT)]
-    if (startup / CLIENT_CONTEXT).is_file():
-        if (startup / CLIENT_CONTEXT).read_bytes() != theirs[1]:
-            raise ConfigError(f"{startup}: holds other TenSEAL contexts than the resumed run's ({found}); use a new "
-                              "workspace, or copy that run's contexts there")
-        return
-    startup.mkdir(parents=True, exist_ok=True)
-    for name, content in zip((SERVER_CONTEXT, CLIENT_CONTEXT), theirs):
-        (startup / name).write_bytes(content)
-    (startup / CLIENT_CONTEXT).chmod(0o600)
-
-
-def prepare_simulation(workspace: str | Path, job_dir: str | Path) -> bool:
-    """For a job that uses FLARE's HE components: the TenSEAL contexts in the simulator's ``startup/`` (kept
-    across runs of the same workspace) and the HE classes in the simulated sites' ``class_allow_list``.
-    Returns whether the job uses HE (nothing is written otherwise)."""
-    classes = job_he_classes(job_dir)
-    if not classes:
-        return False
-    _contexts_of_resumed_run(job_dir, Path(workspace) / "startup")
-    write_contexts(Path(workspace) / "startup")
-    resources = Path(workspace) / "local" / "resources.json"
-    current = json.loads(resources.read_text()) if resources.is_file() else {"format_version": 2}
-    allowed = list(current.get("class_allow_list") or [])
-    current["class_allow_list"] = allowed + [c for c in classes if c not in allowed]
-    resources.parent.mkdir(parents=True, exist_ok=True)
-    resources.write_text(json.dumps(current, indent=2))
-    return True
-
-
 # ---------------------------------------------------------------------------------------------- checks
-def _is_ciphertext(value) -> bool:
+def is_ciphertext(value) -> bool:
     try:
         import tenseal as ts
     except ImportError:
@@ -204,7 +140,7 @@ def ciphertext_problems(dxo: DXO, spec: dict, context=None, max_items: int = 3) 
             value = data[key]
             if not marked.get(key):
                 problems.append(f"'{key}' is not marked encrypted")
-            elif not (_is_ciphertext(value) or isinstance(value, bytes)):
+            elif not (is_ciphertext(value) or isinstance(value, bytes)):
                 problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector of {expected} values")
             else:
                 try:
@@ -234,7 +170,7 @@ def encrypted_aggregate_problems(aggregate, sizes: dict[str, int | None]) -> lis
         problems = key_problems(aggregate, sizes)
         for key in sorted(set(aggregate) & set(sizes)):
             value = aggregate[key]
-            size = value.size() if _is_ciphertext(value) else np.size(value) if isinstance(value, np.ndarray) else None
+            size = value.size() if is_ciphertext(value) else np.size(value) if isinstance(value, np.ndarray) else None
             if size is None:
                 problems.append(f"'{key}' is a {type(value).__name__}, expected a CKKS vector")
             elif sizes[key] is not None and size != sizes[key]:
@@ -296,7 +232,7 @@ class HECiphertextBytes(DXOFilter):
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) != CKKS:
             return None
-        dxo.data = {k: v.serialize() if _is_ciphertext(v) else v for k, v in dxo.data.items()}
+        dxo.data = {k: v.serialize() if is_ciphertext(v) else v for k, v in dxo.data.items()}
         return dxo
 
 
@@ -321,147 +257,3 @@ class HEReshapeFilter(DXOFilter):
             out[key] = array.reshape(shape).astype(np.float32, copy=False)
         dxo.data = out
         return dxo
-
-
-# ---------------------------------------------------------------------------------------------- server side
-class HEFederationMonitor(FederationMonitor):
-    """The federation monitor for an encrypted run: the aggregate is ciphertext, so it is checked by key and
-    ciphertext length (:func:`encrypted_aggregate_problems`) instead of shape and finiteness, and is never cast
-    (the site decrypts it). A bad aggregate leaves the global model as it was, as in a plaintext run."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sizes: dict[str, int | None] | None = None
-
-    def _round_started(self, fl_ctx: FLContext) -> None:
-        super()._round_started(fl_ctx)
-        sizes = {}
-        for key, value in (self._previous_global or {}).items():
-            sizes[key] = value.size() if _is_ciphertext(value) else int(np.size(value)) if isinstance(value, np.ndarray) else None
-        if self._sizes is None or all(v is not None for v in sizes.values()):
-            self._sizes = sizes if self._sizes is None else {k: sizes.get(k) or self._sizes.get(k) for k in self._sizes}
-
-    def _after_aggregation(self, fl_ctx: FLContext) -> None:
-        if self._round is None:
-            return
-        if self._round["status"] == "failed":
-            self._round["updated_model"] = False
-            return
-        shareable = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
-        try:
-            dxo = from_shareable(shareable)
-            problems = encrypted_aggregate_problems(dxo.data, self._sizes or {})
-        except Exception as exc:
-            dxo, problems = None, [f"aggregate unreadable ({type(exc).__name__}: {exc})"]
-        if not problems and dxo is not None:
-            self._round["updated_model"] = True
-            return
-        self._round["updated_model"] = False
-        self._round["aggregate"] = "; ".join(problems)
-        self.log_error(fl_ctx, f"round {self._round['round']}: the aggregate is not used ({'; '.join(problems)}); "
-                               "the global model stays as it was")
-        if dxo is not None and self._previous_global:
-            dxo.data = dict(self._previous_global)
-            dxo.set_meta_prop(MetaKey.PROCESSED_KEYS, {k: not isinstance(v, np.ndarray) for k, v in dxo.data.items()})
-            dxo.update_shareable(shareable)
-
-
-def _cross_site_class():
-    from nvflare.app_opt.he.cross_site_model_eval import HECrossSiteModelEval
-    from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
-
-    class CrossSiteModelEvalHE(HECrossSiteModelEval):
-        """FLARE's HE cross-site evaluation, working again: FLARE 2.9's base class saves models with
-        ``_save_dxo_content``, while ``HECrossSiteModelEval`` still overrides the old ``_save_validation_content``,
-        so ciphertexts were saved as CKKS objects and the validate broadcast's deep copy of them fails on the
-        server ("the current context is public"). Saved as bytes, they copy; the sites' decryptor reads bytes."""
-
-        def _save_dxo_content(self, name, save_dir, dxo, fl_ctx):
-            serialize_nested_dict(dxo.data)
-            return super()._save_dxo_content(name, save_dir, dxo, fl_ctx)
-
-    CrossSiteModelEvalHE.__module__ = __name__
-    CrossSiteModelEvalHE.__qualname__ = "CrossSiteModelEvalHE"
-    return CrossSiteModelEvalHE
-
-
-def __getattr__(name):  # the class subclasses an optional FLARE module: made on first use
-    if name == "CrossSiteModelEvalHE":
-        cls = _cross_site_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------- builders
-def check_settings(settings: dict) -> None:
-    """HE sums ciphertexts: only FLARE's FedAvg, full float32 weights, no other filter that needs plaintext."""
-    where = f"job {settings.get('name', '?')}: he"
-    if settings.get("aggregation", "fedavg") != "fedavg" or settings.get("norm_bound") is not None:
-        raise ConfigError(f"{where}: the server sums ciphertexts, so robust aggregation ({settings.get('aggregation')}, "
-                          f"norm_bound {settings.get('norm_bound')}) cannot run; use aggregation fedavg without norm_bound")
-    if settings.get("transfer", "float32") != "float32":
-        raise ConfigError(f"{where}: transfer {settings['transfer']!r} does not apply (ciphertexts travel); use float32")
-    if settings.get("privacy"):
-        raise ConfigError(f"{where}: the differential-privacy filters are not combined with HE here")
-    if settings.get("update", "weights") != "weights":
-        raise ConfigError(f"{where}: update {settings['update']!r}: HE jobs send whole weights (the server cannot "
-                          "add a plaintext difference to an encrypted global model)")
-
-
-def _construct(cls, **args):
-    return cls(**args)
-
-
-def server_components(settings: dict, make=_construct) -> dict[str, object]:
-    """Server components by id, to replace (or add) in a plaintext job: ``shareable_generator``, ``aggregator``,
-    ``model_serialize_filter`` (new: the persistor's ``filter_id`` must name it, :data:`PERSISTOR_FILTER_ID`),
-    ``federation_monitor`` (same arguments, HE-aware aggregate check) and the workflow ``cross_site_validate``.
-    The server's ``ContributionCheckFilter`` takes ``encrypted=True``. ``make(cls, **args)`` constructs each one
-    (the job builder's records what it set, to check the exported job)."""
-    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
-    from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
-    from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
-
-    from fedfms.flare.jobs import monitor_args, round_timeouts
-
-    check_settings(settings)
-    CrossSiteModelEvalHE = globals().get("CrossSiteModelEvalHE") or __getattr__("CrossSiteModelEvalHE")
-    timeouts = round_timeouts(settings)
-    return {
-        "shareable_generator": make(HEModelShareableGenerator, tenseal_context_file=SERVER_CONTEXT),
-        # the sites weigh by n_k before encrypting; the aggregator divides the ciphertext sum by sum(n_k)
-        "aggregator": make(HEInTimeAccumulateWeightedAggregator, expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False),
-        PERSISTOR_FILTER_ID: make(HEModelSerializeFilter, tenseal_context_file=SERVER_CONTEXT),
-        "federation_monitor": make(HEFederationMonitor, **monitor_args(settings)),
-        "cross_site_validate": make(CrossSiteModelEvalHE, tenseal_context_file=SERVER_CONTEXT, model_locator_id="model_locator",
-                                    submit_model_timeout=timeouts["submit"], validation_timeout=timeouts["validate"]),
-    }
-
-
-def site_filters(settings: dict, make=_construct) -> tuple[list, list]:
-    """(result chains, data chains), each a list of ``(tasks, [filter instances])`` with disjoint tasks.
-    Result chains go after the site's ``TravelSetFilter`` of the same tasks: the plaintext check, then FLARE's
-    encryptor (training results weighted by the sample count, submitted models not), then the ciphertexts as
-    bytes (:class:`HECiphertextBytes`). Data chains (incoming
-    models): FLARE's decryptor, then the reshape to the travel set's shapes."""
-    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
-    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
-
-    check_settings(settings)
-    model = settings["model"]
-    max_abs = settings.get("he_max_abs") or DEFAULT_MAX_ABS
-
-    def outgoing(weigh: bool) -> list:
-        return [make(HEPlaintextCheck, model_config=model, max_abs=max_abs),
-                make(HEModelEncryptor, tenseal_context_file=CLIENT_CONTEXT, weigh_by_local_iter=weigh),
-                make(HECiphertextBytes)]
-
-    results = [(["train"], outgoing(True)), (["submit_model"], outgoing(False))]
-    data = [(list(MODEL_TASKS_IN), [make(HEModelDecryptor, tenseal_context_file=CLIENT_CONTEXT),
-                                    make(HEReshapeFilter, model_config=model)])]
-    return results, data
-
-
-CONTRIBUTION_CHECK_ARGS = {"encrypted": True}  # the server's ContributionCheckFilter under HE
-

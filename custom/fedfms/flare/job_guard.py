@@ -40,7 +40,7 @@ from fedfms.flare.site_config import (
 )
 
 EXECUTORS = ("fedfms.flare.executor.FedFMSExecutor", "fedfms.flare.nnunet_executor.NnUNetExecutor")
-MONITORS = ("fedfms.flare.monitor.FederationMonitor", "fedfms.flare.he.HEFederationMonitor")
+MONITORS = ("fedfms.flare.monitor.FederationMonitor", "fedfms.flare.he_server.HEFederationMonitor")
 # (component class, argument as a dotted key) -> what the argument reads
 SITE_PATHS: dict[tuple[str, str], str] = {
     **{(e, "data_dir"): "data" for e in EXECUTORS},

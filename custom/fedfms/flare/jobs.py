@@ -1,9 +1,11 @@
 """The single source of truth for the FLARE jobs in ``jobs/``.
 
-Each variant is a few configuration values; :func:`build` makes its FLARE Job API object
-(:class:`fedfms.flare.fed_job.FedFMSJob`), whose ``export_job`` writes FLARE's classic JSON job (``meta.json`` +
-``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites ``jobs/`` and a test checks the
-checked-in JSON still equals what the builder exports.
+Each variant is a few configuration values; this module holds them, checks a variant's settings with the user's
+overrides (:func:`variant_settings`) and derives what the components are given from them (timeouts, monitor
+arguments, update kind), and reads a job folder back. It builds nothing: ``fedfms.flare.fed_job`` makes the FLARE
+Job API object from these settings (``build_job``, ``write_job``), whose ``export_job`` writes FLARE's classic JSON
+job (``meta.json`` + ``app/config/config_fed_{server,client}.json``). ``fedfms job generate`` rewrites ``jobs/``
+and a test checks the checked-in JSON still equals what the builder exports.
 
 The checked-in jobs carry no custom code (the production flavour: ``fedfms`` is pre-installed at every
 site and allowed by ``class_allow_list``). :func:`export_byoc` adds ``app/custom/fedfms`` for federations
@@ -13,11 +15,12 @@ that grant the bring-your-own-code right instead.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from fedfms.aggregation import NORM_BOUND_ACTIONS
 from fedfms.errors import ConfigError
@@ -28,6 +31,10 @@ from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR
 from fedfms.models import ModelConfig
 # nnU-Net's settings only (no nnU-Net import): rendering a job never loads nnU-Net (tests/nnunet/test_layering.py)
 from fedfms.nnunet.config import JOB_VARIANTS as NNUNET_VARIANTS, NNUNET_VARIANT, NnUNetConfig, check_model_config
+from fedfms.models.travel import check_local_parts
+from fedfms.run_record import RUN_RECORD, read_run_record
+from fedfms.training.distributed import check_processes_per_site
+from fedfms.training.personal import Personalisation
 from fedfms.training.trainer import TrainConfig
 
 PAPER_TRAIN = {"epochs": 1, "batch_size": 6, "lr": 1e-4, "betas": [0.9, 0.999], "loss": "bce", "val_fraction": 0.1}
@@ -114,8 +121,6 @@ def round_timeouts(s: dict) -> dict[str, int]:
 
 def personalisation(s: dict):
     """The job's parsed ``personalise`` setting (fedfms.training.personal.Personalisation), or None."""
-    from fedfms.training.personal import Personalisation
-
     return Personalisation.parse(s.get("personalise"), f"job {s.get('name')}: personalise")
 
 
@@ -142,8 +147,6 @@ def model_tasks_out(s: dict) -> list[str]:
 
 def _check_personalise(s: dict, where: str) -> None:
     """``personalise`` parsed and written back canonically; it alone sets the model's ``local_parts``."""
-    from fedfms.models.travel import check_local_parts
-
     p = personalisation(s)
     declared = s["model"].get("local_parts")
     if p is None:
@@ -217,14 +220,27 @@ def _check_federation(s: dict, where: str) -> None:
             raise ConfigError(f"{where}: encryption 'he' is for FedMSA's travel set (adapters + decoder); this job's model "
                               f"is {s['model'].get('variant')}/{s['model'].get('mode')}, whose whole model as ciphertext "
                               "would be far too large per round (docs/privacy-he.md)")
-        from fedfms.flare import he
-
-        he.check_settings(s)
+        check_he_settings(s)
     if s["tracking"] not in TRACKING:
         raise ConfigError(f"{where}: tracking is {s['tracking']!r}; expected one of {TRACKING}")
     if not isinstance(s["start_round"], int) or not 0 <= s["start_round"] < s["num_rounds"]:
         raise ConfigError(f"{where}: start_round is {s['start_round']!r}; expected a round before num_rounds "
                           f"({s['num_rounds']}): nothing is left to run")
+
+
+def check_he_settings(settings: dict) -> None:
+    """HE sums ciphertexts: only FLARE's FedAvg, full float32 weights, no other filter that needs plaintext."""
+    where = f"job {settings.get('name', '?')}: he"
+    if settings.get("aggregation", "fedavg") != "fedavg" or settings.get("norm_bound") is not None:
+        raise ConfigError(f"{where}: the server sums ciphertexts, so robust aggregation ({settings.get('aggregation')}, "
+                          f"norm_bound {settings.get('norm_bound')}) cannot run; use aggregation fedavg without norm_bound")
+    if settings.get("transfer", "float32") != "float32":
+        raise ConfigError(f"{where}: transfer {settings['transfer']!r} does not apply (ciphertexts travel); use float32")
+    if settings.get("privacy"):
+        raise ConfigError(f"{where}: the differential-privacy filters are not combined with HE here")
+    if settings.get("update", "weights") != "weights":
+        raise ConfigError(f"{where}: update {settings['update']!r}: HE jobs send whole weights (the server cannot "
+                          "add a plaintext difference to an encrypted global model)")
 
 
 SETTING_KEYS = ("num_rounds", "min_clients", "num_classes", "data_dir", "transfer", "task_request_interval", "memory_gc_rounds", "model",
@@ -265,7 +281,6 @@ def variant_settings(name: str, **overrides) -> dict:
     if s.get("privacy"):
         s["update"] = "weight_diff"  # FLARE's privacy filters work on differences to the global model
     _check_personalise(s, f"job {name}")
-    from fedfms.training.distributed import check_processes_per_site
 
     n = check_processes_per_site(s["processes_per_site"], f"job {name}: processes_per_site")
     if is_nnunet(s):
@@ -299,23 +314,26 @@ def is_nnunet(s: dict) -> bool:
 # Models travel as float32, or as float16 through FLARE's own quantisation filters (half the bytes; the
 # receiving side restores float32 before anything is checked, averaged or trained).
 TRANSFER_TYPES = ("float32", "float16")
-QUANTIZER = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
-DEQUANTIZER = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
 MODEL_TASKS_OUT = ["train", "validate"]  # tasks whose data carries a model to the sites
 MODEL_TASKS_BACK = ["train", "submit_model"]  # tasks whose results carry a model back
 
 
 DEAD_CLIENT_GRACE_S = 15  # above the sites' 10 s job heartbeat, so a live site is never given up on
 DEAD_CLIENT_LEAD_S = 10
-MLFLOW_RECEIVER = "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver"
-STOCK_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
-ROBUST_AGGREGATOR = "fedfms.flare.robust_aggregator.RobustAggregator"
 
 
 def min_sites(s: dict) -> int | None:
     if s["min_sites"] is not None:
         return s["min_sites"]
     return default_min_sites(len(s["sites"])) if s["sites"] else None
+
+
+def min_clients(s: dict) -> int:
+    """FLARE's ``min_clients``, one value for the job's ``meta.json`` (the scheduler starts the job once that many
+    sites are connected) and the server's workflows (the fewest results a round goes on with): ``min_sites``, or 2
+    for a job without a site list (a federation of one site is none; the federation monitor's default for two
+    sites is both of them)."""
+    return min_sites(s) or 2
 
 
 def monitor_args(s: dict) -> dict:
@@ -334,25 +352,48 @@ def update_kind(s: dict) -> str:
     return "WEIGHT_DIFF" if s["update"] == "weight_diff" else "WEIGHTS"
 
 
+def complete_nnunet(s: dict) -> dict:
+    """A FednnU-Net job's settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the
+    job's rounds x the nnU-Net epochs per round, unless the train config sets it (a resumed job keeps the same total)."""
+    s = dict(s)
+    train = dict(s["train"])
+    train.setdefault("total_epochs", int(s["num_rounds"]) * int(train.get("epochs", 1)))
+    s["train"] = train
+    return s
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """A job's checked settings and every value the builder derives from them, computed once (:func:`job_settings`):
+    the job builder (``fedfms.flare.fed_job``, ``he_job``) reads these and derives nothing itself."""
+
+    values: Mapping  # the checked settings (variant_settings; a FednnU-Net job's completed)
+    nnunet: bool
+    min_sites: int | None  # the federation monitor's
+    min_clients: int  # FLARE's, in meta.json and the workflow
+    timeouts: Mapping[str, int]  # train, submit, validate, plan (round_timeouts)
+    monitor_args: Mapping
+    update_kind: str
+    model_tasks_out: list[str]
+    alone_epochs: int
+    personalise_timeout: int
+
+
+def job_settings(name: str, **overrides) -> JobSettings:
+    """The settings of variant ``name`` with ``overrides`` (any of :data:`SETTING_KEYS`), checked, with what the
+    components are given derived once."""
+    s = variant_settings(name, **overrides)
+    nnunet = is_nnunet(s)
+    if nnunet:
+        s = complete_nnunet(s)
+    timeouts = round_timeouts(s)
+    return JobSettings(values=s, nnunet=nnunet, min_sites=min_sites(s), min_clients=min_clients(s),
+                       timeouts={**timeouts, "plan": timeouts["train"]}, monitor_args=monitor_args(s),
+                       update_kind=update_kind(s), model_tasks_out=model_tasks_out(s), alone_epochs=alone_epochs(s),
+                       personalise_timeout=personalise_timeout(s))
+
+
 RECIPE_KEY = "fedfms_recipe"  # meta.json: the variant and settings the job was rendered from
-
-
-def build(name: str, **overrides):
-    """The job of variant ``name`` as FLARE's Job API object (:class:`fedfms.flare.fed_job.FedFMSJob`, a
-    ``FedJob``): ``export_job`` / ``simulator_run`` as any FLARE job. ``meta.json`` keeps the recipe (variant and
-    overrides), so a job can be re-made for other sites or continued after a stop without editing JSON."""
-    from fedfms.flare.fed_job import build_job
-
-    return build_job(name, **overrides)
-
-
-def render_job(name: str, **overrides) -> dict[str, dict]:
-    """Relative path -> JSON content of every file of the job, as FLARE's ``export_job`` writes it."""
-    return build(name, **overrides).files()
-
-
-def write_job(name: str, out_dir: str | Path, overwrite: bool = False, **overrides) -> Path:
-    return build(name, **overrides).write(out_dir, overwrite=overwrite)
 
 
 def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:
@@ -372,25 +413,11 @@ def job_recipe(job_dir: str | Path) -> tuple[str, dict] | None:
     return recipe["variant"], dict(recipe["settings"])
 
 
-def rewrite_job(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False, **changes) -> Path:
-    """Write ``job_dir``'s recipe again with ``changes`` (e.g. the sites of this run) into ``out_dir``."""
-    recipe = job_recipe(job_dir)
-    if recipe is None:
-        raise ConfigError(f"{job_dir}/meta.json has no {RECIPE_KEY!r}: the job was not made by `fedfms job new`; "
-                          "make it with `fedfms job new` (or edit its JSON by hand)")
-    variant, settings = recipe
-    if "min_clients" in settings and "min_sites" in changes:
-        settings.pop("min_clients")
-    return write_job(variant, out_dir, overwrite=overwrite, **{**settings, **{k: v for k, v in changes.items() if v is not None}})
-
-
 def resume_settings(run: str | Path) -> dict:
     """Settings that continue a stopped run from its last saved global model: ``start_round`` after the last
     round whose model was saved, the saved global model as the persistor's source, the sites' accepted sample
     counts pinned, and the previous best model and metric for the model selection. ``run``: the server's run
     folder of the stopped job (or anything above it holding one ``fedfms_run.json``)."""
-    from fedfms.run_record import RUN_RECORD, read_run_record
-
     run = Path(run)
     found = [run] if run.is_file() else sorted(run.rglob(RUN_RECORD), key=lambda p: (len(p.parts), str(p))) if run.is_dir() else []
     if not found:
@@ -415,11 +442,6 @@ def resume_settings(run: str | Path) -> dict:
                    "best_model": str(best.resolve()) if best else None,
                    "best_metric": (record.get("best") or {}).get("metric")},
     }
-
-
-def generate_all(jobs_root: str | Path) -> list[Path]:
-    """(Re)write every variant under ``jobs_root``: what is checked in."""
-    return [write_job(name, Path(jobs_root) / name, overwrite=True) for name in VARIANTS]
 
 
 def export_byoc(job_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -486,33 +508,3 @@ def components(config) -> list[tuple[str, dict]]:
 def component_paths(job: dict[str, dict]) -> set[str]:
     """Every class path a rendered job instantiates."""
     return {path for path, _ in components(job)}
-
-
-def _allow_list_renders():
-    """Option sets that, over every variant, reach each branch of the job builder (and so every class it names)."""
-    for name in VARIANTS:
-        options = [{"transfer": transfer, "privacy": privacy} for transfer in TRANSFER_TYPES
-                   for privacy in (None, *PRIVACY_FILTERS)]
-        options.append({"aggregation": "median", "norm_bound": 3.0})
-        if VARIANTS[name]["model"].get("mode") == "fedmsa" and not is_nnunet(VARIANTS[name]):
-            options.append({"encryption": "he"})
-        if not is_nnunet(VARIANTS[name]):
-            options.append({"personalise": "finetune:1", "transfer": "float16"})
-        for option in options:
-            yield name, option
-
-
-@functools.cache
-def _class_allow_list() -> tuple[str, ...]:
-    found = set()
-    for name, option in _allow_list_renders():
-        found |= component_paths(render_job(name, tracking="mlflow", **option))
-    return tuple(sorted(found))
-
-
-def class_allow_list() -> list[str]:
-    """The ``class_allow_list`` a site needs to run every job here without custom code: exactly the classes the jobs
-    name, stock FLARE and this package's alike. No prefix entry: a prefix (``"fedfms."``) would admit every callable
-    below it, functions such as ``site_setup.add_class_allow_list`` included, which a job could call with arguments
-    of its choosing. Rendering every variant takes seconds, so the list is made once per process."""
-    return list(_class_allow_list())

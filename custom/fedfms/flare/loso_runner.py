@@ -23,8 +23,8 @@ from typing import Callable, Mapping, Sequence
 from fedfms.errors import ConfigError
 from fedfms.evaluation.loso import GLOBAL_MODEL, run_loso
 from fedfms.evaluation.results import EvaluationError
-from fedfms.flare.jobs import (VARIANTS, job_model_config, job_personalise, job_recipe, job_train_config, rewrite_job,
-                               variant_settings, write_job)
+from fedfms.flare.jobs import VARIANTS, job_model_config, job_personalise, job_recipe, job_train_config, variant_settings
+from fedfms.flare.fed_job import rewrite_job, write_job
 from fedfms.processes import stop_group
 from fedfms.flare.simulate import server_job_dir
 from fedfms.flavours import apply_flavour, flavour_of

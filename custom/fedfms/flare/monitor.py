@@ -44,7 +44,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from fedfms.flare.contribution_filter import FATAL_HEADER, REASON_HEADER
+from fedfms.flare.replies import FATAL_HEADER, REASON_HEADER
 from fedfms.flare.liveness import (
     DEFAULT_NO_PROGRESS_S,
     DEFAULT_START_S,
@@ -57,14 +57,13 @@ from fedfms.flare.liveness import (
     oom_kills,
 )
 from fedfms.flare.update_check import aggregate_problems
-from fedfms.run_record import (  # noqa: F401  (RUN_RECORD and read_run_record re-exported for the FLARE layer)
+from fedfms.run_record import (
     COMPLETED,
     COMPLETED_WITH_GAPS,
     FAILED,
     RUN_RECORD,
     RUNNING,
     as_float,
-    read_run_record,
     site_summary,
     summarize,
 )

@@ -23,14 +23,16 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.errors import ConfigError
-from fedfms.flare.contribution_filter import error_reply
+from fedfms.flare.replies import error_reply
 from fedfms.flare.executor import FedFMSExecutor
-from fedfms.flare.nnunet_planning import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
+from fedfms.flare.nnunet_tasks import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
 from fedfms.flare.site_config import resolve_site_settings
 from fedfms.nnunet.config import NnUNetConfig, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, read_plan, write_plan
 from fedfms.nnunet.fingerprint import site_fingerprint
 from fedfms.nnunet.sitedata import NnUNetSiteData
+from fedfms.nnunet.plan import describe
+from fedfms.nnunet.trainer import NnUNetSiteTrainer
 
 
 class NnUNetExecutor(FedFMSExecutor):
@@ -103,9 +105,6 @@ class NnUNetExecutor(FedFMSExecutor):
         return DXO(DataKind.APP_DEFINED, {DIGEST_KEY: self.fingerprint}).to_shareable()
 
     def _build_trainer(self, plan: dict, fl_ctx: FLContext, where: str) -> None:
-        from fedfms.nnunet.plan import describe
-        from fedfms.nnunet.trainer import NnUNetSiteTrainer
-
         self.trainer = NnUNetSiteTrainer(plan, self.cfg, self.site_data)
         self.fingerprint = self.trainer.digest  # sent with every update; the server compares it with its own
         self.log_info(fl_ctx, f"nnU-Net plan {self.fingerprint[:12]} ({where}): {describe(plan)}; device {self.trainer.device}")

@@ -16,92 +16,26 @@ A ``fednnunet`` job is a ``fedunet`` job (same federation settings, ``ScatterAnd
 
 ``fedfms.flare.jobs`` holds the variants (``fednnunet``, ``fednnunet_tiny`` in ``VARIANTS``), checks their settings
 and the builder takes :data:`NNUNET_KIND` for them, so ``fedfms job new fednnunet``, ``jobs/fednnunet``
-and ``fedfms loso fednnunet`` work like the other variants; :func:`render_fednnunet_job` is ``jobs.render_job`` for
-these two names.
+and ``fedfms loso fednnunet`` work like the other variants (``fedfms.flare.fed_job.render_job("fednnunet", ...)``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from fedfms.errors import ConfigError
-from fedfms.flare import jobs
-from fedfms.nnunet.config import JOB_VARIANTS, MODEL_CONFIG
+from fedfms.flare.nnunet_executor import NnUNetExecutor
+from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter, NnUNetPlanning
+from fedfms.flare.nnunet_tasks import PLANNING_TASKS
 
 GLOBAL_MODEL = "fedfms.flare.nnunet_planning.NnUNetGlobalModel"
-PLANNING_TASKS = ["nnunet_fingerprint", "nnunet_plan"]
-
-FEDNNUNET_VARIANTS = JOB_VARIANTS  # the entries of jobs.VARIANTS that are FednnU-Net's
-
-
-
-def is_nnunet(settings: dict) -> bool:
-    return (settings.get("model") or {}).get("variant") == MODEL_CONFIG["variant"]
-
-
-def fednnunet_settings(name: str = "fednnunet", **overrides) -> dict:
-    """A FednnU-Net variant's settings with overrides: ``jobs.variant_settings`` (the federation's defaults and
-    checks; ``model``/``train`` merged with the overrides and checked as nnU-Net settings; no flavour)."""
-    if name not in FEDNNUNET_VARIANTS:
-        raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
-    return jobs.variant_settings(name, **overrides)
-
-
-def timeouts(s: dict) -> dict[str, int]:
-    """The outer bounds of the rounds (``train``), each planning broadcast (``plan``) and cross-site evaluation: the
-    job's ``round_timeout`` (0: none), as for the other variants (``jobs.round_timeouts``)."""
-    bounds = jobs.round_timeouts(s)
-    return {**bounds, "plan": bounds["train"]}
-
-def complete(s: dict) -> dict:
-    """The settings with nnU-Net's poly schedule over the whole federation: ``total_epochs`` = the job's rounds x
-    the nnU-Net epochs per round, unless the train config sets it (a resumed job keeps the same total)."""
-    s = dict(s)
-    train = dict(s["train"])
-    train.setdefault("total_epochs", int(s["num_rounds"]) * int(train.get("epochs", 1)))
-    s["train"] = train
-    return s
 
 
 class _NnUNetKind:
-    """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring).
-    The classes are imported when a FednnU-Net job is built; they load no nnU-Net."""
+    """What the job builder (``fedfms.flare.fed_job.FedFMSJob``) swaps for a FednnU-Net job (module docstring)."""
 
     GLOBAL_MODEL = GLOBAL_MODEL
     PLANNING_TASKS = PLANNING_TASKS
-    timeouts = staticmethod(timeouts)
-
-    @property
-    def CheckFilter(self):  # noqa: N802 - a class, as the builder uses it
-        from fedfms.flare.nnunet_planning import NnUNetContributionCheckFilter
-
-        return NnUNetContributionCheckFilter
-
-    @property
-    def Planning(self):  # noqa: N802
-        from fedfms.flare.nnunet_planning import NnUNetPlanning
-
-        return NnUNetPlanning
-
-    @property
-    def Executor(self):  # noqa: N802
-        from fedfms.flare.nnunet_executor import NnUNetExecutor
-
-        return NnUNetExecutor
+    CheckFilter = NnUNetContributionCheckFilter
+    Planning = NnUNetPlanning
+    Executor = NnUNetExecutor
 
 
 NNUNET_KIND = _NnUNetKind()
-
-
-def render_fednnunet_job(name: str = "fednnunet", **overrides) -> dict[str, dict]:
-    """Every file of a FednnU-Net job (``name``: ``fednnunet`` or ``fednnunet_tiny``), with the same overrides
-    as ``jobs.render_job`` (``num_rounds``, ``sites``, ``train``, ``model``, ``site_samples``, ...)."""
-    if name not in FEDNNUNET_VARIANTS:
-        raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
-    return jobs.render_job(name, **overrides)
-
-
-def write_fednnunet_job(out_dir: str | Path, name: str = "fednnunet", overwrite: bool = False, **overrides) -> Path:
-    if name not in FEDNNUNET_VARIANTS:
-        raise ConfigError(f"job variant is {name!r}; expected one of {sorted(FEDNNUNET_VARIANTS)}")
-    return jobs.write_job(name, out_dir, overwrite=overwrite, **overrides)

@@ -32,18 +32,16 @@ from nvflare.apis.signal import Signal
 from torch import nn
 
 from fedfms.errors import FedFMSError
-from fedfms.flare.contribution_filter import REASON_HEADER, ContributionCheckFilter
+from fedfms.flare.contribution_filter import ContributionCheckFilter
+from fedfms.flare.nnunet_tasks import DIGEST_KEY, FINGERPRINT_TASK, PLAN_KEY, PLAN_TASK
+from fedfms.flare.replies import REASON_HEADER
 from fedfms.flare.update_check import FROZEN_FINGERPRINT
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.evaluate import PLAN_FILE, write_plan
 from fedfms.nnunet.fingerprint import fingerprint_problems, merge_fingerprints
 from fedfms.nnunet.plan import build_network, describe, make_plan, plan_digest, travel_state
 
-FINGERPRINT_TASK = "nnunet_fingerprint"
-PLAN_TASK = "nnunet_plan"
 FINGERPRINTS_FILE = "nnunet_fingerprints.json"
-PLAN_KEY = "plan"
-DIGEST_KEY = "plan_digest"
 
 
 class NnUNetGlobalModel(nn.Module):

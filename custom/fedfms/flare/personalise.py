@@ -19,7 +19,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.response_processor import ResponseProcessor
 
 from fedfms.evaluation.personal import PERSONAL_RECORD, site_entry_problems
-from fedfms.flare.contribution_filter import REASON_HEADER
+from fedfms.flare.replies import REASON_HEADER
 
 GLOBAL_MODEL_NAME = "FL_global_model.pt"  # the final global model, as FLARE's PT persistor names it
 

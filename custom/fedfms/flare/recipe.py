@@ -1,7 +1,7 @@
 """FedFMS on FLARE's recipe API (FLARE 2.7+): ``FedFMSRecipe(variant, ...).execute(env)`` with ``SimEnv``, ``PocEnv``
 or ``ProdEnv``, as FLARE's own examples start from ``FedAvgRecipe``.
 
-The recipe is a thin wrapper of the one job builder: its job *is* :func:`fedfms.flare.jobs.build` (a
+The recipe is a thin wrapper of the one job builder: its job *is* :func:`fedfms.flare.fed_job.build_job` (a
 :class:`fedfms.flare.fed_job.FedFMSJob`), so ``recipe.export(dir)`` writes exactly what ``fedfms job new`` writes (and
 what is checked in under ``jobs/``), and an environment submits that same job. What differs per environment is
 only what the environment needs around the job:
@@ -10,7 +10,7 @@ only what the environment needs around the job:
   ``SimEnv`` installs FLARE's ``DEFAULT_CLASS_ALLOW_LIST`` into ``<workspace>/local/resources.json`` unless that file
   already holds a ``class_allow_list``; that default names stock FLARE classes only, so the simulated sites would refuse
   these jobs (no custom code: the production flavour). :meth:`FedFMSRecipe.process_env` writes the list a hospital
-  sets for these jobs (:func:`fedfms.flare.jobs.class_allow_list`, exact class names) and the sites' data folders
+  sets for these jobs (:func:`fedfms.flare.fed_job.class_allow_list`, exact class names) and the sites' data folders
   (``local/fedfms_site.json``) with :func:`fedfms.flare.simulate.prepare_sim_workspace`, the same call
   ``fedfms simulate`` makes; ``SimEnv`` then sees a list and leaves it alone. ``extra={"data_root": FOLDER}`` (one
   prepared folder per site) sets ``$FEDFMS_DATA_ROOT`` for the simulated sites, as ``fedfms simulate --data-root`` does.
@@ -40,7 +40,10 @@ from nvflare.recipe import PocEnv, SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
 from fedfms.errors import ConfigError
-from fedfms.flare.jobs import build, job_recipe
+from fedfms.flare.jobs import job_recipe
+from fedfms.flare.fed_job import build_job
+from fedfms.flare.simulate import Outcome, prepare_sim_workspace
+from fedfms.run_record import EXIT_FAILED, exit_code, read_run_record, summarize
 
 DATA_ROOT = "data_root"  # the environments' extra property: one prepared site folder per site name
 
@@ -58,7 +61,7 @@ class FedFMSRecipe(Recipe):
         self.variant = variant
         self.settings = {k: v for k, v in settings.items() if v is not None}
         self._byoc_dir: tempfile.TemporaryDirectory | None = None
-        super().__init__(build(variant, **self.settings))
+        super().__init__(build_job(variant, **self.settings))
 
     @classmethod
     def from_job(cls, job_dir: str | os.PathLike) -> "FedFMSRecipe":
@@ -90,8 +93,6 @@ class FedFMSRecipe(Recipe):
 
     # -- environments -------------------------------------------------------------------------------------------
     def _prepare_simulation(self, env: SimEnv) -> None:
-        from fedfms.flare.simulate import prepare_sim_workspace
-
         clients = list(env.clients) if env.clients else [f"site-{i}" for i in range(1, env.num_clients + 1)]
         if self.sites and sorted(self.sites) != sorted(clients):
             raise ConfigError(f"recipe {self.name}: the job names sites {self.sites}, but SimEnv simulates {clients}; "
@@ -138,9 +139,6 @@ def _data_root(env: ExecEnv):
 def run_outcome(run, timeout: float = 0.0):
     """The truthful outcome of a recipe's run (``nvflare.recipe.Run``): from the run record in the result folder,
     exit code 0 only when every round averaged every site (:class:`fedfms.flare.simulate.Outcome`)."""
-    from fedfms.flare.simulate import EXIT_FAILED, Outcome
-    from fedfms.run_record import exit_code, read_run_record, summarize
-
     result = run.get_result(timeout=timeout)
     record = read_run_record(result) if result and Path(result).is_dir() else None
     if record is None:

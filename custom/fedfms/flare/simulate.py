@@ -6,24 +6,24 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfms.errors import ConfigError, DataError
-from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.capacity import Placement, choose_placement
-from fedfms.flare.jobs import (
-    class_allow_list,
-    executor_args,
-    job_model_config,
-    job_recipe,
-    job_train_config,
-    rewrite_job,
-)
+from fedfms.data.site_dataset import patient_split, read_manifest
+from fedfms.data.site_warnings import TRAIN_DEFAULTS, site_warnings
+from fedfms.errors import ConfigError, DataError
+from fedfms.evaluation.personal import personal_gaps, read_personal_record
+from fedfms.flare.fed_job import class_allow_list, render_job, rewrite_job
+from fedfms.flare.he_job import prepare_simulation
+from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
 from fedfms.flare.liveness import SIMULATED
-from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize  # noqa: F401
+from fedfms.flare.monitor import PROGRESS_LOGGER
+from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
+from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize
 
 
 def prepare_sim_workspace(workspace: str | Path, job_dir: str | Path | None = None,
@@ -64,8 +64,6 @@ def quiet_log_config(workspace: str | Path) -> Path:
     INFO logs still go to each participant's ``log.txt`` in the workspace."""
     from nvflare.fuel.utils.log_utils import default_log_dict
 
-    from fedfms.flare.monitor import PROGRESS_LOGGER
-
     config = copy.deepcopy(default_log_dict)
     config["formatters"]["fedfmsConcise"] = {"format": "%(levelname)s %(name)s: %(message)s"}
     config["formatters"]["fedfmsBare"] = {"format": "%(message)s"}
@@ -102,8 +100,6 @@ def job_for_clients(job_dir: str | Path, workspace: str | Path, clients: list[st
 
 def matches_recipe(job_dir: Path, variant: str, settings: dict) -> bool:
     """Whether the job folder is exactly what its recipe renders (not edited by hand since)."""
-    from fedfms.flare.jobs import render_job
-
     try:
         rendered = render_job(variant, **settings)
     except ConfigError:
@@ -133,7 +129,6 @@ def simulation_outcome(workspace: str | Path, flare_rc: int) -> Outcome:
     if flare_rc != 0 and code == EXIT_OK:
         code = EXIT_FAILED
     summary = summarize(record)
-    from fedfms.evaluation.personal import personal_gaps, read_personal_record
 
     gaps = personal_gaps(read_personal_record(server_job_dir(workspace)))
     if gaps:  # a personalised job in which some site ended without its personalised model
@@ -221,8 +216,6 @@ def largest_batch(train: dict, data_root: str | Path | None, clients: list[str])
     batch = int(train.get("batch_size", 6))
     if data_root is None:
         return batch
-    from fedfms.data.site_dataset import patient_split, read_manifest
-    from fedfms.site_check import TRAIN_DEFAULTS
 
     most = 0
     for client in clients:
@@ -269,15 +262,11 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
         raise ConfigError(placement.reason)
     echo(placement.reason + (f"; GPUs {placement.gpu_arg}" if placement.gpus else ""))
     if data_root is not None:
-        from fedfms.site_check import site_warnings
-
         for client in clients:
             for line in site_warnings(Path(data_root) / client, job_train_config(job_dir), job_model_config(job_dir)):
                 echo(f"warning: {line}")
     prepare_sim_workspace(workspace, job_dir, data_root)
-    from fedfms.flare.he import prepare_simulation
-
-    prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he)
+    prepare_simulation(workspace, job_dir)  # an HE job: TenSEAL contexts in the simulator's startup/ (fedfms.flare.he_job)
     job = job_for_clients(job_dir, workspace, clients)
     runner = _Runner(
         job_folder=str(job), workspace=str(workspace), clients=",".join(clients),
@@ -300,3 +289,19 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
 
 def server_job_dir(workspace: str | Path) -> Path:
     return Path(workspace) / "server" / "simulate_job"
+
+
+def report_outcome(workspace: Path, outcome) -> int:
+    """One truthful verdict after a simulation, printed for ``fedfms simulate`` and the demo: plain success only when
+    every round averaged every site. Returns the exit code."""
+    if outcome.exit_code == EXIT_OK:
+        print(f"finished: every round averaged every site; results in {server_job_dir(workspace)}")
+    else:
+        verdict = "finished with gaps" if outcome.exit_code == EXIT_GAPS else "failed"
+        lines = (outcome.summary or "").splitlines() or [""]
+        detail = lines[0].split(": ", 1)[-1]  # the summary's first line without its "federation <status>: "
+        print(f"error: simulation {verdict}: {detail}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+        print(f"(full logs: {Path(workspace) / 'server' / 'log.txt'} and each site's log.txt)", file=sys.stderr)
+    return outcome.exit_code

@@ -79,7 +79,7 @@ def site_roots(site_file: dict, env: os._Environ | dict | None = None) -> dict[s
     for file in (site_file.get("checkpoint"), env.get("FEDFMS_SAM_CHECKPOINT")):
         if file:
             checkpoint.append(Path(os.path.expanduser(str(file))).parent)
-    resolve = lambda folders: list(dict.fromkeys(Path(os.path.expanduser(str(f))).resolve() for f in folders if f))  # noqa: E731
+    resolve = lambda folders: list(dict.fromkeys(Path(os.path.expanduser(str(f))).resolve() for f in folders if f))
     return {"data": resolve(data), "checkpoint": resolve(checkpoint)}
 
 

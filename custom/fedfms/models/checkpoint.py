@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfms.errors import CheckpointError
+from fedfms.models.registry import VARIANTS
 
 SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
@@ -55,8 +56,6 @@ def read_state_dict(
 
 def describe_variant(state: dict[str, torch.Tensor]) -> str:
     """A human guess of which SAM a state dict is, e.g. ``vit_l (embed 1024, 24 blocks)``."""
-    from fedfms.models.registry import VARIANTS
-
     patch = state.get("image_encoder.patch_embed.proj.weight")
     if patch is None:
         return "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight)"

@@ -19,12 +19,16 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedfms.errors import CheckpointError, ConfigError
-# the same output files as the project's centralised baseline (one home for their names and layout)
-from fedfms.evaluation.centralized import history_path, last_weights_path, save_weights
 from fedfms.nnunet.config import NnUNetConfig, PlanError, check_model_config
 from fedfms.nnunet.fingerprint import merge_fingerprints, site_fingerprint
 from fedfms.nnunet.plan import build_network, check_plan, make_plan, travel_state
 from fedfms.nnunet.sitedata import NnUNetSiteData
+# the same output files as the project's centralised baseline (one home for their names and layout)
+from fedfms.training.weights_files import history_path, last_weights_path, save_weights
+from fedfms.training.predict import load_weights
+from fedfms.nnunet.inference import NnUNetInference
+from fedfms.training.trainer import pick_device
+from fedfms.nnunet.trainer import NnUNetSiteTrainer
 
 PLAN_FILE = "nnunet_plan.json"
 SELECTION = "highest slice Dice (mean over classes) on the pooled validation split, earliest epoch on ties"
@@ -62,8 +66,6 @@ def find_plan(weights_path: str | os.PathLike, levels: int = 2) -> dict:
 
 def load_network(plan: Mapping, weights_path: str | os.PathLike) -> torch.nn.Module:
     """The planned network with the saved weights (every key and shape checked)."""
-    from fedfms.training.predict import load_weights
-
     network = build_network(plan, deep_supervision=False)
     weights = load_weights(weights_path)
     state = travel_state(network)
@@ -86,9 +88,6 @@ def evaluate_sites(model_cfg: Mapping, weights_path: str | os.PathLike, site_dir
     it scored (both rules, per class, 3D). ``plan``: default :func:`find_plan` beside ``weights_path``.
     ``batch_size``, ``amp``, ``checkpoint``: accepted for the common signature (nnU-Net predicts case by case
     with its own autocast rule; there is no checkpoint)."""
-    from fedfms.nnunet.inference import NnUNetInference
-    from fedfms.training.trainer import pick_device
-
     if not site_dirs:
         raise ConfigError("no site folders to evaluate")
     model_cfg = check_model_config(model_cfg)
@@ -115,8 +114,6 @@ def train_centralized(model_cfg: Mapping, train_cfg: NnUNetConfig | Mapping, sit
     epochs), planned from the same fingerprints the federation would merge: ``fedfms.evaluation.centralized.
     train_centralized``'s outputs (``model.pt`` of the best validation epoch, ``model_last.pt``, ``model.json``)
     plus the plan (:data:`PLAN_FILE`) beside them."""
-    from fedfms.nnunet.trainer import NnUNetSiteTrainer
-
     if epochs < 1:
         raise ConfigError(f"epochs is {epochs}; expected >= 1")
     if not site_dirs:

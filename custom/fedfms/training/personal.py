@@ -37,6 +37,7 @@ import torch
 
 from fedfms.errors import ConfigError
 from fedfms.models.travel import LOCAL_PARTS, check_local_parts
+from fedfms.models.checkpoint import read_state_dict
 
 FINETUNE = "finetune"
 ALONE = "alone"
@@ -148,7 +149,6 @@ def read_local_part(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None
     path = Path(folder) / LOCAL_PART_FILE
     if not path.is_file():
         return None
-    from fedfms.models.checkpoint import read_state_dict
 
     return read_state_dict(path, "site local part", "the local part this site saved after a round")
 

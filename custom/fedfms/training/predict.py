@@ -40,6 +40,8 @@ from fedfms.models import ModelConfig, build_model, local_keys, trained_keys, tr
 from fedfms.models.checkpoint import read_state_dict
 from fedfms.training.trainer import autocast_for, pick_device
 from fedfms.config import missing_folders
+from fedfms.overlays import montage, overlay
+from fedfms.progress import bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", *TIFF_EXTS)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -216,8 +218,6 @@ OVERLAY_SLICES = 6  # slices a volume's overlay picture shows
 def _overlay_picture(slices: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """The input with one class's prediction drawn on it (fedfms.overlays: red fill and outline). A volume shows
     up to OVERLAY_SLICES slices side by side, evenly spaced among those with a prediction (or all slices)."""
-    from fedfms.overlays import montage, overlay
-
     if len(slices) == 1:
         return overlay(slices[0], masks[0])
     candidates = [k for k in range(len(slices)) if masks[k].any()] or list(range(len(slices)))
@@ -285,8 +285,6 @@ def predict_cases(
     input with the prediction as a red fill and outline (a volume: a few slices side by side).
     ``probabilities``: also the soft map of every class (float32 in [0, 1], before the threshold).
     ``progress``: a bar over the files (None: only on a terminal)."""
-    from fedfms.progress import bar
-
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(dict(model_cfg))
     check_resize(resize)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

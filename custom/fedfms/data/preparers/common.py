@@ -33,6 +33,7 @@ from fedfms.data.geometry import PAD, check_resize
 from fedfms.data.preparers import inputs
 from fedfms.data.site_dataset import DEFAULT_MASK_RESIZE, MASK_RESIZES, SiteWriter, read_manifest, summarize_sites
 from fedfms.errors import ConfigError, DataError
+from fedfms.progress import bar
 
 # Bumped when a preparer's output changes for the same settings, so old outputs are not taken as current.
 # 2: volume ids carry the site; intensity checks; the manifest records the raw files read.
@@ -71,8 +72,6 @@ def visible(path: Path) -> bool:
 
 def progress(items: Sequence, desc: str, unit: str = "case"):
     """A progress bar over ``items`` (:func:`fedfms.progress.bar`: drawn only when stderr is a terminal)."""
-    from fedfms.progress import bar
-
     return bar(items, desc=desc, unit=unit)
 
 

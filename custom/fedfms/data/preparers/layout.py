@@ -23,6 +23,7 @@ import numpy as np
 from fedfms.data import volumes as vol
 from fedfms.data.preparers import common
 from fedfms.errors import ConfigError, DataError
+from fedfms.data.site_dataset import MAX_CLASSES
 
 MASK_CODINGS = ("auto", "instances")
 CLASS_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -31,8 +32,6 @@ CLASS_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 def parse_classes(value, default: Sequence[str] = ("foreground",)) -> list[str]:
     """Class names from ``"disc,cup"`` or a list: 1 to 8 distinct names of letters, digits, ``_``, ``-``, ``.``
     (they become parts of file names: ``<id>_<class>.png`` masks, ``<stem>_<class>.png`` predictions)."""
-    from fedfms.data.site_dataset import MAX_CLASSES
-
     if value is None:
         return list(default)
     names = [c.strip() for c in value.split(",")] if isinstance(value, str) else [str(c).strip() for c in value]

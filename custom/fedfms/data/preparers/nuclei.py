@@ -67,10 +67,6 @@ def patient_rule(stem: str) -> tuple[str, str]:
     return (m.group(1), RULE_TNBC) if m else (stem, RULE_OWN)
 
 
-def patient_from_name(stem: str) -> str:
-    return patient_rule(stem)[0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # PanNuke
 

@@ -1,6 +1,6 @@
 """``fedfms table1`` and ``fedfms table2``: the paper's Table 1 from LOSO results, Table 2 measured here.
 
-The main CLI calls :func:`add_table_parsers`; problems a user can fix raise
+The main CLI calls :func:`add_parsers`; problems a user can fix raise
 :class:`fedfms.errors.FedFMSError`, printed as one line."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _out_paths(out: str | None, csv: str | None) -> tuple[Path | None, Path | No
 
 
 def _cmd_table1(args) -> int:
-    from fedfms.tables import build_table1, format_table1, write_table1_csv
+    from fedfms.reporting.tables import build_table1, format_table1, write_table1_csv
 
     md, csv_path = _out_paths(args.out, args.csv)
     tables = build_table1(args.runs, select=args.select)
@@ -59,7 +59,7 @@ def _cmd_table1(args) -> int:
 
 
 def _cmd_table2(args) -> int:
-    from fedfms.tables import build_table2, format_table2, write_table2_csv
+    from fedfms.reporting.tables import build_table2, format_table2, write_table2_csv
 
     md, csv_path = _out_paths(args.out, args.csv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -82,7 +82,7 @@ def _cmd_table2(args) -> int:
 
 
 
-def add_table_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("table1", help="the paper's Table 1 (LOSO Dice/IoU per held-out site) from 'fedfms loso' runs",
                        epilog=TABLE1_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="'fedfms loso' workspaces (or their loso_results.json)")

@@ -1,6 +1,6 @@
 """``fedfms evaluate``, ``fedfms loso`` and ``fedfms centralized``: the paper's evaluation protocol.
 
-The main CLI calls :func:`add_evaluate_parsers`; each command returns an exit code, and problems a user can
+The main CLI calls :func:`add_parsers`; each command returns an exit code, and problems a user can
 fix raise :class:`fedfms.errors.FedFMSError` for the main CLI to print as one line."""
 
 from __future__ import annotations
@@ -79,11 +79,12 @@ def _cmd_loso(args) -> int:
 
 
 def _cmd_centralized(args) -> int:
-    from fedfms.evaluation.centralized import history_path, last_weights_path, train_centralized
+    from fedfms.evaluation.centralized import train_centralized
     from fedfms.evaluation.loso import train_config
     from fedfms.evaluation.results import json_safe
     from fedfms.evaluation.scoring import evaluate_sites, format_site_rows
     from fedfms.flare.loso_runner import training_settings
+    from fedfms.training.weights_files import history_path, last_weights_path
 
     settings = training_settings(args.job, parse_json_object(args.train, "--train"), parse_json_object(args.model, "--model"),
                                  flavour=args.flavour)
@@ -128,7 +129,7 @@ def _flavour(p: argparse.ArgumentParser) -> None:
                         "head, input scaling, no dense prompt, adapter init, FedMSA block order, pos_weight 2); docs/evaluation.md")
 
 
-def add_evaluate_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice/IoU of a saved model on whole sites (every sample is test data)")
     p.add_argument("sites", nargs="+", metavar="SITE_DIR", help="prepared site folders to score")
     p.add_argument("--weights", required=True, help="saved travel set: FL_global_model.pt, best_FL_global_model.pt, "

@@ -31,6 +31,11 @@ from fedfms.evaluation.scoring import check_scoring
 from fedfms.flavours import flavour_of, flavour_overrides
 from fedfms.numbers import finite_mean, fmt_score
 from fedfms.training.metrics import HONEST_RULE, reference_rule, reference_space
+from fedfms.evaluation.personal import comparison_rows
+from fedfms.models import ModelConfig
+from fedfms.models import build_model_on_meta, count_parameters, local_spec, travel_bytes, travel_spec
+from fedfms.data.synthetic import make_disc_site
+from fedfms.training.trainer import LocalTrainer, TrainConfig
 
 
 # which LOSO methods make a table: federated final global model with the centralised last epoch, or
@@ -373,8 +378,6 @@ def format_table1(tables: Sequence[Table1], scoring: str = "both", select: str =
 
 def _personal_table(entry: Mapping) -> str:
     """A personalised run's second table: each site as a training site, on its own validation slices."""
-    from fedfms.evaluation.personal import comparison_rows
-
     rows = comparison_rows(entry["personal"])
     body = [[r["site"], fmt_score(r["global"]), fmt_score(r["personal"]), fmt_score(r["alone"]),
              "-" if r["gap"] is None else f"{r['gap']:+.3f}" + (" (below)" if r["below"] else "")] for r in rows]
@@ -420,8 +423,6 @@ ATTENTIONS = ("fused", "stock")
 
 
 def _model_config(variant: str, mode: str, num_classes: int, attention: str, flavour: str, local_parts=()):
-    from fedfms.models import ModelConfig
-
     o = flavour_overrides(flavour, variant)["model"]
     if variant == "unet":
         if "decoder" in local_parts:
@@ -455,8 +456,6 @@ def static_costs(variant: str, mode: str, num_classes: int = 1, attention: str =
                  local_parts=()) -> dict:
     """Parameters, bytes sent per site per round and FLOPs per image, from a model built on the meta device.
     ``local_parts``: a personalised job's part kept at each site (``fedfms.models.travel``), which is not sent."""
-    from fedfms.models import build_model_on_meta, count_parameters, local_spec, travel_bytes, travel_spec
-
     cfg = _model_config(variant, mode, num_classes, attention, flavour, tuple(local_parts))
     model = build_model_on_meta(cfg)
     spec = travel_spec(model, cfg.mode, cfg.local_parts)
@@ -476,9 +475,6 @@ def gpu_costs(variant: str, mode: str, num_classes: int = 1, attention: str = "f
     in training) at ``batch_size``, peak memory of those steps, and seconds per predicted image (batch 1).
     Random weights and random data: speed and memory do not depend on the values. Meant for a GPU; callable on
     CPU for tests, but the table never shows a CPU figure in place of a GPU one."""
-    from fedfms.data.synthetic import make_disc_site
-    from fedfms.training.trainer import LocalTrainer, TrainConfig
-
     cfg = _model_config(variant, mode, num_classes, attention, flavour)
     dev = torch.device(device)
     cuda = dev.type == "cuda"

@@ -1,7 +1,7 @@
 """``fedfms prepare DATASET --raw DIR --out DIR``: your own data (``images``, ``volumes``) or a raw public download ->
 prepared site folders.
 
-The main CLI calls :func:`add_prepare_parser` and dispatches to ``args.func(args)``, which returns an
+The main CLI calls :func:`add_parsers` and dispatches to ``args.func(args)``, which returns an
 exit code. Data problems raise :class:`fedfms.errors.DataError` for the main CLI to print; misuse of the
 options (an option of another dataset, an unknown site, low >= high percentile) is reported by argparse
 with exit code 2.
@@ -116,7 +116,7 @@ _pannuke_folds = _checked_by("fedfms.data.preparers.nuclei", "parse_pannuke_fold
 _classes = _checked_by("fedfms.data.preparers.layout", "parse_classes", keep_text=False)
 
 
-def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     from fedfms.data.preparers.registry import PREPARERS
 
     p = subparsers.add_parser(

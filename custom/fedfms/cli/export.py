@@ -1,6 +1,6 @@
 """``fedfms export bundle``: a finished run's model as a MONAI bundle with its model card (fedfms.bundle).
 
-The main CLI calls :func:`add_export_parsers`; problems a user can fix raise :class:`fedfms.errors.FedFMSError` for the
+The main CLI calls :func:`add_parsers`; problems a user can fix raise :class:`fedfms.errors.FedFMSError` for the
 main CLI to print as one line."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _cmd_export_bundle(args) -> int:
     return 0
 
 
-def add_export_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     export = sub.add_parser("export", help="a finished run's model for use outside the federation").add_subparsers(
         dest="export_command", required=True)
     p = export.add_parser("bundle", help="the final, best or a personalised model as a MONAI bundle (configs/inference.json "

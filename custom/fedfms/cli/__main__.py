@@ -1,0 +1,7 @@
+"""``python -m fedfms.cli``: the ``fedfms`` command."""
+
+import sys
+
+from fedfms.cli import main
+
+sys.exit(main())
