@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from fedfms.deploy import runtime as rt
 
@@ -70,3 +73,23 @@ def provision(project: dict, workspace: Path, home: Path, timeout: float = 300) 
     if res.returncode != 0 or not prod.is_dir():
         raise AssertionError(f"nvflare provision failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return prod
+
+
+def sigkill_tree(pid: int, also_under: Path | None = None) -> list[int]:
+    """SIGKILL a participant and everything it started (its job processes), as a power cut would."""
+    procs = {}
+    try:
+        parent = psutil.Process(pid)
+        procs[parent.pid] = parent
+        procs.update({c.pid: c for c in parent.children(recursive=True)})
+    except psutil.Error:
+        pass
+    if also_under is not None:
+        procs.update({p.pid: p for p in rt.processes_under([also_under])})
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=10)
+    return sorted(procs)

@@ -6,19 +6,17 @@ PID at the end."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedfms.cli import main
 from fedfms.deploy import poc, runtime as rt, site_setup
 from fedfms.flare.liveness import DEFAULT_NO_PROGRESS_S
 
-from .deploy_support import logs_digest, make_site_data
+from .deploy_support import sigkill_tree, logs_digest, make_site_data
 
 pytestmark = pytest.mark.integration
 SHARED_FEDERATION = pytest.mark.xdist_group("poc_faults")  # one worker: the module's federation starts once
@@ -48,26 +46,6 @@ def _wait_for_log(state: dict, job_id: str, text: str, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{text!r} not in the server log of {job_id} after {timeout:.0f} s:\n{logs_digest(state['logs'])}")
-
-
-def _sigkill_tree(pid: int, also_under: Path | None = None) -> list[int]:
-    """SIGKILL a participant and everything it started (its job processes), as a power cut would."""
-    procs = {}
-    try:
-        parent = psutil.Process(pid)
-        procs[parent.pid] = parent
-        procs.update({c.pid: c for c in parent.children(recursive=True)})
-    except psutil.Error:
-        pass
-    if also_under is not None:
-        procs.update({p.pid: p for p in rt.processes_under([also_under])})
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=10)
-    return sorted(procs)
 
 
 def _finished_result(state: dict, job_id: str, out: Path) -> Path:
@@ -122,7 +100,7 @@ def test_a_server_killed_and_restarted_continues_the_job_with_fedfms_job_resume(
     job_id = poc.submit(state["workspace"], str(job))
     _wait_for_round(state, job_id, 3, timeout=300)
     server_kit = Path(state["prod_dir"]) / state["server"]
-    _sigkill_tree(state["pids"][state["server"]])
+    sigkill_tree(state["pids"][state["server"]])
 
     proc = rt.start_kit(server_kit, state["logs"][state["server"]], poc._env(state))
     state["pids"][state["server"]] = proc.pid
@@ -174,7 +152,7 @@ def test_a_killed_site_costs_about_a_minute_and_the_job_goes_on(federation, tmp_
     # pulling its update (cell.py exits the job process; docs/federation.md), which fedfms job resume recovers
     _wait_for_log(state, job_id, "Contribution from site-3 ACCEPTED by the aggregator at round 2", timeout=300)
     killed_at = time.time()
-    _sigkill_tree(state["pids"]["site-3"], Path(state["prod_dir"]) / "site-3")
+    sigkill_tree(state["pids"]["site-3"], Path(state["prod_dir"]) / "site-3")
 
     meta = poc.wait(state["workspace"], job_id, timeout=600)
     after_kill = time.time() - killed_at

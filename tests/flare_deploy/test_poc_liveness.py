@@ -6,17 +6,15 @@ Every process started here is killed by PID at the end."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedfms.data.synthetic import make_disc_site
 from fedfms.deploy import poc, runtime as rt
 
-from .deploy_support import logs_digest
+from .deploy_support import sigkill_tree, logs_digest
 
 pytestmark = pytest.mark.integration
 SITES = ["site-1", "site-2", "site-3"]
@@ -40,18 +38,7 @@ def _wait_for(state: dict, job_id: str, text: str, timeout: float) -> None:
 
 def _sigkill_site(state: dict, site: str) -> list[int]:
     """SIGKILL the site's process and the job process it started, as a power cut would."""
-    procs = {}
-    parent = psutil.Process(state["pids"][site])
-    procs[parent.pid] = parent
-    procs.update({c.pid: c for c in parent.children(recursive=True)})
-    procs.update({p.pid: p for p in rt.processes_under([Path(state["prod_dir"]) / site])})
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=10)
-    return sorted(procs)
+    return sigkill_tree(state["pids"][site], Path(state["prod_dir"]) / site)
 
 
 @pytest.fixture
