@@ -36,6 +36,17 @@ def _wait_for(state: dict, job_id: str, text: str, timeout: float) -> None:
     raise AssertionError(f"{text!r} not in the server log of {job_id} after {timeout:.0f} s:\n{logs_digest(state['logs'])}")
 
 
+def _wait_for_victim_task(state: dict, job_id: str, rounds: int, timeout: float) -> None:
+    """Until the victim's job process has started its ``rounds``-th task: the kill then lands inside its training."""
+    log = Path(state["prod_dir"]) / VICTIM / job_id / "log.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.is_file() and log.read_text(errors="replace").count("- invoking task") >= rounds:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{VICTIM} did not start task {rounds} in {timeout:.0f} s:\n{logs_digest(state['logs'])}")
+
+
 def _sigkill_site(state: dict, site: str) -> list[int]:
     """SIGKILL the site's process and the job process it started, as a power cut would."""
     return sigkill_tree(state["pids"][site], Path(state["prod_dir"]) / site)
@@ -46,8 +57,8 @@ def federation(tmp_path):
     ws = tmp_path / "poc"
     data = {}
     for i, site in enumerate(SITES):
-        # the victim holds 5x the data: it is surely still training a few seconds into a round
-        volumes = 20 if site == VICTIM else 4
+        # the victim holds 20x the data: its round (about 15 s of training here) outlasts the second it is given to start
+        volumes = 80 if site == VICTIM else 4
         data[site] = make_disc_site(tmp_path / "data" / site, site=site, num_volumes=volumes, slices_per_volume=6,
                                     image_size=128, mask_size=32, seed=i)
     poc.prepare(str(ws), SITES, site_data=data, threads=1)
@@ -66,7 +77,8 @@ def _run(federation, tmp_path, restart_after: float | None) -> tuple[dict, dict,
     job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=4, train={"epochs": 10}, no_progress_timeout=BOUND)
     job_id = poc.submit(state["workspace"], str(job))
     _wait_for(state, job_id, "Round 1 started.", timeout=600)
-    time.sleep(5)  # inside the victim's local training
+    _wait_for_victim_task(state, job_id, rounds=2, timeout=120)
+    time.sleep(1)  # inside the victim's local training of round 1 (a fixed wait after the server's line missed it)
     killed_at = time.time()
     _sigkill_site(state, VICTIM)
     if restart_after is not None:
