@@ -74,7 +74,8 @@ def run(variant: str, sites: list[str], threads: int | None, volumes: int, slice
     for i, site in enumerate(sites):
         make_disc_site(workdir / "data" / site, site=site, num_volumes=volumes, slices_per_volume=slices, size=128,
                        image_size=1024, mask_size=256, seed=i)
-    job = write_job(variant, workdir / "job", num_rounds=1, model={"pretrained": False}, overwrite=True)
+    # the job names its sites: a site-less job needs 2 connected (min_clients), which a one-site POC never has
+    job = write_job(variant, workdir / "job", num_rounds=1, model={"pretrained": False}, sites=sites, overwrite=True)
     ws = workdir / "poc"
     poc.prepare(str(ws), sites, site_data={s: workdir / "data" / s for s in sites}, threads=threads)
     sampler = PeakSampler(ws, sites)

@@ -207,10 +207,32 @@ def _wait_port(state: dict, proc, timeout: float) -> None:
     raise TimeoutError(f"server port {state['port']} not open after {timeout:.0f}s")
 
 
+def check_schedulable(job_dir: Path, sites: list[str]) -> None:
+    """FLARE's scheduler starts a job once ``min_clients`` of the sites it deploys to are connected, and otherwise
+    waits in silence ("connected sites (1) < min_sites (2)" in the server log) for as long as anyone lets it: a job
+    this federation can never start is refused before it is submitted."""
+    meta_file = job_dir / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{meta_file}: not a readable job meta.json ({exc})") from None
+    targets = set()
+    for entry in (meta.get("deploy_map") or {}).values():  # ["site-1", ...] or [{"sites": [...]}, ...]
+        for item in entry if isinstance(entry, list) else [entry]:
+            targets.update(item.get("sites", []) if isinstance(item, dict) else [item])
+    known = [s for s in sites if "@ALL" in targets or not targets or s in targets]
+    need = meta.get("min_clients", 1)
+    if not isinstance(need, int) or need > len(known):
+        raise RuntimeError(f"{meta_file}: min_clients {need!r}, but this POC federation has {len(known)} site(s) the "
+                           f"job deploys to ({', '.join(known) or 'none'}): FLARE would never start it; make the job for "
+                           f"these sites (fedfms job new VARIANT JOB --sites {','.join(sites)})")
+
+
 def submit(workspace: str, job: str, byoc: bool = False) -> str:
     """Submit a job folder; with ``byoc`` a copy carrying the fedfms source in app/custom is sent instead."""
     state = load_state(workspace)
     job_dir = Path(job).resolve()
+    check_schedulable(job_dir, state["sites"])
     if byoc:
         job_dir = rt.export_byoc_copy(job_dir, Path(state["workspace"]) / "byoc_jobs" / job_dir.name)
     sess = rt.admin_session(state["admin"], state["admin_kit"], timeout=60)
