@@ -17,7 +17,7 @@ demo: setup
 TEST_WORKERS ?= 3
 PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 11 min on 2 cores)
+# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 19 min on 2 cores)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"
