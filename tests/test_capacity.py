@@ -72,3 +72,17 @@ def test_simulate_refuses_before_anything_starts(monkeypatch, tmp_path):
     job = write_job("fedmsa", tmp_path / "job", model={"pretrained": False})
     assert main(["simulate", str(job), "--workspace", str(tmp_path / "ws"), "--clients", "a,b", "--threads", "2"]) == 2
     assert not (tmp_path / "ws").exists()
+
+
+def test_nnunet_sites_are_planned_with_their_own_figures_not_a_vit_b_guess():
+    # CI refused the fednnunet_tiny simulation (3 sites, --threads 3) with 15 GB free: nnunet had no figures, so
+    # each site counted as a ViT-B (3.2 GB) plus a ViT-B server (4.8 GB), at the job's "batch 6"
+    from fedfms import capacity
+
+    three = choose_placement(3, "nnunet", "fedsam", device="cpu", batch_size=6, free_host=15 / capacity.GB_PER_GIB, threads=3)
+    assert three.fits and three.threads == 3
+    short = choose_placement(3, "nnunet", "fedsam", device="cpu", batch_size=6, free_host=5 / capacity.GB_PER_GIB, threads=3)
+    # its batch and patch come from the federated plan: no batch to name, no --train batch_size to suggest
+    assert not short.fits and "plan's batch" in short.reason and "batch 6" not in short.reason
+    assert "batch_size" not in short.reason and "--threads 1" in short.reason
+    assert site_gpu_gib("nnunet", "fedsam", batch_size=1) == site_gpu_gib("nnunet", "fedsam", batch_size=12)

@@ -30,15 +30,21 @@ GPU_GIB_BATCH6 = {
     ("vit_l", "fedsam"): (34.9, 8.7), ("vit_l", "fedmsa"): (23.9, 5.4),
     ("vit_h", "fedsam"): (60.0, 15.0), ("vit_h", "fedmsa"): (40.0, 9.0),  # not measured: vit_l scaled by size
     ("tiny", "fedsam"): (0.3, 0.3), ("tiny", "fedmsa"): (0.3, 0.3), ("unet", "fedsam"): (4.0, 4.0),
+    ("nnunet", "fedsam"): (8.0, 8.0),  # nnU-Net's planner sizes patch x batch to its gpu_memory_target_gb (8)
 }
+# Variants whose batch and patch come from a plan made at run time, not from the job's batch_size: their memory
+# does not scale with the job's batch
+PLAN_SIZED = ("nnunet",)
 CUDA_CONTEXT_GIB = 1.0  # every site process creates its own CUDA context
 # GiB of host memory one site process needs where the table has no row (estimates: interpreter, torch, MONAI,
 # FLARE, the model on the host and its data loader)
-HOST_GIB = {"tiny": 1.1, "unet": 1.5, "vit_b": 3.0, "vit_l": 5.0, "vit_h": 8.0}
+# FLARE, the model on the host and its data loader). nnunet: a site of the fednnunet_tiny job peaked at 1.20 GB
+# (3 simulated sites, tests/flare/test_nnunet_simulator.py sampled with psutil); a full plan on the CPU needs more
+HOST_GIB = {"tiny": 1.1, "unet": 1.5, "nnunet": 1.2, "vit_b": 3.0, "vit_l": 5.0, "vit_h": 8.0}
 # GiB the simulator's own processes (the server with the global model and the float64 sum, FLARE's manager and
 # the `fedfms simulate` process) need besides the sites: tiny measured (bench/results/bench_many_sites_cpu.txt);
 # the others add the global model, its float64 sum and one site result per variant size
-SERVER_GIB = {"tiny": 2.7, "unet": 3.0, "vit_b": 4.5, "vit_l": 8.0, "vit_h": 12.0}
+SERVER_GIB = {"tiny": 2.7, "unet": 3.0, "nnunet": 2.7, "vit_b": 4.5, "vit_l": 8.0, "vit_h": 12.0}
 HEADROOM = 0.85  # leave some memory for the OS, other programs and fragmentation
 GB_PER_GIB = 2**30 / 1e9
 
@@ -112,6 +118,8 @@ def site_gpu_gib(variant: str, mode: str, batch_size: int = 6, checkpointing: bo
         return CUDA_CONTEXT_GIB + found[0]
     plain, ckpt = GPU_GIB_BATCH6.get((variant, mode), (20.0, 6.0))
     per_batch6 = ckpt if checkpointing else plain
+    if variant in PLAN_SIZED:
+        return CUDA_CONTEXT_GIB + per_batch6
     return CUDA_CONTEXT_GIB + per_batch6 * max(batch_size, 1) / 6
 
 
@@ -152,16 +160,20 @@ def _sites_fitting(free: float, site: SiteMemory, server: float, cap: int) -> in
     return n
 
 
+def _at_batch(variant: str, batch: int) -> str:
+    return "at its plan's batch" if variant in PLAN_SIZED else f"at batch {batch}"
+
+
 def _who(n: int, variant: str, mode: str, batch: int, where: str) -> str:
     mode_name = {"fedsam": "FedSAM", "fedmsa": "FedMSA"}.get(mode, mode)
-    return f"{'one' if n == 1 else n} {variant} {mode_name} site{'s' if n != 1 else ''} at batch {batch} on {where}"
+    return f"{'one' if n == 1 else n} {variant} {mode_name} site{'s' if n != 1 else ''} {_at_batch(variant, batch)} on {where}"
 
 
 def _remedies(variant: str, batch: int, checkpointing: bool, threads: int | None) -> str:
     options = []
     if threads and threads > 1:
         options.append("run them one at a time with --threads 1")
-    if batch > 1:
+    if batch > 1 and variant not in PLAN_SIZED:
         options.append('lower the batch (fedfms job new ... --train \'{"batch_size": 1}\')')
     if not checkpointing and variant.startswith("vit"):
         options.append('turn on activation checkpointing (--model \'{"activation_checkpointing": true}\')')
@@ -190,7 +202,7 @@ def choose_placement(num_sites: int, variant: str, mode: str, device: str = "aut
         per_gpu_fit = {g: max(0, int(free[g] * HEADROOM // per_gpu)) for g in gpus}
         fit = min(sum(per_gpu_fit.values()), fit_host)
         where = (f"{len(gpus)} GPU(s) with {', '.join(f'{free[g]:.0f}' for g in gpus)} GiB free; one {variant} {mode} "
-                 f"site needs about {per_gpu:.1f} GiB at batch {batch_size}")
+                 f"site needs about {per_gpu:.1f} GiB {_at_batch(variant, batch_size)}")
         if fit < 1:
             short = "GPU" if sum(per_gpu_fit.values()) < 1 else "host"
             need = per_gpu if short == "GPU" else _host_need(1, site, server)
@@ -200,8 +212,8 @@ def choose_placement(num_sites: int, variant: str, mode: str, device: str = "aut
                 f"{have * GB_PER_GIB:.0f} GB usable: {_remedies(variant, batch_size, checkpointing, None)}"))
     else:
         fit = fit_host
-        where = (f"{host * GB_PER_GIB:.0f} GB of host memory free; one {variant} {mode} site process at batch "
-                 f"{batch_size} needs about {site.gib * GB_PER_GIB:.1f} GB ({site.how})")
+        where = (f"{host * GB_PER_GIB:.0f} GB of host memory free; one {variant} {mode} site process "
+                 f"{_at_batch(variant, batch_size)} needs about {site.gib * GB_PER_GIB:.1f} GB ({site.how})")
         wanted = min(threads, num_sites) if threads else 1
         if fit < wanted:
             need = _host_need(wanted, site, server)
