@@ -26,7 +26,7 @@ test: setup
 test-fast: setup
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not integration and not fullsize"
 
-# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (~32 min, 2 cores);
+# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (28-32 min, 2 cores);
 # CI runs it after `make test`
 test-fullsize: setup
 	$(PYTHON) -m pytest -q -s -m fullsize tests/fullsize
