@@ -126,6 +126,35 @@ def test_core_modules_do_not_import_flare_at_runtime():
     assert out.splitlines()[-1] == "[]", f"the ML core pulled in FLARE: {out}"
 
 
+
+def test_a_sam_jobs_server_components_do_not_import_monai():
+    """Every FLARE job process pays for what it imports: MONAI costs ~4 CPU-s and 230 MB per process on top of torch,
+    and the server of a SAM job (persistor model, aggregation, checks) needs none of it; sites import it to train."""
+    import json
+
+    paths = set()
+    for config in (Path(__file__).resolve().parents[1] / "jobs").glob("*/app*/config/config_fed_server.json"):
+        if "unet" in config.parts[-4]:
+            continue  # nnU-Net and the U-Net baseline build MONAI networks on the server
+        text = json.loads(config.read_text())
+        stack = [text]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if isinstance(node.get("path"), str):
+                    paths.add(node["path"].rsplit(".", 1)[0])
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    assert "fedfms.flare.global_model" in paths, sorted(paths)
+    code = ";".join([f"import {m}" for m in sorted(paths)] + [
+        "import sys", "from fedfms.flare.global_model import TravelSetModel",
+        "TravelSetModel(variant='tiny', mode='fedmsa', num_classes=1, pretrained=False, init_seed=0)",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.splitlines()[-1] == "[]", f"a SAM job's server imported MONAI: {out[-400:]}"
+
+
 # bottom first; a module belongs to the layer of the longest prefix that names it (itself or a package above it)
 LAYERS = [
     ("helpers", ["fedfms", "fedfms.errors", "fedfms.numbers", "fedfms.config", "fedfms.progress", "fedfms.run_record",

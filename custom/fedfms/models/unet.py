@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
 from torch import nn
 
 
@@ -14,6 +13,9 @@ class UNetSegmenter(nn.Module):
     image is shrunk first), which is also where it is scored."""
 
     def __init__(self, num_classes: int, image_size: int = 1024, features=(32, 32, 64, 128, 256, 32)):
+        # imported here: importing MONAI costs every process ~4 CPU-s, and the server's model only needs SAM
+        from monai.networks.nets import BasicUNet
+
         super().__init__()
         self.image_size = image_size
         self.mask_size = image_size // 4
