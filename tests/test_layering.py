@@ -155,6 +155,15 @@ def test_a_sam_jobs_server_components_do_not_import_monai():
     assert out.splitlines()[-1] == "[]", f"a SAM job's server imported MONAI: {out[-400:]}"
 
 
+
+def test_the_fedfms_command_parser_does_not_import_monai():
+    """`fedfms --help` and every command that needs no training or metrics (job, report, simulate's own set-up) stay
+    free of MONAI's import (~4 CPU-s per process); the commands that train import it when they run."""
+    code = "import fedfms.cli, sys; fedfms.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.splitlines()[-1] == "[]", f"building the fedfms parser imported MONAI: {out[-300:]}"
+
+
 # bottom first; a module belongs to the layer of the longest prefix that names it (itself or a package above it)
 LAYERS = [
     ("helpers", ["fedfms", "fedfms.errors", "fedfms.numbers", "fedfms.config", "fedfms.progress", "fedfms.run_record",

@@ -32,8 +32,6 @@ from dataclasses import fields
 from typing import Mapping
 
 from fedfms.errors import ConfigError
-from fedfms.models import ModelConfig
-from fedfms.training.trainer import TrainConfig
 
 FLAVOURS: dict[str, dict[str, dict]] = {
     "project": {
@@ -83,6 +81,10 @@ def apply_flavour(name: str, model: Mapping | None = None, train: Mapping | None
 def flavour_of(model: Mapping, train: Mapping) -> str:
     """Which flavour a (model, train) config pair is: ``"project"``, ``"reference"``, or ``"custom"``
     (a mix). Fields missing from the dicts take the dataclass defaults."""
+    # imported here: the trainer brings in MONAI (~4 CPU-s), and `fedfms --help` only needs the flavours' names
+    from fedfms.models import ModelConfig
+    from fedfms.training.trainer import TrainConfig
+
     defaults = {"model": {f.name: f.default for f in fields(ModelConfig)},
                 "train": {f.name: f.default for f in fields(TrainConfig)}}
     given = {"model": dict(model or {}), "train": dict(train or {})}

@@ -28,7 +28,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss
 from scipy import ndimage
 
 from fedfms.errors import ConfigError
@@ -230,6 +229,8 @@ def pretrain(
     warmup = max(1, min(200, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    from monai.losses import DiceLoss  # here, not at the top: `fedfms --help` reads DEFAULTS and needs no MONAI
+
     bce, dice = torch.nn.BCEWithLogitsLoss(), DiceLoss(sigmoid=True)
     image_size, mask_size = model.image_size, model.mask_size
     curve, window, start = [], [], time.perf_counter()
