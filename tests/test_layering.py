@@ -127,41 +127,35 @@ def test_core_modules_do_not_import_flare_at_runtime():
 
 
 
+def _monai_modules_after(code: str) -> list[str]:
+    """The MONAI modules a fresh interpreter holds after running ``code``."""
+    code += "; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    return eval(out.splitlines()[-1])
+
+
 def test_a_sam_jobs_server_components_do_not_import_monai():
     """Every FLARE job process pays for what it imports: MONAI costs ~4 CPU-s and 230 MB per process on top of torch,
     and the server of a SAM job (persistor model, aggregation, checks) needs none of it; sites import it to train."""
     import json
 
-    paths = set()
-    for config in (Path(__file__).resolve().parents[1] / "jobs").glob("*/app*/config/config_fed_server.json"):
-        if "unet" in config.parts[-4]:
-            continue  # nnU-Net and the U-Net baseline build MONAI networks on the server
-        text = json.loads(config.read_text())
-        stack = [text]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, dict):
-                if isinstance(node.get("path"), str):
-                    paths.add(node["path"].rsplit(".", 1)[0])
-                stack.extend(node.values())
-            elif isinstance(node, list):
-                stack.extend(node)
-    assert "fedfms.flare.global_model" in paths, sorted(paths)
-    code = ";".join([f"import {m}" for m in sorted(paths)] + [
-        "import sys", "from fedfms.flare.global_model import TravelSetModel",
-        "TravelSetModel(variant='tiny', mode='fedmsa', num_classes=1, pretrained=False, init_seed=0)",
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out.splitlines()[-1] == "[]", f"a SAM job's server imported MONAI: {out[-400:]}"
+    from fedfms.flare.jobs import components
 
+    modules = set()
+    for config in (Path(__file__).resolve().parents[1] / "jobs").glob("*/app*/config/config_fed_server.json"):
+        if "unet" not in config.parts[-4]:  # nnU-Net and the U-Net baseline build MONAI networks on the server
+            modules |= {path.rsplit(".", 1)[0] for path, _ in components(json.loads(config.read_text()))}
+    assert "fedfms.flare.global_model" in modules, sorted(modules)
+    code = "; ".join([f"import {m}" for m in sorted(modules)] + [
+        "from fedfms.flare.global_model import TravelSetModel",
+        "TravelSetModel(variant='tiny', mode='fedmsa', num_classes=1, pretrained=False, init_seed=0)"])
+    assert _monai_modules_after(code) == [], "a SAM job's server imported MONAI"
 
 
 def test_the_fedfms_command_parser_does_not_import_monai():
     """`fedfms --help` and every command that needs no training or metrics (job, report, simulate's own set-up) stay
     free of MONAI's import (~4 CPU-s per process); the commands that train import it when they run."""
-    code = "import fedfms.cli, sys; fedfms.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out.splitlines()[-1] == "[]", f"building the fedfms parser imported MONAI: {out[-300:]}"
+    assert _monai_modules_after("import fedfms.cli; fedfms.cli.build_parser()") == [], "building the parser imported MONAI"
 
 
 # bottom first; a module belongs to the layer of the longest prefix that names it (itself or a package above it)

@@ -206,6 +206,8 @@ def pretrain(
     """Train the whole ``tiny`` SAM on :func:`synthetic_batch` scenes for ``steps`` steps (AdamW, cosine decay
     after a short warm-up, BCE + Dice), then save it with :func:`save_sam_checkpoint` and its provenance
     (:func:`provenance_path`). The same ``seed`` (and thread count) gives the same file."""
+    from monai.losses import DiceLoss  # here, not at the top: `fedfms --help` reads DEFAULTS and needs no MONAI
+
     out = Path(out)
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -229,8 +231,6 @@ def pretrain(
     warmup = max(1, min(200, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    from monai.losses import DiceLoss  # here, not at the top: `fedfms --help` reads DEFAULTS and needs no MONAI
-
     bce, dice = torch.nn.BCEWithLogitsLoss(), DiceLoss(sigmoid=True)
     image_size, mask_size = model.image_size, model.mask_size
     curve, window, start = [], [], time.perf_counter()
