@@ -177,15 +177,13 @@ def start(workspace: str, timeout: float = 180.0) -> dict:
     for job_id, status in stale_jobs(prod / state["server"], finish=True):
         print(f"job {job_id} was {status} when the server last stopped: marked FINISHED:ABANDONED", flush=True)
     try:
-        procs[state["server"]] = rt.start_kit(prod / state["server"], logs[state["server"]], env)
-        state["pids"][state["server"]] = procs[state["server"]].pid
-        save_state(state)
-        _wait_port(state, procs[state["server"]], timeout)
+        _start_server(state, procs, env, timeout)
         for site in state["sites"]:
             procs[site] = rt.start_kit(prod / site, logs[site], env)
             state["pids"][site] = procs[site].pid
         save_state(state)
-        sess = rt.admin_session(state["admin"], state["admin_kit"], timeout=timeout)
+        sess = rt.admin_session(state["admin"], state["admin_kit"], timeout=timeout, server=procs[state["server"]],
+                                server_log=logs[state["server"]])
         try:
             rt.wait_for_clients(sess, state["sites"], timeout, procs=procs, logs=logs)
         finally:
@@ -196,15 +194,79 @@ def start(workspace: str, timeout: float = 180.0) -> dict:
     return state
 
 
-def _wait_port(state: dict, proc, timeout: float) -> None:
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_server(state: dict, procs: dict, env: dict, timeout: float, tries: int = 3) -> None:
+    """Start the server and wait until it listens. The port was drawn free at ``prepare``; if another
+    program has bound it since, draw another one and write it into the kits (POC kits are unsigned)
+    instead of leaving a server that retries its bind for good."""
+    server, prod = state["server"], Path(state["prod_dir"])
+    log = Path(state["logs"][server])
+    for attempt in range(tries):
+        if not rt.port_is_free(state["port"]):
+            _move_port(state, rt.free_port(), f"port {state['port']} is in use by another program")
+        since = log.stat().st_size if log.is_file() else 0
+        procs[server] = rt.start_kit(prod / server, log, env)
+        state["pids"][server] = procs[server].pid
+        save_state(state)
+        try:
+            _wait_port(state, procs[server], timeout, since)
+            return
+        except PortTaken as exc:
+            rt.kill_all([procs[server].pid], paths=[state["poc_workspace"]])
+            if attempt == tries - 1:
+                raise
+            _move_port(state, rt.free_port(), str(exc))
+
+
+def _move_port(state: dict, port: int, why: str) -> None:
+    old = state["port"]
+    for config in Path(state["prod_dir"]).glob("*/startup/*.json"):
+        doc = json.loads(config.read_text())
+        new_doc = _replace_port(doc, old, port)
+        if new_doc != doc:
+            config.write_text(json.dumps(new_doc, indent=2))
+    print(f"{why}: the federation now uses port {port}", flush=True)
+    state["port"] = port
+    save_state(state)
+
+
+def _replace_port(value, old: int, new: int):
+    if isinstance(value, dict):
+        return {k: (new if "port" in k and v == old else _replace_port(v, old, new)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_port(v, old, new) for v in value]
+    if isinstance(value, str) and value.endswith(f":{old}"):
+        return f"{value[:-len(str(old))]}{new}"
+    return value
+
+
+def _server_listens(pid: int, port: int) -> bool:
+    """``port`` is listened on by the server process itself, not merely open (someone else may hold it)."""
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _wait_port(state: dict, proc, timeout: float, since: int = 0) -> None:
+    log = state["logs"][state["server"]]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if rt.port_is_open(state["port"]):
+        if _server_listens(proc.pid, state["port"]):
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{rt.tail(state['logs'][state['server']])}")
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{rt.tail(log)}")
+        taken = rt.port_taken_message(log, state["port"], since)
+        if taken:
+            raise PortTaken(taken)
         time.sleep(0.5)
-    raise TimeoutError(f"server port {state['port']} not open after {timeout:.0f}s")
+    raise TimeoutError(f"server port {state['port']} not listened on after {timeout:.0f}s:\n{rt.tail(log)}")
 
 
 def check_schedulable(job_dir: Path, sites: list[str]) -> None:

@@ -23,11 +23,68 @@ import psutil
 GRACE_S = 15.0
 
 
+# Ports drawn for configs start here: above the registered services most machines run, below the
+# kernel's ephemeral range (see free_port).
+FIRST_CONFIG_PORT = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The range the kernel hands out for outgoing connections and bind-to-port-0 (Linux default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def port_is_free(port: int) -> bool:
+    """Nobody is bound to ``port`` on any interface (a FLARE server binds 0.0.0.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the kernel picks it), for writing into configs before start."""
+    """A port nobody is bound to right now, for writing into configs before the server starts.
+
+    It is drawn below the kernel's ephemeral range: every port the kernel picks by itself (outgoing
+    connections, FLARE's internal listeners, anything binding port 0) comes from that range, so none of
+    them can take this one in the tens of seconds between the config being written and the server
+    binding it. A kernel-picked port was taken that way once in a CI run (the server then retried its bind
+    for good). Falls back to a kernel-picked port where the ephemeral range leaves no room below it."""
+    import random
+
+    low, _ = ephemeral_port_range()
+    draw = random.SystemRandom()
+    if low - FIRST_CONFIG_PORT > 1000:
+        for _ in range(100):
+            port = draw.randrange(FIRST_CONFIG_PORT, low)
+            if port_is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_taken_message(log: str | os.PathLike, port: int, since: int = 0) -> str | None:
+    """Why a server cannot listen, if its log (from byte ``since`` on) says the port is taken: FLARE
+    logs a failed bind and retries it every few seconds for good, so nothing else would ever tell."""
+    import re
+
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "address already in use" in line and re.search(rf"\b{port}\b", line):
+            return (f"port {port} is taken by another program, so the FLARE server cannot listen on it "
+                    f"({log}: address already in use)")
+    return None
 
 
 def port_is_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -165,9 +222,11 @@ def tail(path: str | os.PathLike, lines: int = 40) -> str:
 # --------------------------------------------------------------------------- admin sessions
 
 
-def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 30.0):
+def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 30.0, server=None,
+                  server_log: str | os.PathLike | None = None):
     """A secure FLARE API session; retries until ``timeout`` because the server accepts admin logins a
-    few seconds after its port opens."""
+    few seconds after its port opens. Given the server's process (a Popen or PID) and log, fails at once
+    when that process is gone, and says what the log ends with when it times out."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     deadline = time.time() + timeout
@@ -177,8 +236,21 @@ def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 
             return new_secure_session(username, str(admin_kit), timeout=min(10.0, max(1.0, deadline - time.time())))
         except Exception as exc:  # NoConnection while the server boots
             last = exc
-            time.sleep(1.0)
-    raise TimeoutError(f"no admin session for {username} at {admin_kit} within {timeout:.0f}s: {last}")
+        if server is not None and not _alive(server):
+            raise RuntimeError(f"no admin session for {username}: the server process has exited"
+                               + (f"; its log ends:\n{tail(server_log)}" if server_log else ""))
+        time.sleep(1.0)
+    raise TimeoutError(f"no admin session for {username} at {admin_kit} within {timeout:.0f}s: {last}"
+                       + (f"; the server log ends:\n{tail(server_log)}" if server_log else ""))
+
+
+def _alive(proc) -> bool:
+    if isinstance(proc, subprocess.Popen):
+        return proc.poll() is None
+    try:
+        return psutil.Process(int(proc)).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def call_with_timeout(fn, timeout: float):
