@@ -17,7 +17,7 @@ demo: setup
 TEST_WORKERS ?= 3
 PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 19 min on 2 cores)
+# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 17 min on 2 cores)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"
@@ -26,7 +26,7 @@ test: setup
 test-fast: setup
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not integration and not fullsize"
 
-# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (28-32 min, 2 cores);
+# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (19-32 min on 2 cores, by machine);
 # CI runs it after `make test`
 test-fullsize: setup
 	$(PYTHON) -m pytest -q -s -m fullsize tests/fullsize
