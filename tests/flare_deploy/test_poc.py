@@ -145,3 +145,27 @@ def test_drawn_config_ports_avoid_the_kernels_ephemeral_range():
         assert all(rt.FIRST_CONFIG_PORT <= p < low for p in ports), sorted(ports)
     assert len(ports) > 40  # drawn at random: two runs preparing at once do not collide
     assert all(rt.port_is_free(p) for p in ports)
+
+
+def test_the_server_counts_as_listening_only_on_its_own_socket_and_by_the_port_where_sockets_are_hidden(monkeypatch):
+    import os
+    import socket
+
+    import psutil
+
+    from fedfms.deploy import poc
+
+    with socket.socket() as mine, socket.socket() as theirs:
+        mine.bind(("127.0.0.1", 0))
+        mine.listen(1)
+        theirs.bind(("127.0.0.1", 0))
+        port, other = mine.getsockname()[1], theirs.getsockname()[1]
+        assert poc._server_listens(os.getpid(), port)
+        assert not poc._server_listens(os.getpid(), other)  # bound, not listening
+        assert not poc._server_listens(psutil.Process().ppid(), port)  # listened on, by someone else
+        # macOS shows a process's sockets to root only: then the open port is all there is to go on
+        def denied(*args, **kwargs):
+            raise psutil.AccessDenied(os.getpid())
+
+        monkeypatch.setattr(psutil.Process, "net_connections", denied)
+        assert poc._server_listens(os.getpid(), port) and not poc._server_listens(os.getpid(), other)
