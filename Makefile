@@ -26,7 +26,7 @@ test: setup
 test-fast: setup
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not integration and not fullsize"
 
-# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (19-32 min on 2 cores, by machine);
+# the full-size rehearsal: shipped ViT-B/ViT-L jobs at 1024 px, random init, simulator and POC (17-32 min on 2 cores, by machine);
 # CI runs it after `make test`
 test-fullsize: setup
 	$(PYTHON) -m pytest -q -s -m fullsize tests/fullsize
