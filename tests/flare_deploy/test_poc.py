@@ -169,3 +169,17 @@ def test_the_server_counts_as_listening_only_on_its_own_socket_and_by_the_port_w
 
         monkeypatch.setattr(psutil.Process, "net_connections", denied)
         assert poc._server_listens(os.getpid(), port) and not poc._server_listens(os.getpid(), other)
+
+
+def test_an_admin_login_stops_waiting_once_the_server_process_has_exited(tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "server.log"
+    log.write_text("2026-12-06 - root - ERROR - could not start: the last words of this server\n")
+    server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    server.wait()
+    # with the process unwatched this waits out the 120 s and raises TimeoutError instead
+    with pytest.raises(RuntimeError, match="exited with code 7") as failure:
+        rt.admin_session("admin@fedfms.poc", tmp_path / "no_kit", timeout=120, server=server, server_log=log)
+    assert "the last words of this server" in str(failure.value)

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from fedfms.deploy import runtime as rt
 from fedfms.deploy.site_setup import add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs, write_site_config
 
@@ -245,8 +247,6 @@ def _replace_port(value, old: int, new: int):
 
 def _server_listens(pid: int, port: int) -> bool:
     """``port`` is listened on by the server process itself, not merely open (someone else may hold it)."""
-    import psutil
-
     try:
         conns = psutil.Process(pid).net_connections(kind="tcp")
     except psutil.AccessDenied:  # macOS lists a process's sockets to root only: the port being open must do

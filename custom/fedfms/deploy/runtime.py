@@ -9,6 +9,8 @@ cleanup would hit other users' federations on the same machine. Kit configuratio
 from __future__ import annotations
 
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -55,8 +57,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     them can take this one in the tens of seconds between the config being written and the server
     binding it. A kernel-picked port was taken that way once in a CI run (the server then retried its bind
     for good). Falls back to a kernel-picked port where the ephemeral range leaves no room below it."""
-    import random
-
     low, _ = ephemeral_port_range()
     draw = random.SystemRandom()
     if low - FIRST_CONFIG_PORT > 1000:
@@ -72,8 +72,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def port_taken_message(log: str | os.PathLike, port: int, since: int = 0) -> str | None:
     """Why a server cannot listen, if its log (from byte ``since`` on) says the port is taken: FLARE
     logs a failed bind and retries it every few seconds for good, so nothing else would ever tell."""
-    import re
-
     try:
         with open(log, "rb") as f:
             f.seek(since)
@@ -222,11 +220,11 @@ def tail(path: str | os.PathLike, lines: int = 40) -> str:
 # --------------------------------------------------------------------------- admin sessions
 
 
-def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 30.0, server=None,
-                  server_log: str | os.PathLike | None = None):
+def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 30.0,
+                  server: subprocess.Popen | None = None, server_log: str | os.PathLike | None = None):
     """A secure FLARE API session; retries until ``timeout`` because the server accepts admin logins a
-    few seconds after its port opens. Given the server's process (a Popen or PID) and log, fails at once
-    when that process is gone, and says what the log ends with when it times out."""
+    few seconds after its port opens. Given the server's process and log, fails at once when that
+    process exits, and says what the log ends with when it times out."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     deadline = time.time() + timeout
@@ -236,21 +234,12 @@ def admin_session(username: str, admin_kit: str | os.PathLike, timeout: float = 
             return new_secure_session(username, str(admin_kit), timeout=min(10.0, max(1.0, deadline - time.time())))
         except Exception as exc:  # NoConnection while the server boots
             last = exc
-        if server is not None and not _alive(server):
-            raise RuntimeError(f"no admin session for {username}: the server process has exited"
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"no admin session for {username}: the server exited with code {server.returncode}"
                                + (f"; its log ends:\n{tail(server_log)}" if server_log else ""))
         time.sleep(1.0)
     raise TimeoutError(f"no admin session for {username} at {admin_kit} within {timeout:.0f}s: {last}"
                        + (f"; the server log ends:\n{tail(server_log)}" if server_log else ""))
-
-
-def _alive(proc) -> bool:
-    if isinstance(proc, subprocess.Popen):
-        return proc.poll() is None
-    try:
-        return psutil.Process(int(proc)).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def call_with_timeout(fn, timeout: float):
