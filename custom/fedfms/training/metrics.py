@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from fedfms import monai_import  # noqa: F401  (before MONAI: fedfms/monai_import.py)
 from monai.metrics import compute_dice, compute_iou, get_confusion_matrix
 
 REFERENCE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the authors' eval thresholds

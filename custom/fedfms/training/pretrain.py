@@ -206,7 +206,9 @@ def pretrain(
     """Train the whole ``tiny`` SAM on :func:`synthetic_batch` scenes for ``steps`` steps (AdamW, cosine decay
     after a short warm-up, BCE + Dice), then save it with :func:`save_sam_checkpoint` and its provenance
     (:func:`provenance_path`). The same ``seed`` (and thread count) gives the same file."""
-    from monai.losses import DiceLoss  # here, not at the top: `fedfms --help` reads DEFAULTS and needs no MONAI
+    # here, not at the top: `fedfms --help` reads DEFAULTS and needs no MONAI
+    from fedfms import monai_import  # noqa: F401
+    from monai.losses import DiceLoss
 
     out = Path(out)
     for name, value in (("steps", steps), ("batch_size", batch_size)):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+from fedfms import monai_import  # noqa: F401  (before MONAI: fedfms/monai_import.py)
 from monai.losses import DiceLoss
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
