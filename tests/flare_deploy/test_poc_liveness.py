@@ -1,6 +1,7 @@
 """A site killed mid-round in a POC federation (real server and site processes on loopback, mutual TLS) is named and
 released within the no-progress bound, the later rounds do not wait for it, and a site restarted mid-job costs the
 job no more than that (FLARE 2.9 does not give a restarted site the running job back: it stays gone for this job).
+Both tests share one POC federation (the site left dead by the first is started again before the second's job).
 Every process started here is killed by PID at the end."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fedfms.deploy import poc, runtime as rt
 from .deploy_support import sigkill_tree, logs_digest
 
 pytestmark = pytest.mark.integration
+SHARED_FEDERATION = pytest.mark.xdist_group("poc_liveness")
 SITES = ["site-1", "site-2", "site-3"]
 VICTIM = "site-3"
 BOUND = 30  # the job's no_progress_timeout, seconds
@@ -52,8 +54,30 @@ def _sigkill_site(state: dict, site: str) -> list[int]:
     return sigkill_tree(state["pids"][site], Path(state["prod_dir"]) / site)
 
 
-@pytest.fixture
-def federation(tmp_path):
+def _start_victim_again(state: dict, timeout: float = 180) -> None:
+    """Start the victim's site from its kit and wait until it has registered with the server again."""
+    log = Path(state["logs"][VICTIM])
+    since = log.stat().st_size if log.is_file() else 0
+    proc = rt.start_kit(Path(state["prod_dir"]) / VICTIM, log, poc._env(state))
+    state["pids"][VICTIM] = proc.pid
+    poc.save_state(state)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(log, "rb") as f:
+            f.seek(since)
+            if f"Successfully registered client:{VICTIM}".encode() in f.read():
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"{VICTIM} exited with {proc.returncode} when started again:\n{rt.tail(log)}")
+        time.sleep(0.5)
+    raise AssertionError(f"{VICTIM} did not register again within {timeout:.0f} s:\n{rt.tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One POC federation for both tests. The victim is SIGKILLed in each; a test that finds it dead starts it again
+    first (:func:`_run`)."""
+    tmp_path = tmp_path_factory.mktemp("poc_liveness")
     ws = tmp_path / "poc"
     data = {}
     for i, site in enumerate(SITES):
@@ -74,6 +98,8 @@ def _run(federation, tmp_path, restart_after: float | None) -> tuple[dict, dict,
     state = federation
     from fedfms.flare.fed_job import write_job
 
+    if not rt.wait_pids_gone([state["pids"][VICTIM]], 0):  # killed by the test before
+        _start_victim_again(state)
     job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=4, train={"epochs": 10}, no_progress_timeout=BOUND)
     job_id = poc.submit(state["workspace"], str(job))
     _wait_for(state, job_id, "Round 1 started.", timeout=600)
@@ -93,6 +119,7 @@ def _run(federation, tmp_path, restart_after: float | None) -> tuple[dict, dict,
     return record, state, after, meta["status"]
 
 
+@SHARED_FEDERATION
 def test_a_site_killed_mid_round_is_released_within_the_bound_and_not_waited_for_again(federation, tmp_path):
     record, state, after, status = _run(federation, tmp_path, restart_after=None)
     assert status == "FINISHED:COMPLETED", logs_digest(state["logs"])
@@ -109,7 +136,10 @@ def test_a_site_killed_mid_round_is_released_within_the_bound_and_not_waited_for
     assert after < BOUND + 180, after
 
 
+@SHARED_FEDERATION
 def test_a_site_killed_and_restarted_mid_job_costs_at_most_the_bound(federation, tmp_path):
+    server_log_path = Path(federation["prod_dir"]) / federation["server"] / "log.txt"
+    since = server_log_path.stat().st_size  # the federation's earlier jobs wrote before this one
     record, state, after, status = _run(federation, tmp_path, restart_after=20)
     rounds = {r["round"]: r for r in record["rounds"]}
     print(f"{VICTIM} killed in round 1 and restarted 20 s later: the job ended {after:.0f} s after the kill ({status}); "
@@ -118,7 +148,9 @@ def test_a_site_killed_and_restarted_mid_job_costs_at_most_the_bound(federation,
     # but runs no job process for this job, so it sends no report and is gone for the rest of the job. Once the
     # server's job has finished every round, FLARE's job runner finds no terminal outcome of the job at the
     # restarted site ("missing job on client") and marks the job failed; the run record keeps the truth
-    server_log = (Path(state["prod_dir"]) / state["server"] / "log.txt").read_text(errors="replace")
+    with open(server_log_path, "rb") as f:
+        f.seek(since)
+        server_log = f.read().decode(errors="replace")
     assert status == "FINISHED:COMPLETED" or (
         status.startswith("FINISHED:") and f"terminal outcome unavailable from {VICTIM}: missing job on client" in server_log)
     assert record["status"] == "completed_with_gaps" and VICTIM in record["gone"] and not record.get("returned")
