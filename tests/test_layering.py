@@ -22,7 +22,7 @@ ROOT = Path(fedfms.__file__).resolve().parent  # custom/fedfms
 CORE_PACKAGES = ["fedfms.models", "fedfms.data", "fedfms.training", "fedfms.evaluation", "fedfms.nnunet"]
 CORE_MODULES = ["fedfms.reporting.run_report", "fedfms.aggregation", "fedfms.run_record", "fedfms.capacity", "fedfms.flavours",
                 "fedfms.reporting.tables", "fedfms.numbers", "fedfms.errors", "fedfms.config", "fedfms.processes",
-                "fedfms.progress", "fedfms.bundle", "fedfms.model_card", "fedfms.monai_import"]
+                "fedfms.progress", "fedfms.bundle", "fedfms.model_card", "fedfms.monai_import", "fedfms.ports"]
 # (the `fedfms tables` and `fedfms export` commands import FLARE in no function they run:
 # tests/test_layering_tables.py imports fedfms.cli.tables in a fresh interpreter)
 FORBIDDEN = ("nvflare", "fedfms.flare")
@@ -161,7 +161,7 @@ def test_the_fedfms_command_parser_does_not_import_monai():
 # bottom first; a module belongs to the layer of the longest prefix that names it (itself or a package above it)
 LAYERS = [
     ("helpers", ["fedfms", "fedfms.errors", "fedfms.numbers", "fedfms.config", "fedfms.progress", "fedfms.run_record",
-                 "fedfms.aggregation", "fedfms.capacity", "fedfms.processes", "fedfms.monai_import",
+                 "fedfms.aggregation", "fedfms.capacity", "fedfms.processes", "fedfms.monai_import", "fedfms.ports",
                  "fedfms.overlays"]),  # numpy drawing, for `fedfms predict --overlay` and the reports alike
     ("models and data", ["fedfms.models", "fedfms.data"]),
     ("training", ["fedfms.training", "fedfms.flavours"]),

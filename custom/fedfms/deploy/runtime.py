@@ -9,7 +9,6 @@ cleanup would hit other users' federations on the same machine. Kit configuratio
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -22,51 +21,10 @@ from typing import Iterable
 
 import psutil
 
+# the deploy code and tests use these as rt.*; they live in fedfms.ports, which the simulator uses too
+from fedfms.ports import FIRST_CONFIG_PORT, ephemeral_port_range, free_port, port_is_free  # noqa: F401
+
 GRACE_S = 15.0
-
-
-# Ports drawn for configs start here: above the registered services most machines run, below the
-# kernel's ephemeral range (see free_port).
-FIRST_CONFIG_PORT = 10000
-
-
-def ephemeral_port_range() -> tuple[int, int]:
-    """The range the kernel hands out for outgoing connections and bind-to-port-0 (Linux default)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def port_is_free(port: int) -> bool:
-    """Nobody is bound to ``port`` on any interface (a FLARE server binds 0.0.0.0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody is bound to right now, for writing into configs before the server starts.
-
-    It is drawn below the kernel's ephemeral range: every port the kernel picks by itself (outgoing
-    connections, FLARE's internal listeners, anything binding port 0) comes from that range, so none of
-    them can take this one in the tens of seconds between the config being written and the server
-    binding it. A kernel-picked port was taken that way once in a CI run (the server then retried its bind
-    for good). Falls back to a kernel-picked port where the ephemeral range leaves no room below it."""
-    low, _ = ephemeral_port_range()
-    draw = random.SystemRandom()
-    if low - FIRST_CONFIG_PORT > 1000:
-        for _ in range(100):
-            port = draw.randrange(FIRST_CONFIG_PORT, low)
-            if port_is_free(port):
-                return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def port_taken_message(log: str | os.PathLike, port: int, since: int = 0) -> str | None:

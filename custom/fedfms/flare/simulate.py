@@ -22,6 +22,7 @@ from fedfms.flare.he_job import prepare_simulation
 from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
 from fedfms.flare.liveness import SIMULATED
 from fedfms.flare.monitor import PROGRESS_LOGGER
+from fedfms.ports import PortDrawer
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize
 
@@ -198,16 +199,22 @@ def _watched_client_runner_class(base):
 @contextmanager
 def watched_site_processes():
     """While a simulation runs: FLARE's simulator builds its client runner from this module attribute (FLARE has
-    no hook for the site processes' exits), so it is swapped for the watched subclass and put back afterwards."""
+    no hook for the site processes' exits), so it is swapped for the watched subclass and put back afterwards.
+
+    The simulator also asks the module's ``get_open_ports`` (the kernel, through port 0) for the port each site
+    process will listen on; that is swapped for :class:`fedfms.ports.PortDrawer`: ports below the kernel's ephemeral
+    range that no two of the simulator's threads share (fedfms/ports.py says what happened otherwise)."""
     from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
 
-    original = flare_simulator.SimulatorClientRunner
+    original, original_ports = flare_simulator.SimulatorClientRunner, flare_simulator.get_open_ports
     flare_simulator.SimulatorClientRunner = _watched_client_runner_class(original)
+    flare_simulator.get_open_ports = PortDrawer().open_ports
     SIMULATED.activate()
     try:
         yield
     finally:
         flare_simulator.SimulatorClientRunner = original
+        flare_simulator.get_open_ports = original_ports
 
 
 def largest_batch(train: dict, data_root: str | Path | None, clients: list[str]) -> int:
