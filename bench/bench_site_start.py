@@ -1,7 +1,7 @@
 """What a site's process pays to start: CPU seconds and peak memory of importing what a simulated site imports
 (FLARE's simulator worker, then fedfms's executor: torch, torchvision, segment-anything, MONAI), each time in a
 fresh interpreter, with fedfms's MONAI import (fedfms/monai_import.py) and with a plain ``import monai`` first
-(MONAI then loads MLflow, TensorBoard, matplotlib and pandas as well).
+(MONAI then loads MLflow, TensorBoard, matplotlib, pandas, SciPy, scikit-learn and scikit-image as well).
 
     python bench/bench_site_start.py            # 5 fresh processes per way, ~1 minute on 2 CPU cores
     python bench/bench_site_start.py --runs 9
@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-from fedfms.monai_import import UNUSED_INTEGRATIONS
+from fedfms.monai_import import HIDDEN_WHILE_IMPORTING
 
 PROBE = """
 import json, resource, sys, time
@@ -30,11 +30,11 @@ print(json.dumps({{"cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_ma
                    "loaded": sorted(n for n in {hidden!r} if n in sys.modules)}}))
 """
 
-WAYS = {"fedfms (integrations hidden)": "", "plain `import monai` first": "import monai"}
+WAYS = {"fedfms (MONAI extras hidden)": "", "plain `import monai` first": "import monai"}
 
 
 def measure(first: str) -> dict:
-    code = PROBE.format(first=first, hidden=UNUSED_INTEGRATIONS)
+    code = PROBE.format(first=first, hidden=HIDDEN_WHILE_IMPORTING)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         for way, first in WAYS.items():  # alternating, so a busy spell of the machine hits both ways alike
             results[way].append(measure(first))
     print(f"site process start (imports only), median of {args.runs} fresh processes each, {sys.platform}")
-    print(f"{'way':32s} {'CPU-s':>7s} {'peak RSS MB':>12s}  MONAI's integrations loaded")
+    print(f"{'way':32s} {'CPU-s':>7s} {'peak RSS MB':>12s}  MONAI's extras loaded")
     medians = {}
     for way, runs in results.items():
         cpu = statistics.median(r["cpu"] for r in runs)
