@@ -1,6 +1,6 @@
 """Shared fixtures. Kept small: other test folders rely on it too.
 
-How the suite runs in parallel (``make test``: pytest-xdist, ``-n 3 --dist loadgroup``; tests/README.md):
+How the suite runs in parallel (``make test``: pytest-xdist, ``-n 4 --dist loadgroup``; tests/README.md):
 - each worker is its own process; federations pick free ports, so several run at once;
 - tests that share a module-scoped federation carry one ``xdist_group`` mark, so one worker runs them all and
   the federation starts once; the other tests of a module that use a module-scoped fixture are grouped by module
