@@ -29,11 +29,9 @@ from __future__ import annotations
 import sys
 import threading
 
-# MONAI loads these only if they are installed. A site's training does not use them.
-UNUSED_INTEGRATIONS = ("mlflow", "tensorboard", "tensorboardX", "matplotlib", "pandas")
-# MONAI (and nibabel) import these through optional_import, for functions fedfms does not call.
-UNUSED_OPTIONAL_PACKAGES = ("scipy", "sklearn", "skimage")
-HIDDEN_WHILE_IMPORTING = UNUSED_INTEGRATIONS + UNUSED_OPTIONAL_PACKAGES
+# MONAI (and nibabel) load these through optional_import only if they are installed; a site's training uses none:
+# the integrations, then the packages behind MONAI functions fedfms does not call.
+HIDDEN_WHILE_IMPORTING = ("mlflow", "tensorboard", "tensorboardX", "matplotlib", "pandas", "scipy", "sklearn", "skimage")
 
 _lock = threading.Lock()
 
