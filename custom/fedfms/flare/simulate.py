@@ -175,6 +175,21 @@ def _watched_client_runner_class(base):
     exits abnormally. FLARE itself only logs "Communication error with client" and the round waits for ever."""
 
     class WatchedClientRunner(base):
+        # FLARE's do_one_task writes the site's name into the one build_ctx dict its threads share, then sends that
+        # dict to the site's new process: two sites starting at once could both be told the same name (a fresh-clone
+        # `make test`: site-2's process ran as site-1 and the run waited for ever). Each thread gets its own copy.
+        @property
+        def build_ctx(self):
+            mine = getattr(self._build_ctx_per_thread, "ctx", None)
+            if mine is None:
+                mine = self._build_ctx_per_thread.ctx = copy.copy(self._shared_build_ctx)
+            return mine
+
+        @build_ctx.setter
+        def build_ctx(self, value):
+            self._shared_build_ctx = value
+            self._build_ctx_per_thread = threading.local()
+
         def do_one_task(self, client, *args, **kwargs):
             _TURN.process = None
             SIMULATED.turn_started(client.client_name)
