@@ -162,9 +162,10 @@ def test_a_job_folder_is_written_again_for_the_fold_with_rounds_and_sites_set(tm
 @pytest.mark.integration
 def test_one_loso_fold_federated_and_centralized(sites, tmp_path, capsys):
     ws = tmp_path / "loso"
-    # 2 local epochs, not the tiny job's 20: nothing here asserts learning (the demo does)
+    epochs = 2  # not the tiny job's 20: nothing here asserts learning (the demo does)
+    assert CPU_TRAIN["epochs"] != epochs
     rows = leave_one_site_out("fedmsa_tiny", sites, ["a", "b", "c"], ws, rounds=1, holdouts=["c"], centralized=True,
-                              train_overrides={"epochs": 2})
+                              train_overrides={"epochs": epochs})
     out = capsys.readouterr().out
     assert "fold 1/1: hold out c; train on a, b" in out and "federated, final global model" in out
 
@@ -175,9 +176,8 @@ def test_one_loso_fold_federated_and_centralized(sites, tmp_path, capsys):
     assert report["held_out"] == ["c"] and report["missing_folds"] == ["a", "b"]
     fold = json.loads((ws / "c" / FOLD_FILE).read_text())
     assert fold["status"] == "done" and fold["train_sites"] == ["a", "b"]
-    # centralised: rounds x the job's local epochs (2 here, overriding the tiny jobs' CPU_TRAIN, 20 per round)
-    assert CPU_TRAIN["epochs"] != 2
-    assert fold["centralized"]["epochs"] == 1 * 2 and fold["centralized"]["train_samples"] == 64
+    # centralised: rounds x the job's local epochs (as overridden)
+    assert fold["centralized"]["epochs"] == 1 * epochs and fold["centralized"]["train_samples"] == 64
     # the job waited for exactly the two training sites
     meta = json.loads((ws / "c" / "job" / "meta.json").read_text())
     assert meta["min_clients"] == 2

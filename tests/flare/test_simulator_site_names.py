@@ -37,3 +37,15 @@ def test_two_sites_starting_at_once_are_each_sent_their_own_name():
     # FLARE's own class sends the name written last to both (checked: both get the same name)
     assert sent == {"site-1": {"client_name": "site-1", "project": "p"},
                     "site-2": {"client_name": "site-2", "project": "p"}}
+
+
+def test_flares_runner_still_shares_build_ctx_the_way_the_stand_in_does():
+    """The test above runs a stand-in; this ties it to the FLARE release installed: if do_one_task stops writing
+    the name into self.build_ctx and sending that dict, the stand-in (and the fix) need looking at again."""
+    import inspect
+
+    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+
+    source = inspect.getsource(SimulatorClientRunner.do_one_task)
+    assert 'self.build_ctx["client_name"] = client.client_name' in source
+    assert "SimulatorConstants.BUILD_CTX: self.build_ctx" in source
