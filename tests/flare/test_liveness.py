@@ -152,7 +152,8 @@ def _sites(root: Path) -> Path:
 def _worker(workspace: Path, site: str) -> psutil.Process | None:
     needle = str(workspace / site)
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
+        # a forked site's title (fedfms.flare.site_forkserver) may read as one string: its words are the command's
+        cmd = " ".join(proc.info.get("cmdline") or []).split()
         if "nvflare.private.fed.app.simulator.simulator_worker" in cmd and needle in cmd:
             return proc
     return None
@@ -196,6 +197,8 @@ def _training(sim: subprocess.Popen, ws: Path, site: str, round_: int, timeout: 
         if record and any(r["round"] == round_ and r["seconds"] is None for r in record["rounds"]):
             proc = _worker(ws, site)
             if proc is not None:
+                # forked from the simulation's fork server (fedfms.flare.site_forkserver), not started plainly
+                assert "fedfms.flare.site_forkserver" in " ".join(proc.parent().cmdline())
                 time.sleep(3.0)
                 return proc
         time.sleep(0.3)

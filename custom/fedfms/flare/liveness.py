@@ -315,7 +315,8 @@ SIMULATED = SimulatedSites()  # the simulator's runner and the server's monitor 
 
 def kill_simulated_worker(site: str) -> bool:
     """SIGKILL a simulated site's process that the server gave up on (frozen: FLARE's simulator would wait for it
-    for ever). Only a process of this simulator: a child of this process running that site's worker."""
+    for ever). Only a process of this simulator: a child of this process running that site's worker, or one the fork
+    server forked for it."""
     if not SIMULATED.active:
         return False
     try:
@@ -328,6 +329,11 @@ def kill_simulated_worker(site: str) -> bool:
                     and cmd[cmd.index("--client") + 1:cmd.index("--client") + 2] == [site]:
                 proc.send_signal(signal.SIGKILL)  # ends a stopped (SIGSTOP) process too
                 killed = True
+        from fedfms.flare.site_forkserver import forked_site_processes
+
+        for forked in forked_site_processes(site):  # forked by the fork server (fedfms.flare.site_forkserver)
+            forked.kill()
+            killed = True
         return killed
     except Exception:
         return False

@@ -22,6 +22,7 @@ from fedfms.flare.he_job import prepare_simulation
 from fedfms.flare.jobs import executor_args, job_model_config, job_recipe, job_train_config
 from fedfms.flare.liveness import SIMULATED
 from fedfms.flare.monitor import PROGRESS_LOGGER
+from fedfms.flare.site_forkserver import SubprocessWithForkedSites, ensure_fork_server
 from fedfms.ports import PortDrawer
 from fedfms.flare.site_config import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, SITE_CONFIG_FILE, read_site_config
 from fedfms.run_record import EXIT_FAILED, EXIT_GAPS, EXIT_OK, exit_code, read_run_record, summarize
@@ -218,18 +219,24 @@ def watched_site_processes():
 
     The simulator also asks the module's ``get_open_ports`` (the kernel, through port 0) for the port each site
     process will listen on; that is swapped for :class:`fedfms.ports.PortDrawer`: ports below the kernel's ephemeral
-    range that no two of the simulator's threads share (fedfms/ports.py says what happened otherwise)."""
+    range that no two of the simulator's threads share (fedfms/ports.py says what happened otherwise).
+
+    And the site processes are forked from this process's fork server, which has already imported what a site
+    imports, instead of each importing it again (:mod:`fedfms.flare.site_forkserver`)."""
     from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
 
     original, original_ports = flare_simulator.SimulatorClientRunner, flare_simulator.get_open_ports
+    original_subprocess = flare_simulator.subprocess
     flare_simulator.SimulatorClientRunner = _watched_client_runner_class(original)
     flare_simulator.get_open_ports = PortDrawer().open_ports
+    flare_simulator.subprocess = SubprocessWithForkedSites(ensure_fork_server())
     SIMULATED.activate()
     try:
         yield
     finally:
         flare_simulator.SimulatorClientRunner = original
         flare_simulator.get_open_ports = original_ports
+        flare_simulator.subprocess = original_subprocess
 
 
 def largest_batch(train: dict, data_root: str | Path | None, clients: list[str]) -> int:
