@@ -213,7 +213,7 @@ def _watched_client_runner_class(base):
 
 
 @contextmanager
-def watched_site_processes():
+def watched_site_processes(fork_sites: bool = True):
     """While a simulation runs: FLARE's simulator builds its client runner from this module attribute (FLARE has
     no hook for the site processes' exits), so it is swapped for the watched subclass and put back afterwards.
 
@@ -221,15 +221,17 @@ def watched_site_processes():
     process will listen on; that is swapped for :class:`fedfms.ports.PortDrawer`: ports below the kernel's ephemeral
     range that no two of the simulator's threads share (fedfms/ports.py says what happened otherwise).
 
-    And the site processes are forked from this process's fork server, which has already imported what a site
-    imports, instead of each importing it again (:mod:`fedfms.flare.site_forkserver`)."""
+    And with ``fork_sites`` the site processes are forked from this process's fork server, which has already imported
+    what a site imports, instead of each importing it again (:mod:`fedfms.flare.site_forkserver`). Not for sites on
+    GPUs: a fork must not inherit a CUDA driver an import may have touched, and there the imports are small beside
+    the training."""
     from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
 
     original, original_ports = flare_simulator.SimulatorClientRunner, flare_simulator.get_open_ports
     original_subprocess = flare_simulator.subprocess
     flare_simulator.SimulatorClientRunner = _watched_client_runner_class(original)
     flare_simulator.get_open_ports = PortDrawer().open_ports
-    flare_simulator.subprocess = SubprocessWithForkedSites(ensure_fork_server())
+    flare_simulator.subprocess = SubprocessWithForkedSites(ensure_fork_server() if fork_sites else None)
     SIMULATED.activate()
     try:
         yield
@@ -306,7 +308,7 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     if data_root is not None:  # the jobs' default data_dir, $FEDFMS_DATA_ROOT/{site_name}, for the simulated sites
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     try:
-        with watched_site_processes():
+        with watched_site_processes(fork_sites=not placement.gpus):
             flare_rc = runner.run()
         return simulation_outcome(workspace, flare_rc)
     finally:
