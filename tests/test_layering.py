@@ -174,7 +174,8 @@ LAYERS = [
                        "fedfms.flare.he", "fedfms.flare.nnunet_executor", "fedfms.flare.job_guard", "fedfms.flare.global_model",
                        "fedfms.flare.scatter_gather", "fedfms.flare.robust_aggregator", "fedfms.flare.contribution_filter",
                        "fedfms.flare.monitor", "fedfms.flare.personalise", "fedfms.flare.nnunet_planning",
-                       "fedfms.flare.he_server"]),
+                       "fedfms.flare.he_server",
+                       "fedfms.flare.site_forkserver"]),  # starts the simulated sites' processes (stdlib only)
     # the settings of a job and the builder that makes it from them
     ("flare job building", ["fedfms.flare.jobs", "fedfms.flare.he_job", "fedfms.flare.nnunet_job", "fedfms.flare.fed_job"]),
     ("flare running", ["fedfms.flare", "fedfms.flare.simulate", "fedfms.flare.recipe", "fedfms.flare.loso_runner"]),
