@@ -142,3 +142,27 @@ def test_closing_ends_the_fork_server_and_the_switch_turns_it_off(probe_dir, mon
 
     monkeypatch.setenv("FEDFMS_SITE_FORKSERVER", "0")
     assert site_forkserver.ensure_fork_server() is None
+
+
+def test_a_fedfms_process_started_by_one_with_a_fork_server_uses_that_one(server, probe_dir, tmp_path, monkeypatch):
+    # `fedfms loso` starts one and runs each fold's `fedfms simulate` in a child process: the folds fork from it
+    monkeypatch.setattr(site_forkserver, "_SERVER", None)
+    monkeypatch.setenv(site_forkserver.ADDRESS_ENV, server.address)
+    inherited = site_forkserver.ensure_fork_server()
+    assert isinstance(inherited, site_forkserver.InheritedForkServer) and inherited.address == server.address
+
+    # a stale address (its process gone): this process starts its own and names it to its children
+    monkeypatch.setattr(site_forkserver, "_SERVER", None)
+    monkeypatch.setenv(site_forkserver.ADDRESS_ENV, str(tmp_path / "gone.sock"))
+    monkeypatch.setattr(site_forkserver, "ForkServer", lambda: ForkServer(preload=("json",)))
+    own = site_forkserver.ensure_fork_server()
+    try:
+        assert isinstance(own, ForkServer) and own.alive()
+        assert os.environ[site_forkserver.ADDRESS_ENV] == own.address
+        assert site_forkserver.ensure_fork_server() is own  # started once, then reused
+    finally:
+        own.close()
+
+    # another Python than the fork server's is never forked
+    with pytest.raises(OSError, match="not this fork server's Python"):
+        ForkedProcess(server.address, ["/bin/sh", "-m", "probe"], _env(probe_dir, tmp_path / "o.json"), str(tmp_path))

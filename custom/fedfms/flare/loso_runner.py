@@ -30,6 +30,7 @@ from fedfms.flare.simulate import server_job_dir
 from fedfms.flavours import apply_flavour, flavour_of
 from fedfms.nnunet.config import NNUNET_VARIANT
 from fedfms.run_record import read_run_record, summarize
+from fedfms.flare.site_forkserver import ensure_fork_server
 
 PROGRESS_LINE = re.compile(r"^round \d+(/\d+)?  ")  # the federation monitor's one line per round
 
@@ -129,6 +130,7 @@ def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path
     ``verbose``); FLARE's full logs are in the workspace (``server/log.txt`` and each site's ``log.txt``)."""
     cmd = [sys.executable, "-m", "fedfms.cli", "simulate", str(job), "--workspace", str(workspace),
            "--clients", ",".join(clients), "--data-root", str(data_root), "--verbose" if verbose else "--quiet"]
+    ensure_fork_server()  # every fold's sites fork from this one (its address is in the child's environment)
     with open(log_path, "w") as out:
         # its own process group, so an interrupt also ends the client processes the simulator starts
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

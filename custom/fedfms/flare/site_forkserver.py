@@ -25,6 +25,7 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,9 @@ WORKER_MODULE = "nvflare.private.fed.app.simulator.simulator_worker"
 # torch._dynamo: torch's optimizers import it on first use
 PRELOAD = (WORKER_MODULE, "fedfms.flare.executor", "torch._dynamo")
 DISABLE_ENV = "FEDFMS_SITE_FORKSERVER"
+# where this process's fork server listens, for the fedfms processes it starts (`fedfms loso` runs each fold's
+# simulation in a child process): they fork their sites from it instead of starting and importing one of their own
+ADDRESS_ENV = "FEDFMS_SITE_FORKSERVER_ADDRESS"
 REAP_EVERY_S = 0.2
 
 log = logging.getLogger(__name__)
@@ -74,18 +78,37 @@ class ForkServer:
             return True
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
             self._proc.stdin.close()
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-        for name in os.listdir(self._dir):
-            os.unlink(os.path.join(self._dir, name))
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
-_SERVER: ForkServer | None = None
+class InheritedForkServer:
+    """The fork server of a fedfms process that started this one (its address in :data:`ADDRESS_ENV`)."""
+
+    def __init__(self, address: str):
+        self.address = address
+
+    def alive(self) -> bool:
+        return reachable(self.address)
+
+
+def reachable(address: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+_SERVER: ForkServer | InheritedForkServer | None = None
 _SERVER_LOCK = threading.Lock()
 
 
@@ -93,17 +116,23 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def ensure_fork_server() -> ForkServer | None:
-    """This process's fork server (started now if it is not running), or None when turned off."""
+def ensure_fork_server() -> ForkServer | InheritedForkServer | None:
+    """The fork server this process's simulations use: the one of the fedfms process that started this one, or its
+    own (started now if it is not running); None when turned off."""
     global _SERVER
     if not enabled():
         return None
     with _SERVER_LOCK:
         if _SERVER is None or not _SERVER.alive():
-            _SERVER = ForkServer()
-            import atexit
+            inherited = os.environ.get(ADDRESS_ENV)
+            if inherited and reachable(inherited):
+                _SERVER = InheritedForkServer(inherited)
+            else:
+                _SERVER = ForkServer()
+                import atexit
 
-            atexit.register(_SERVER.close)
+                atexit.register(_SERVER.close)
+                os.environ[ADDRESS_ENV] = _SERVER.address
         return _SERVER
 
 
@@ -184,7 +213,7 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-def site_popen(real_popen, server: ForkServer | None):
+def site_popen(real_popen, server: ForkServer | InheritedForkServer | None):
     """A ``subprocess.Popen`` for FLARE's simulator: its ``python -m ...simulator_worker`` commands are forked by
     ``server``; anything else, or a site the fork server refuses, starts as FLARE starts it."""
 
@@ -221,7 +250,7 @@ class SubprocessWithForkedSites:
     """The ``subprocess`` module as FLARE's simulator module sees it while a simulation runs (everything else is the
     real module)."""
 
-    def __init__(self, server: ForkServer | None):
+    def __init__(self, server: ForkServer | InheritedForkServer | None):
         self.Popen = site_popen(subprocess.Popen, server)
 
     def __getattr__(self, name):
@@ -229,8 +258,11 @@ class SubprocessWithForkedSites:
 
 
 # --------------------------------------------------------------------------------------------- the fork server
-def _refusal(env: dict) -> str | None:
-    """Why this site cannot be a fork: its PYTHONPATH adds a folder with a module this process already imported."""
+def _refusal(argv: list[str], env: dict) -> str | None:
+    """Why this site cannot be a fork: another Python, or its PYTHONPATH adds a folder with a module this process
+    already imported."""
+    if not argv or os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
+        return f"{argv[:1]} is not this fork server's Python ({sys.executable})"
     own = {os.path.realpath(p) for p in sys.path if p}  # FLARE passes its whole sys.path on as PYTHONPATH
     loaded = {name.split(".")[0] for name in sys.modules}
     for folder in filter(None, env.get("PYTHONPATH", "").split(os.pathsep)):
@@ -269,7 +301,7 @@ def _serve(listener: socket.socket, parent: int) -> tuple[dict, list[int]] | Non
             except (OSError, ValueError):
                 conn.close()
                 continue
-            why = _refusal(request["env"])
+            why = _refusal(request["argv"], request["env"])
             if why is not None or len(fds) != 3:
                 conn.sendall(json.dumps({"refused": why or "expected 3 descriptors"}).encode() + b"\n")
                 conn.close()
