@@ -224,7 +224,11 @@ def watched_site_processes(fork_sites: bool = True):
     And with ``fork_sites`` the site processes are forked from this process's fork server, which has already imported
     what a site imports, instead of each importing it again (:mod:`fedfms.flare.site_forkserver`). Not for sites on
     GPUs: a fork must not inherit a CUDA driver an import may have touched, and there the imports are small beside
-    the training."""
+    the training. Not when the sites take turns either (their processes are started again for each task): in the
+    full-size rehearsal (ViT-B FedSAM on a CPU, two sites in turn), a forked site's process, up a few seconds after
+    the previous one ended instead of the ~15 s a plain one takes to import, waited 600 s for the first chunk of its
+    357 MB model download (FLARE's retry then fetched it in 2 s). Until that race in FLARE's download service is
+    understood, such runs start their sites as FLARE does."""
     from nvflare.private.fed.app.simulator import simulator_runner as flare_simulator
 
     original, original_ports = flare_simulator.SimulatorClientRunner, flare_simulator.get_open_ports
@@ -308,7 +312,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, clients: list[str], dat
     if data_root is not None:  # the jobs' default data_dir, $FEDFMS_DATA_ROOT/{site_name}, for the simulated sites
         os.environ["FEDFMS_DATA_ROOT"] = str(Path(data_root).resolve())
     try:
-        with watched_site_processes(fork_sites=not placement.gpus):
+        # forked only when every site runs at once, each in one process for the whole run (see fork_sites)
+        all_at_once = placement.simulator_threads >= len(clients)
+        with watched_site_processes(fork_sites=all_at_once and not placement.gpus):
             flare_rc = runner.run()
         return simulation_outcome(workspace, flare_rc)
     finally:
