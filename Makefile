@@ -17,7 +17,7 @@ demo: setup
 TEST_WORKERS ?= 4
 PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the linter first (seconds), then every test but the full-size rehearsals, in parallel (15-24 min on 2 cores, by machine)
+# the linter first (seconds), then every test but the full-size rehearsals, in parallel (15-24 min on 2 cores, by machine; ~15-16 min since simulated sites are forked)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"
