@@ -1,7 +1,10 @@
 """What a simulation spends starting its site processes: ``fedfms simulate`` of the tiny FedMSA job (1 round, 1 epoch)
 on N synthetic sites, with the site processes forked from the fork server (fedfms/flare/site_forkserver.py) and
 started plainly (``FEDFMS_SITE_FORKSERVER=0``), alternating, each in a fresh ``fedfms`` process. CPU is the whole
-process tree's (user + system: the CLI, FLARE's server process, the fork server and every site).
+process tree's (user + system: the CLI, FLARE's server process, the fork server and every site). Memory, sampled
+in the forked runs: the fork server's peak resident memory (``fork_server.rss_gb`` in
+custom/fedfms/assets/site_memory.json, which the simulator's placement counts once for all forked sites) and the
+largest private memory (USS) of one forked site.
 
     python bench/bench_sim_sites.py                 # 4 sites, 3 runs per way: ~4 minutes on 2 CPU cores
     python bench/bench_sim_sites.py --sites 8 --runs 5
@@ -15,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,9 +33,37 @@ def run_once(job: Path, data: Path, sites: list[str], work: Path, forkserver: st
            ",".join(sites), "--data-root", str(data)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_fork_memory, args=(proc.pid, done), daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
+    done.set()
+    sampler.join()
     return wall, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status)
+
+
+MEMORY = {"fork server rss": 0, "forked site uss": 0}
+
+
+def sample_fork_memory(pid: int, done: threading.Event) -> None:
+    """Peak resident memory of the run's fork server and the largest private memory of a site forked from it."""
+    import psutil
+
+    while not done.wait(0.5):
+        try:
+            tree = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for p in tree:
+            try:
+                if "site_forkserver" not in " ".join(p.cmdline()):
+                    continue
+                MEMORY["fork server rss"] = max(MEMORY["fork server rss"], p.memory_info().rss)
+                for site in p.children():
+                    MEMORY["forked site uss"] = max(MEMORY["forked site uss"], site.memory_full_info().uss)
+            except psutil.Error:
+                continue
 
 
 def main(argv=None) -> int:
@@ -61,6 +93,8 @@ def main(argv=None) -> int:
     (fork_wall, fork_cpu), (plain_wall, plain_cpu) = medians.values()
     print(f"forked/plain: wall {fork_wall / plain_wall:.2f}, CPU {fork_cpu / plain_cpu:.2f} "
           f"({(plain_cpu - fork_cpu) / args.sites:.1f} CPU-s saved per site)")
+    print(f"fork server resident memory: {MEMORY['fork server rss'] / 1e9:.2f} GB (peak); one forked site's private "
+          f"memory (USS): {MEMORY['forked site uss'] / 1e9:.2f} GB at most")
     return 0 if all(r[2] == 0 for runs in results.values() for r in runs) else 1
 
 

@@ -86,3 +86,42 @@ def test_nnunet_sites_are_planned_with_their_own_figures_not_a_vit_b_guess():
     assert not short.fits and "plan's batch" in short.reason and "batch 6" not in short.reason
     assert "batch_size" not in short.reason and "--threads 1" in short.reason
     assert site_gpu_gib("nnunet", "fedsam", batch_size=1) == site_gpu_gib("nnunet", "fedsam", batch_size=12)
+
+
+def test_sites_forked_from_one_process_count_its_pages_once():
+    # 16 tiny sites: a plain process each holds its own imports (1.0 GB, 0.4 GB of it libraries); forked from the
+    # fork server (0.8 GB after its imports) a site adds ~0.2 GB (measured: tests/README.md, bench/bench_sim_sites.py)
+    from fedfms import capacity
+
+    free = 10 / capacity.GB_PER_GIB
+    plain = choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=free)
+    assert plain.fits and plain.threads < 16 and "wait their turn" in plain.reason
+    forked = choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=free, forked_from_gib=0.79 / capacity.GB_PER_GIB)
+    assert forked.fits and forked.threads == 16 and "shared by the sites forked" in forked.reason
+    # asked for all sixteen at once: refused plainly, fits forked
+    assert not choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=free, threads=16).fits
+    assert choose_placement(16, "tiny", "fedmsa", device="cpu", free_host=free, threads=16,
+                            forked_from_gib=0.79 / capacity.GB_PER_GIB).fits
+    # the shipped table carries the fork server's measured figure
+    assert 0.3 < capacity.fork_server_gib() * capacity.GB_PER_GIB < 2.0
+
+
+def test_simulate_forks_its_sites_only_when_that_lets_every_site_run_at_once(monkeypatch, tmp_path):
+    from fedfms import capacity
+    from fedfms.flare.fed_job import write_job
+    from fedfms.flare.simulate import site_placement
+
+    job = write_job("fedmsa_tiny", tmp_path / "job")
+    sites = [f"s{i}" for i in range(16)]
+    monkeypatch.setattr(capacity, "free_host_gib", lambda: 10 / capacity.GB_PER_GIB)
+    placement, forked = site_placement(job, sites)  # plain processes would take turns; forked, all fit at once
+    assert forked and placement.threads == 16
+    placement, forked = site_placement(job, sites, threads=4)  # the user's turns: sites restart, so started plainly
+    assert not forked and placement.threads == 4
+    monkeypatch.setattr(capacity, "free_host_gib", lambda: 6 / capacity.GB_PER_GIB)
+    placement, forked = site_placement(job, sites)  # not even forked do all fit: turns, plain
+    assert not forked and placement.fits and placement.threads < 16
+    monkeypatch.setattr(capacity, "free_host_gib", lambda: 10 / capacity.GB_PER_GIB)
+    monkeypatch.setenv("FEDFMS_SITE_FORKSERVER", "0")
+    placement, forked = site_placement(job, sites)
+    assert not forked and placement.threads < 16

@@ -78,11 +78,27 @@ class SiteMemory:
 
 
 @lru_cache(maxsize=4)
-def memory_rows(path: str = str(MEMORY_TABLE)) -> tuple[dict, ...]:
+def _memory_table(path: str) -> dict:
     try:
-        return tuple(json.loads(Path(path).read_text()).get("rows", []))
+        table = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return ()
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def memory_rows(path: str = str(MEMORY_TABLE)) -> tuple[dict, ...]:
+    return tuple(_memory_table(path).get("rows", []))
+
+
+def fork_server_gib(path: str = str(MEMORY_TABLE)) -> float:
+    """Resident memory of the site fork server once it has imported what a site imports (fedfms.flare.site_forkserver,
+    measured by bench/bench_sim_sites.py): the pages every site forked from it starts with, shared copy-on-write until
+    a site writes them. 0 when not measured (no sharing is then counted beyond the libraries')."""
+    entry = _memory_table(path).get("fork_server") or {}
+    try:
+        return max(float(entry.get("rss_gb") or 0.0), 0.0) / GB_PER_GIB
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _from_table(variant: str, mode: str, device: str, batch: int, checkpointing: bool, key: str) -> tuple[float, float, str] | None:
@@ -183,16 +199,22 @@ def _remedies(variant: str, batch: int, checkpointing: bool, threads: int | None
 
 def choose_placement(num_sites: int, variant: str, mode: str, device: str = "auto", batch_size: int = 6,
                      checkpointing: bool = False, threads: int | None = None, gpus: list[int] | None = None,
-                     free_host: float | None = None, free_gpu: dict[int, float] | None = None) -> Placement:
+                     free_host: float | None = None, free_gpu: dict[int, float] | None = None,
+                     forked_from_gib: float = 0.0) -> Placement:
     """Sites at once and GPUs for a simulation of ``num_sites`` sites. ``threads``/``gpus`` given by the user
     win when they fit; otherwise the most sites that fit in free memory (at most all). ``fits`` is False, with
     one actionable line, when not even the requested (or a single) site fits. ``batch_size``: the samples in one
-    step (the job's batch, or fewer when a site has fewer training samples)."""
+    step (the job's batch, or fewer when a site has fewer training samples). ``forked_from_gib``: the sites are
+    forked from one process holding that much (:func:`fork_server_gib`), which they share until they write it."""
     if gpus is None and device != "cpu":
         gpus = cuda_devices() or None
     host = free_host_gib() if free_host is None else free_host
     usable = host * HEADROOM
     site = site_host_memory(variant, mode, "cuda" if gpus else "cpu", batch_size, checkpointing)
+    if forked_from_gib > site.shared_gib:
+        site = SiteMemory(site.gib, min(forked_from_gib, site.gib),
+                          f"{site.how}; {min(forked_from_gib, site.gib) * GB_PER_GIB:.1f} GB of it shared by the sites "
+                          f"forked from one pre-imported process")
     server = SERVER_GIB.get(variant, 4.5)
     fit_host = _sites_fitting(usable, site, server, num_sites)
     site_text = f"{site.gib * GB_PER_GIB:.1f} GB each, {site.how}"

@@ -75,8 +75,10 @@ SLOW_SITE, SLOW_SECONDS = "site-16", 12
 @pytest.fixture(scope="module")
 def sixteen_sites_one_slow(tmp_path_factory, federation_lock):
     """Sixteen sites, one of them answering 12 s after the others; exit code, workspace and recordings. All sixteen
-    at once (threads=16: about 12 GiB), with no other federation beside it (federation_lock(alone=True)); the
-    automatic placement, which makes sites take turns when memory is short, is tests/test_capacity.py's."""
+    at once (threads=16), with no other simulated federation beside it (federation_lock(alone=True)); POC federations
+    of other workers may run meanwhile. Planned at ~7 GB because the sites are forked from the fork server and share
+    its pages (~4.5 GB measured); counted as plain processes (13 GB) they were refused in a CI run that had 14 GB
+    free. The automatic placement, which makes sites take turns when memory is short, is tests/test_capacity.py's."""
     tmp = tmp_path_factory.mktemp("sixteen")
     data = make_sites(tmp / "data", {s: 1 + i % 3 for i, s in enumerate(SIXTEEN)})
     out = tmp / "rec"
