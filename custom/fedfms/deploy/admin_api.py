@@ -49,18 +49,53 @@ def list_jobs(sess, limit: int | None = None) -> list[dict]:
     return sess.list_jobs(detailed=True, limit=limit)
 
 
-def monitor(sess, job_id: str, timeout: float = 0.0, interval: float = 5.0, echo=print) -> dict:
-    """Poll until the job reaches a terminal state; echo each status change. ``timeout`` 0 = no limit."""
-    seen = [None]
+# FLARE's admin commands give up on an answer after 5 s; a server busy starting jobs (or a machine busy with
+# other work) can miss that once or twice while the job runs on. Polls left unanswered this many times in a row,
+# with no observation that the server is alive, end the wait (the server is taken to be gone).
+UNANSWERED_POLLS = 6
 
-    def on_poll(_session, jid, meta, *a, **k):
+
+def follow_job(sess, job_id: str, timeout: float = 0.0, interval: float = 5.0, on_status=None,
+               server_alive=None, echo=print) -> dict | None:
+    """Poll the job's status until it is terminal; returns its meta, or None after ``timeout`` seconds (0: no limit).
+    ``on_status(status)`` is called on each change. A poll the server does not answer is asked again: while
+    ``server_alive()`` says the server process runs (POC: its PID on this machine), or else up to
+    :data:`UNANSWERED_POLLS` times in a row."""
+    from nvflare.fuel.flare_api.api_spec import NoConnection
+
+    seen, unanswered = [None], [0]
+
+    def on_poll(_session, _jid, meta, *a, **k):
+        unanswered[0] = 0
         status = meta.get("status")
         if status != seen[0]:
-            echo(f"[{time.strftime('%H:%M:%S')}] {jid} {status}")
             seen[0] = status
+            if on_status is not None:
+                on_status(status)
         return True
 
-    _, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=interval, cb=on_poll)
+    start = time.monotonic()
+    while True:
+        left = 0.0 if not timeout else timeout - (time.monotonic() - start)
+        if timeout and left <= 0:
+            return None
+        try:
+            _, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=left, poll_interval=interval, cb=on_poll)
+            return meta
+        except NoConnection as exc:
+            unanswered[0] += 1
+            alive = server_alive() if server_alive is not None else None
+            if alive is False or (alive is None and unanswered[0] >= UNANSWERED_POLLS):
+                raise
+            echo(f"[{time.strftime('%H:%M:%S')}] {job_id}: the server did not answer a status poll ({exc}); "
+                 f"asking again")
+            time.sleep(interval)
+
+
+def monitor(sess, job_id: str, timeout: float = 0.0, interval: float = 5.0, echo=print) -> dict:
+    """Poll until the job reaches a terminal state; echo each status change. ``timeout`` 0 = no limit."""
+    meta = follow_job(sess, job_id, timeout, interval, echo=echo,
+                      on_status=lambda status: echo(f"[{time.strftime('%H:%M:%S')}] {job_id} {status}"))
     if meta is None:
         raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
     return meta

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from fedfms.deploy import admin_api
 from fedfms.deploy import runtime as rt
 from fedfms.deploy.site_setup import add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs, write_site_config
 
@@ -313,17 +314,14 @@ def wait(workspace: str, job_id: str, timeout: float = 1800.0) -> dict:
     """Follow the job to a terminal state; returns its meta (``status`` e.g. FINISHED:COMPLETED)."""
     state = load_state(workspace)
     sess = rt.admin_session(state["admin"], state["admin_kit"], timeout=60)
-    last = [None]
 
-    def progress(session, jid, meta, *a, **k):
-        status = meta.get("status")
-        if status != last[0]:
-            print(f"[{time.strftime('%H:%M:%S')}] job {jid}: {status}", flush=True)
-            last[0] = status
-        return True
+    def server_alive() -> bool:  # its process, found by its kit folder (a restarted server has another PID)
+        return bool(rt.processes_under([Path(state["prod_dir"]) / state["server"]]))
 
     try:
-        _, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=2.0, cb=progress)
+        meta = admin_api.follow_job(sess, job_id, timeout=timeout, interval=2.0, server_alive=server_alive,
+                                    on_status=lambda status: print(f"[{time.strftime('%H:%M:%S')}] job {job_id}: "
+                                                                   f"{status}", flush=True))
     finally:
         sess.close()
     if meta is None:

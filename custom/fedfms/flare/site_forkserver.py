@@ -200,6 +200,7 @@ class ForkedProcess:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
+        self._settle(0)  # an end already reported: the fork server has reaped it, its PID may be another's by now
         if self.returncode is None:
             try:
                 os.kill(self.pid, sig)
