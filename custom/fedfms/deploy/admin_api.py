@@ -15,7 +15,8 @@ FLARE's own ``nvflare job submit/list/monitor/abort/download`` and ``nvflare sys
 same from the shell (docs/admin.md); this adds ``dead`` (no ``nvflare`` command sends it), the one-line
 explanation when ``abort`` meets a job left RUNNING by a killed server, and the functions the deploy tests
 call. ``provisioning/admin_api.py`` and ``python -m fedfms.deploy.admin_api`` are the same command.
-Exit code 0 on success; ``monitor`` exits 1 when the job ended in any state other than FINISHED:COMPLETED.
+Exit code 0 on success; ``monitor`` exits 1 when the job ended in any state other than FINISHED:COMPLETED. A status
+poll the server leaves unanswered is asked again (:func:`follow_job`).
 A refused command (unknown job, not allowed, job not running, ...) prints one ``error:`` line and exits 1.
 """
 
