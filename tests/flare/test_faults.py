@@ -90,6 +90,7 @@ def sixteen_sites_one_slow(tmp_path_factory, federation_lock):
     return rc, tmp / "ws", out
 
 
+@pytest.mark.federation_alone
 @pytest.mark.xdist_group("faults_sixteen_sites")
 def test_a_slow_site_is_averaged_not_dropped(sixteen_sites_one_slow):
     # site-16 answers 12 s after the others: FLARE's former 10 s wait after min_clients dropped it from FedAvg
@@ -263,6 +264,7 @@ def test_a_stopped_run_continues_from_its_last_saved_model(tmp_path):
     assert sorted(steps) == [2, 3]
 
 
+@pytest.mark.federation_alone
 @pytest.mark.xdist_group("faults_sixteen_sites")
 def test_sixteen_sites_are_all_averaged_every_round(sixteen_sites_one_slow):
     # as many sites at once as fit in this machine's memory, the rest in turn; every one in every round's average
