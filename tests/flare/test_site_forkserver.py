@@ -99,6 +99,30 @@ def test_its_end_is_reported_as_popen_reports_it(server, probe_dir, tmp_path):
     assert ended.wait(timeout=30) == -signal.SIGTERM
 
 
+def test_one_thread_waiting_does_not_hold_up_another_polling(server, probe_dir, tmp_path):
+    # FLARE's job launcher waits for a job's process in one thread while others poll it (fedfms.flare.job_launcher)
+    import threading
+
+    argv = [sys.executable, "-m", "probe"]
+    forked = ForkedProcess(server.address, argv, _env(probe_dir, tmp_path / "o.json", PROBE_SLEEP=60), str(tmp_path))
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("rc", forked.wait()), daemon=True)
+    waiter.start()
+    started = time.monotonic()
+    for _ in range(3):
+        assert forked.poll() is None
+    assert time.monotonic() - started < 5, "poll() waited for the other thread's wait()"
+    forked.kill()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and waited["rc"] == -signal.SIGKILL == forked.poll()
+
+
+def test_only_python_dash_m_commands_are_forked(server, probe_dir, tmp_path):
+    with pytest.raises(OSError, match="only `python -m"):
+        ForkedProcess(server.address, [sys.executable, "-c", "print(1)"], _env(probe_dir, tmp_path / "o.json"),
+                      str(tmp_path))
+
+
 def test_a_job_whose_code_shadows_a_preloaded_module_starts_plainly(server, probe_dir, tmp_path):
     (probe_dir / "json.py").write_text("raise SystemExit('the job own json module')\n")
     argv = [sys.executable, "-m", "probe"]
@@ -154,7 +178,7 @@ def test_a_fedfms_process_started_by_one_with_a_fork_server_uses_that_one(server
     # a stale address (its process gone): this process starts its own and names it to its children
     monkeypatch.setattr(site_forkserver, "_SERVER", None)
     monkeypatch.setenv(site_forkserver.ADDRESS_ENV, str(tmp_path / "gone.sock"))
-    monkeypatch.setattr(site_forkserver, "ForkServer", lambda: ForkServer(preload=("json",)))
+    monkeypatch.setattr(site_forkserver, "ForkServer", lambda *_: ForkServer(preload=("json",)))
     own = site_forkserver.ensure_fork_server()
     try:
         assert isinstance(own, ForkServer) and own.alive()

@@ -76,10 +76,12 @@ def test_insider_jobs_are_refused_before_anything_runs(tmp_path):
     server_kit = prod / "localhost"
     data = {s: make_site_data(tmp_path / "data" / s, s, seed=i) for i, s in enumerate(SITES)}
     # set up as the README says: hospital-a lets nobody send code, hospital-b lets leads; the server nobody
-    assert site_setup.main(["server", str(server_kit), "--storage", str(tmp_path / "server_storage")]) == 0
-    assert site_setup.main(["site", str(prod / "hospital-a"), "--data-dir", str(data["hospital-a"]), "--threads", "1"]) == 0
+    # and every kit forks its job processes (--fork-jobs): a forked job process refuses what a plain one does
+    assert site_setup.main(["server", str(server_kit), "--storage", str(tmp_path / "server_storage"), "--fork-jobs"]) == 0
+    assert site_setup.main(["site", str(prod / "hospital-a"), "--data-dir", str(data["hospital-a"]), "--threads", "1",
+                            "--fork-jobs"]) == 0
     assert site_setup.main(["site", str(prod / "hospital-b"), "--data-dir", str(data["hospital-b"]), "--threads", "1",
-                            "--byoc-roles", "lead"]) == 0
+                            "--byoc-roles", "lead", "--fork-jobs"]) == 0
     kits = {"server": server_kit, **{s: prod / s for s in SITES}}
     before = {name: (kit / "local" / "resources.json").read_bytes() for name, kit in kits.items()}
     for resources in before.values():
@@ -145,6 +147,9 @@ def test_insider_jobs_are_refused_before_anything_runs(tmp_path):
         shutil.copytree(TINY_JOB, genuine)
         job_id = admin_api.submit(sess, genuine)
         assert admin_api.monitor(sess, job_id, timeout=600, interval=2)["status"] == admin_api.COMPLETED, logs_digest(logs)
+        for name in kits:  # the refused jobs' processes and the genuine one's were all forks
+            launched = logs[name].read_text(errors="replace")
+            assert "(forked from fork server" in launched and "started plainly" not in launched, name
     finally:
         if sess is not None:
             rt.call_with_timeout(sess.close, 10)

@@ -33,7 +33,7 @@ def test_poc_cycle_byoc(tmp_path):
     t0 = time.time()
     try:
         run_cli("prepare", "-w", ws, "--sites", 2, "--site-data", f"site-1={data_1}", "--data-root", data_root,
-                "--no-allow-list", env=env)
+                "--no-allow-list", "--fork-jobs", env=env)
         state = json.loads(state_file.read_text())
         prod = Path(state["prod_dir"])
         assert Path(state["home"]).is_relative_to(ws) and (ws / "home" / ".nvflare" / "config.conf").is_file()
@@ -66,6 +66,10 @@ def test_poc_cycle_byoc(tmp_path):
         for site, data in (("site-1", data_1), ("site-2", data_2)):
             assert (prod / site / job_id / f"app_{site}" / "custom" / "fedfms" / "__init__.py").is_file()
             assert f"data {data}" in site_job_log(prod / site, job_id), site
+        # --fork-jobs, but the job's own code shadows what the fork server imported: plain processes ran it
+        for name in ("server", "site-1", "site-2"):
+            launched = Path(state["logs"][name]).read_text(errors="replace")
+            assert "job process started plainly" in launched and "already imported by the fork server" in launched, name
         # Job store of this run, inside the run's folder.
         assert any((ws / "poc" / "jobs-storage").rglob(job_id))
 
@@ -99,7 +103,7 @@ def test_a_port_taken_after_prepare_is_redrawn_written_into_every_kit_and_the_si
     from fedfms.deploy import poc
 
     ws = tmp_path / "poc"
-    state = poc.prepare(str(ws), ["site-1"], threads=1)
+    state = poc.prepare(str(ws), ["site-1"], threads=1, fork_jobs=True)
     first = state["port"]
     second = rt.free_port()
     holders = [_listen(first), _listen(second)]

@@ -80,7 +80,7 @@ def federation(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("poc_faults")
     ws = tmp_path / "poc"
     data = {s: make_site_data(tmp_path / "data" / s, s, seed=i) for i, s in enumerate(SITES)}
-    poc.prepare(str(ws), SITES, site_data=data, threads=1)
+    poc.prepare(str(ws), SITES, site_data=data, threads=1, fork_jobs=True)
     try:
         yield poc.start(str(ws), timeout=300)
     finally:

@@ -29,7 +29,7 @@ def test_he_job_runs_in_a_provisioned_federation(tmp_path):
     t0 = time.time()
     try:
         res = poc.cycle(str(ws), str(job), str(tmp_path / "results"), sites=sites, synthetic_data=True, he=True,
-                        timeout=900)
+                        timeout=900, fork_jobs=True)
         state = poc.load_state(ws)
         assert res["status"] == "FINISHED:COMPLETED", logs_digest(state["logs"])
         assert res["problems"] == [], res["problems"]

@@ -85,7 +85,7 @@ def federation(tmp_path_factory):
         volumes = 80 if site == VICTIM else 4
         data[site] = make_disc_site(tmp_path / "data" / site, site=site, num_volumes=volumes, slices_per_volume=6,
                                     image_size=128, mask_size=32, seed=i)
-    poc.prepare(str(ws), SITES, site_data=data, threads=1)
+    poc.prepare(str(ws), SITES, site_data=data, threads=1, fork_jobs=True)
     try:
         yield poc.start(str(ws), timeout=300)
     finally:

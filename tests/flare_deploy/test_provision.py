@@ -13,15 +13,24 @@ import ssl
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from fedfms.deploy import admin_api, runtime as rt, site_setup
+from fedfms.flare import site_forkserver
 
 from .deploy_support import REPO, TINY_JOB, localize_project, logs_digest, make_site_data, provision, site_job_log
 
 ADMIN = "admin@fedfms.example.org"
 SITES = ("hospital-a", "hospital-b")  # hospital-c stays offline: the job needs only min_clients=2
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _rogue_project(fed_port: int, admin_port: int) -> dict:
@@ -85,8 +94,13 @@ def test_provisioned_federation_runs_production_job_and_refuses_foreign_admin(tm
         site_setup.write_site_config(prod / site, data_dir=data[site], threads=1)
         site_setup.set_byoc(prod / site, [])  # production jobs only: nobody may send code here
 
+    # hospital-a starts each job's process as a fork of its own fork server (`site_setup.py site --fork-jobs`),
+    # hospital-b and the server as FLARE does
+    site_setup.use_forked_job_launcher(prod / "hospital-a")
+
     env = rt.site_env(home)
     env.pop("FEDFMS_DATA_ROOT", None)  # the data location must come from the site's own file
+    env.pop(site_forkserver.ADDRESS_ENV, None)  # as on a hospital's machine: hospital-a's kit starts its own
     logs = {n: tmp_path / "logs" / f"{n}.log" for n in ("server", *SITES)}
     procs = {}
     sess = None
@@ -119,6 +133,12 @@ def test_provisioned_federation_runs_production_job_and_refuses_foreign_admin(tm
             assert f"data {data[site]}" in site_job_log(prod / site, job_id), site
             assert not (prod / site / job_id / f"app_{site}" / "custom").exists()
         assert any((tmp_path / "server_storage" / "jobs-storage").rglob(job_id))
+        forked = "(forked from fork server"
+        assert forked in logs["hospital-a"].read_text(errors="replace"), logs_digest(logs)
+        assert forked not in logs["hospital-b"].read_text(errors="replace")
+        fork_servers = [p for p in psutil.Process(procs["hospital-a"].pid).children()
+                        if "fedfms.flare.site_forkserver" in " ".join(p.cmdline())]
+        assert len(fork_servers) == 1, "hospital-a's kit runs one fork server of its own"
 
         # These sites granted nobody the BYOC right, so the same job carrying its code is turned away.
         byoc_job = rt.export_byoc_copy(TINY_JOB, tmp_path / "byoc" / TINY_JOB.name)
@@ -150,6 +170,10 @@ def test_provisioned_federation_runs_production_job_and_refuses_foreign_admin(tm
         sess = None
         assert done, "shutdown through the admin API failed\n" + logs_digest(logs)
         assert rt.wait_pids_gone([p.pid for p in procs.values()], 60) == [], logs_digest(logs)
+        deadline = time.time() + 30
+        while any(_running(p) for p in fork_servers):  # its parent gone, it ends (and init reaps it)
+            assert time.time() < deadline, "hospital-a's fork server outlived its kit"
+            time.sleep(0.2)
         print(f"shutdown took {time.time() - t_stop:.1f} s")
     finally:
         if sess is not None:

@@ -71,3 +71,35 @@ def test_stale_jobs_closes_only_jobs_no_process_runs(tmp_path):
         proc.wait()
     assert site_setup.main(["stale-jobs", str(kit), "--finish"]) == 0
     assert _status(store, live) == site_setup.ABANDONED
+
+
+def test_fork_jobs_swaps_flares_process_launcher_for_the_forking_one_and_keeps_the_rest(tmp_path):
+    kit, _ = _server_kit(tmp_path)
+    default = kit / "local" / "resources.json.default"
+    res = json.loads(default.read_text())
+    flare_launcher = "nvflare.app_common.job_launcher.server_process_launcher.ServerProcessJobLauncher"
+    res["components"].append({"id": "process_launcher", "path": flare_launcher, "args": {}})
+    default.write_text(json.dumps(res))
+    (kit / "local" / "authorization.json.default").write_text(json.dumps({"format_version": "1.0", "permissions": {}}))
+
+    assert site_setup.main(["server", str(kit), "--no-allow-list", "--fork-jobs"]) == 0
+    written = json.loads((kit / "local" / "resources.json").read_text())
+    launcher = next(c for c in written["components"] if c["id"] == "process_launcher")
+    assert launcher["path"] == site_setup.FORKED_LAUNCHERS[flare_launcher]
+    assert [c["id"] for c in written["components"]] == ["job_manager", "process_launcher"]
+    site_setup.use_forked_job_launcher(kit)  # twice: the same
+    assert json.loads((kit / "local" / "resources.json").read_text()) == written
+
+    # every class it names is importable, and is FLARE's launcher with the fork in front
+    import importlib
+
+    for flare_path, ours in site_setup.FORKED_LAUNCHERS.items():
+        module, _, name = ours.rpartition(".")
+        flare_module, _, flare_name = flare_path.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), name),
+                          getattr(importlib.import_module(flare_module), flare_name))
+
+    launcher["path"] = "my.own.Launcher"  # a site's own launcher (docker, k8s) is not replaced silently
+    (kit / "local" / "resources.json").write_text(json.dumps(written))
+    with pytest.raises(ValueError, match="process_launcher is 'my.own.Launcher'"):
+        site_setup.use_forked_job_launcher(kit)

@@ -38,7 +38,8 @@ import psutil
 
 from fedfms.deploy import admin_api
 from fedfms.deploy import runtime as rt
-from fedfms.deploy.site_setup import add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs, write_site_config
+from fedfms.deploy.site_setup import (FORK_HELP, add_class_allow_list, set_server_liveness, set_server_storage, stale_jobs,
+                                     use_forked_job_launcher, write_site_config)
 
 STATE_FILE = "fedfms_poc.json"
 PROJECT = "fedfms_poc"
@@ -114,10 +115,11 @@ def project_yaml(sites: list[str], port: int, he: bool = False) -> dict:
 
 def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = None,
             site_data: dict | None = None, allow_list: bool = True, threads: int | None = None,
-            env: dict | None = None, he: bool = False) -> dict:
+            env: dict | None = None, he: bool = False, fork_jobs: bool = False) -> dict:
     """Create the POC workspace. ``site_data`` maps site name -> data folder and is written to each site's
     ``local/fedfms_site.json`` (otherwise the job default ``$FEDFMS_DATA_ROOT/{site_name}`` applies, with
-    ``data_root`` exported as FEDFMS_DATA_ROOT)."""
+    ``data_root`` exported as FEDFMS_DATA_ROOT). ``fork_jobs``: the server's and the sites' job processes are forked
+    from a fork server (:mod:`fedfms.flare.job_launcher`)."""
     import yaml
 
     ws = Path(workspace).resolve()
@@ -147,6 +149,9 @@ def prepare(workspace: str, sites: int | list[str] = 2, data_root: str | None = 
     if allow_list:
         for kit in [SERVER, *names]:
             add_class_allow_list(prod / kit / "local")
+    if fork_jobs:
+        for kit in [SERVER, *names]:
+            use_forked_job_launcher(prod / kit / "local")
     for name in names:
         settings = {}
         if site_data and name in site_data:
@@ -374,7 +379,7 @@ def check_result(result_dir: str | os.PathLike, sites: list[str]) -> list[str]:
 
 def cycle(workspace: str, job: str, out: str, sites: int | list[str] = 2, byoc: bool = False,
           data_root: str | None = None, site_data: dict | None = None, synthetic_data: bool = False,
-          timeout: float = 1800.0, threads: int | None = None, he: bool = False) -> dict:
+          timeout: float = 1800.0, threads: int | None = None, he: bool = False, fork_jobs: bool = False) -> dict:
     """prepare -> start -> submit -> wait -> download -> stop, stopping also on failure."""
     ws = Path(workspace).resolve()
     names = [f"site-{i + 1}" for i in range(sites)] if isinstance(sites, int) else list(sites)
@@ -392,7 +397,7 @@ def cycle(workspace: str, job: str, out: str, sites: int | list[str] = 2, byoc: 
                                seed=i)
             site_data[name] = d
     t0 = time.time()
-    prepare(ws, names, data_root=data_root, site_data=site_data or None, threads=threads, he=he)
+    prepare(ws, names, data_root=data_root, site_data=site_data or None, threads=threads, he=he, fork_jobs=fork_jobs)
     timings = {"prepare": time.time() - t0}
     try:
         t = time.time()
@@ -431,6 +436,7 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, help="torch threads per site (local/fedfms_site.json)")
         p.add_argument("--he", action="store_true", help="HE contexts in the kits (FLARE's HEBuilder), for jobs made "
                                                         "with --encryption he")
+        p.add_argument("--fork-jobs", action="store_true", help=FORK_HELP)
 
     p = sub.add_parser("prepare", parents=[common], help="create the POC workspace with free ports")
     site_args(p)
@@ -466,7 +472,7 @@ def main(argv=None) -> int:
 
     if args.cmd == "prepare":
         st = prepare(args.workspace, names(), data_root=args.data_root, site_data=site_data(),
-                     allow_list=not args.no_allow_list, threads=args.threads, he=args.he)
+                     allow_list=not args.no_allow_list, threads=args.threads, he=args.he, fork_jobs=args.fork_jobs)
         print(f"prepared {st['prod_dir']} (port {st['port']}, sites {', '.join(st['sites'])})")
     elif args.cmd == "start":
         st = start(args.workspace, timeout=args.timeout)
@@ -485,7 +491,7 @@ def main(argv=None) -> int:
     elif args.cmd == "cycle":
         res = cycle(args.workspace, args.job, args.out, names(), byoc=args.byoc, data_root=args.data_root,
                     site_data=site_data(), synthetic_data=args.synthetic_data, timeout=args.timeout, threads=args.threads,
-                    he=args.he)
+                    he=args.he, fork_jobs=args.fork_jobs)
         print(json.dumps(res, indent=2))
         return 0 if res["status"] == TERMINAL_OK and not res["problems"] else 1
     return 0

@@ -44,6 +44,7 @@ DISABLE_ENV = "FEDFMS_SITE_FORKSERVER"
 # simulation in a child process): they fork their sites from it instead of starting and importing one of their own
 ADDRESS_ENV = "FEDFMS_SITE_FORKSERVER_ADDRESS"
 REAP_EVERY_S = 0.2
+WAIT_STEP_S = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,10 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def ensure_fork_server() -> ForkServer | InheritedForkServer | None:
-    """The fork server this process's simulations use: the one of the fedfms process that started this one, or its
-    own (started now if it is not running); None when turned off."""
+def ensure_fork_server(preload: tuple[str, ...] = PRELOAD) -> ForkServer | InheritedForkServer | None:
+    """The fork server this process's simulations (or jobs: fedfms.flare.job_launcher) use: the one of the fedfms
+    process that started this one, or its own, importing ``preload`` (started now if it is not running); None when
+    turned off."""
     global _SERVER
     if not enabled():
         return None
@@ -128,7 +130,7 @@ def ensure_fork_server() -> ForkServer | InheritedForkServer | None:
             if inherited and reachable(inherited):
                 _SERVER = InheritedForkServer(inherited)
             else:
-                _SERVER = ForkServer()
+                _SERVER = ForkServer(preload)
                 import atexit
 
                 atexit.register(_SERVER.close)
@@ -143,6 +145,8 @@ class ForkedProcess:
         self.args = args
         self.returncode: int | None = None
         self._buf = b""
+        # FLARE's job launcher waits on a job's process in one thread and polls it from others: one reader at a time
+        self._reading = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(address)
@@ -154,7 +158,7 @@ class ForkedProcess:
             raise
         if answer is None or "pid" not in answer:
             self._sock.close()
-            raise OSError(f"the site fork server did not start {args[3:4]}: {answer}")
+            raise OSError(f"the fork server did not start {shlex.join(args[1:3])}: {(answer or {}).get('refused', answer)}")
         self.pid = int(answer["pid"])
 
     def _read(self, timeout: float | None) -> dict | None:
@@ -177,6 +181,10 @@ class ForkedProcess:
         return json.loads(line)
 
     def _settle(self, timeout: float | None) -> None:
+        with self._reading:
+            self._settle_locked(timeout)
+
+    def _settle_locked(self, timeout: float | None) -> None:
         if self.returncode is not None:
             return
         message = self._read(timeout)
@@ -194,9 +202,12 @@ class ForkedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        self._settle(timeout)
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired(self.args, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:  # in short reads, so that another thread's poll() is not held up
+            left = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
+            if left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._settle(left)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -264,6 +275,8 @@ def _refusal(argv: list[str], env: dict) -> str | None:
     already imported."""
     if not argv or os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
         return f"{argv[:1]} is not this fork server's Python ({sys.executable})"
+    if len(argv) < 3 or argv[1] != "-m":
+        return f"{shlex.join(argv[:3])}: only `python -m <module> ...` commands are forked"
     own = {os.path.realpath(p) for p in sys.path if p}  # FLARE passes its whole sys.path on as PYTHONPATH
     loaded = {name.split(".")[0] for name in sys.modules}
     for folder in filter(None, env.get("PYTHONPATH", "").split(os.pathsep)):
@@ -355,6 +368,9 @@ def _become(request: dict, fds: list[int]) -> None:
     rest = [p for p in sys.path[1:] if p not in own and p not in added]
     sys.path[:] = [os.getcwd(), *added, *rest]
     argv = request["argv"]
+    if os.environ.get("PYTHONUNBUFFERED"):  # the fork server's streams were set up by its own environment
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(write_through=True)
     try:
         import setproctitle
 
