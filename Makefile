@@ -12,12 +12,12 @@ demo: setup
 	$(PYTHON) -m fedfms.cli demo --out demo_out
 
 # pytest-xdist workers for `make test` (tests/README.md): federations mostly wait on each other's processes,
-# so 4 workers keep a 2-core machine's CPUs busier than 3 (176 % CPU). loadgroup: the tests of one shared federation
-# (xdist_group) run in one worker; no reorder: the heaviest tests start first (tests/conftest.py)
-TEST_WORKERS ?= 4
+# so 5 workers keep a 2-core machine's CPUs busier than 4 (186 % against 177 % CPU, 2026-12-07). loadgroup: the tests
+# of one shared federation (xdist_group) run in one worker; no reorder: the heaviest tests start first (tests/conftest.py)
+TEST_WORKERS ?= 5
 PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the linter first (seconds), then every test but the full-size rehearsals, in parallel (15-24 min on 2 cores, by machine; ~15-16 min since simulated sites are forked)
+# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 12 min on 2 cores; tests/README.md)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"
