@@ -22,6 +22,7 @@ SHARED_FEDERATION = pytest.mark.xdist_group("poc_liveness")
 SITES = ["site-1", "site-2", "site-3"]
 VICTIM = "site-3"
 BOUND = 30  # the job's no_progress_timeout, seconds
+EPOCHS = 5
 
 
 def _server_log(state: dict, job_id: str) -> str:
@@ -81,8 +82,9 @@ def federation(tmp_path_factory):
     ws = tmp_path / "poc"
     data = {}
     for i, site in enumerate(SITES):
-        # the victim holds 20x the data: its round (about 15 s of training here) outlasts the second it is given to start
-        volumes = 80 if site == VICTIM else 4
+        # the victim holds 40x the data: its round (about 15 s of training here) outlasts the second it is given to
+        # start; 5 local epochs a round (10 doubled the other sites' CPU-s and nothing here depends on them)
+        volumes = 160 if site == VICTIM else 4
         data[site] = make_disc_site(tmp_path / "data" / site, site=site, num_volumes=volumes, slices_per_volume=6,
                                     image_size=128, mask_size=32, seed=i)
     poc.prepare(str(ws), SITES, site_data=data, threads=1, fork_jobs=True)
@@ -100,7 +102,7 @@ def _run(federation, tmp_path, restart_after: float | None) -> tuple[dict, dict,
 
     if not rt.wait_pids_gone([state["pids"][VICTIM]], 0):  # killed by the test before
         _start_victim_again(state)
-    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=4, train={"epochs": 10}, no_progress_timeout=BOUND)
+    job = write_job("fedmsa_tiny", tmp_path / "job", num_rounds=4, train={"epochs": EPOCHS}, no_progress_timeout=BOUND)
     job_id = poc.submit(state["workspace"], str(job))
     _wait_for(state, job_id, "Round 1 started.", timeout=600)
     _wait_for_victim_task(state, job_id, rounds=2, timeout=120)
