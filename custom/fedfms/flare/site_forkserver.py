@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import selectors
 import shlex
 import shutil
@@ -181,8 +182,19 @@ class ForkedProcess:
         return json.loads(line)
 
     def _settle(self, timeout: float | None) -> None:
+        """Read the end of the process if it has come (waiting up to ``timeout``). The wait for data holds no lock,
+        so a thread in ``wait()`` never holds up another's ``poll()``; the read itself is one thread at a time."""
+        if self.returncode is not None:
+            return
+        if timeout != 0:
+            try:
+                ready, _, _ = select.select([self._sock], [], [], timeout)
+            except (OSError, ValueError):  # closed by another thread, which has read the end
+                return
+            if not ready:
+                return
         with self._reading:
-            self._settle_locked(timeout)
+            self._settle_locked(0)
 
     def _settle_locked(self, timeout: float | None) -> None:
         if self.returncode is not None:
@@ -203,7 +215,7 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:  # in short reads, so that another thread's poll() is not held up
+        while self.returncode is None:
             left = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
             if left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
