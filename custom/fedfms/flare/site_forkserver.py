@@ -194,20 +194,17 @@ class ForkedProcess:
             if not ready:
                 return
         with self._reading:
-            self._settle_locked(0)
-
-    def _settle_locked(self, timeout: float | None) -> None:
-        if self.returncode is not None:
-            return
-        message = self._read(timeout)
-        if message is not None and "returncode" in message:
-            if message.get("lost"):  # its fork server is gone: end the process too, so it is gone as reported
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.returncode = int(message["returncode"])
-            self._sock.close()
+            if self.returncode is not None:  # another thread read it meanwhile
+                return
+            message = self._read(0)
+            if message is not None and "returncode" in message:
+                if message.get("lost"):  # its fork server is gone: end the process too, so it is gone as reported
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.returncode = int(message["returncode"])
+                self._sock.close()
 
     def poll(self) -> int | None:
         self._settle(0)
