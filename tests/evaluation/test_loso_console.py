@@ -31,7 +31,7 @@ class FakeChild:
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_fold_console_is_one_line_per_round_unless_verbose(tmp_path, monkeypatch, verbose):
-    monkeypatch.setattr(loso_runner.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(loso_runner, "_start_fold_process", FakeChild)
     said: list[str] = []
     rc = loso_runner.simulate(tmp_path / "job", tmp_path / "ws", ["a", "b"], tmp_path / "data", tmp_path / "simulator.log",
                               say=said.append, verbose=verbose)

@@ -6,6 +6,7 @@ Three learnable synthetic sites with different contrast; the tiny FedMSA model a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import math
 
@@ -160,14 +161,26 @@ def test_a_job_folder_is_written_again_for_the_fold_with_rounds_and_sites_set(tm
 
 
 @pytest.mark.integration
-def test_one_loso_fold_federated_and_centralized(sites, tmp_path, capsys):
+def test_one_loso_fold_federated_and_centralized(sites, tmp_path, capsys, monkeypatch):
     ws = tmp_path / "loso"
     epochs = 2  # not the tiny job's 20: nothing here asserts learning (the demo does)
     assert CPU_TRAIN["epochs"] != epochs
+    forked = []
+
+    class Fork(loso_runner.ForkedProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            forked.append(self)
+
+    monkeypatch.setattr(loso_runner, "ForkedProcess", Fork)
     rows = leave_one_site_out("fedmsa_tiny", sites, ["a", "b", "c"], ws, rounds=1, holdouts=["c"], centralized=True,
                               train_overrides={"epochs": epochs})
     out = capsys.readouterr().out
     assert "fold 1/1: hold out c; train on a, b" in out and "federated, final global model" in out
+    # the fold's `fedfms simulate` was forked from the fork server, not started (and importing) afresh; its one line
+    # per round reached the console through the fork's pipe
+    assert [p.args[2:4] for p in forked] == [["fedfms.cli", "simulate"]] and forked[0].returncode == 0
+    assert re.search(r"^  round 1/1  a loss \d\.\d{3} Dice \d\.\d{3} \| b loss ", out, re.M), out
 
     # 1 round: FLARE selects no best model (round 0 is never scored), so no federated_best row
     assert [r["method"] for r in rows] == ["federated", "centralized", "centralized_last"]

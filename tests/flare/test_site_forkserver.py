@@ -81,6 +81,17 @@ def test_a_forked_module_is_what_python_dash_m_would_have_been(server, probe_dir
     assert capfd.readouterr().out.count("hello from ['--client', 'site-1']") == 2  # our stdout, both ways
 
 
+def test_a_forked_process_can_hand_its_output_to_the_requester_on_a_pipe(server, probe_dir, tmp_path, capfd):
+    """As ``Popen(stdout=PIPE, stderr=STDOUT, stdin=DEVNULL)``: `fedfms loso` reads each fold's lines as they come."""
+    argv = [sys.executable, "-m", "probe", "--client", "site-2"]
+    forked = ForkedProcess(server.address, argv, _env(probe_dir, tmp_path / "o.json", PROBE_RC=4), str(tmp_path),
+                           capture_output=True)
+    assert forked.stdout.read() == "hello from ['--client', 'site-2']\n"  # until the process's end closes the pipe
+    assert forked.wait(timeout=60) == 4
+    forked.stdout.close()
+    assert "hello from" not in capfd.readouterr().out  # not on this process's stdout
+
+
 def test_its_end_is_reported_as_popen_reports_it(server, probe_dir, tmp_path):
     argv = [sys.executable, "-m", "probe"]
     forked = ForkedProcess(server.address, argv, _env(probe_dir, tmp_path / "o.json", PROBE_SLEEP=60), str(tmp_path))

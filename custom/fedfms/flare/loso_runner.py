@@ -11,6 +11,7 @@ train config (``centralized`` then needs ``--epochs``: such a job has no recipe 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -30,7 +31,9 @@ from fedfms.flare.simulate import server_job_dir
 from fedfms.flavours import apply_flavour, flavour_of
 from fedfms.nnunet.config import NNUNET_VARIANT
 from fedfms.run_record import read_run_record, summarize
-from fedfms.flare.site_forkserver import ensure_fork_server
+from fedfms.flare.site_forkserver import ForkedProcess, ensure_fork_server
+
+log = logging.getLogger(__name__)
 
 PROGRESS_LINE = re.compile(r"^round \d+(/\d+)?  ")  # the federation monitor's one line per round
 
@@ -130,11 +133,8 @@ def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path
     ``verbose``); FLARE's full logs are in the workspace (``server/log.txt`` and each site's ``log.txt``)."""
     cmd = [sys.executable, "-m", "fedfms.cli", "simulate", str(job), "--workspace", str(workspace),
            "--clients", ",".join(clients), "--data-root", str(data_root), "--verbose" if verbose else "--quiet"]
-    ensure_fork_server()  # every fold's sites fork from this one (its address is in the child's environment)
     with open(log_path, "w") as out:
-        # its own process group, so an interrupt also ends the client processes the simulator starts
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                text=True, errors="replace", bufsize=1)
+        proc = _start_fold_process(cmd)
         try:
             for line in proc.stdout:
                 out.write(line)
@@ -145,6 +145,21 @@ def simulate(job: Path, workspace: Path, clients: Sequence[str], data_root: Path
         except BaseException:
             stop_group(proc)
             raise
+
+
+def _start_fold_process(cmd: list[str]) -> subprocess.Popen | ForkedProcess:
+    """The fold's ``fedfms simulate`` process, in a session of its own (an interrupt ends its group), its output on a
+    pipe: forked from the fork server, which every fold's sites fork from too (its address is in the child's
+    environment), so a fold does not pay torch's, FLARE's and MONAI's imports again (~4 CPU-s); started plainly if
+    the fork server is off or refuses it."""
+    server = ensure_fork_server()
+    if server is not None:
+        try:  # a fork is a session leader already (site_forkserver._become)
+            return ForkedProcess(server.address, cmd, dict(os.environ), os.getcwd(), capture_output=True)
+        except (OSError, ValueError) as exc:
+            log.info("fold process started plainly: %s", exc)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, text=True, errors="replace", bufsize=1)
 
 
 def tail(path: Path, lines: int = 3) -> str:
