@@ -17,7 +17,7 @@ demo: setup
 TEST_WORKERS ?= 5
 PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the linter first (seconds), then every test but the full-size rehearsals, in parallel (12-14 min on 2 cores; README.md)
+# the linter first (seconds), then every test but the full-size rehearsals, in parallel (about 10 min on 2 cores; README.md)
 test: setup
 	$(PYTHON) -m ruff check custom tests bench poc provisioning
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not fullsize"

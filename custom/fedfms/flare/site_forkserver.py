@@ -147,36 +147,33 @@ class ForkedProcess:
         ``Popen(stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, text=True)``); otherwise it has this process's three."""
         self.args = args
         self.returncode: int | None = None
-        self.stdout = None
         self._buf = b""
         # FLARE's job launcher waits on a job's process in one thread and polls it from others: one reader at a time
         self._reading = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        opened: list[int] = []
+        fds, read_end = [0, 1, 2], None
+        if capture_output:
+            read_end, write_end = os.pipe()
+            fds = [os.open(os.devnull, os.O_RDONLY), write_end, write_end]
         try:
-            fds = [0, 1, 2]
-            if capture_output:
-                read_end, write_end = os.pipe()
-                opened = [read_end, write_end, os.open(os.devnull, os.O_RDONLY)]
-                fds = [opened[2], write_end, write_end]
-            self._sock.connect(address)
-            request = json.dumps({"argv": args, "env": env, "cwd": cwd}).encode() + b"\n"
-            socket.send_fds(self._sock, [request], fds)
-            answer = self._read(None)
+            try:
+                self._sock.connect(address)
+                request = json.dumps({"argv": args, "env": env, "cwd": cwd}).encode() + b"\n"
+                socket.send_fds(self._sock, [request], fds)
+                answer = self._read(None)
+            finally:
+                if read_end is not None:  # the child has its own copies: the pipe ends when its copies are closed
+                    os.close(fds[0])
+                    os.close(fds[1])
+            if answer is None or "pid" not in answer:
+                raise OSError(f"the fork server did not start {shlex.join(args[1:3])}: "
+                              f"{(answer or {}).get('refused', answer)}")
         except BaseException:
             self._sock.close()
-            for fd in opened:
-                os.close(fd)
+            if read_end is not None:
+                os.close(read_end)
             raise
-        for fd in opened[1:]:  # the child has its own copies; the pipe ends when the child's are closed
-            os.close(fd)
-        if answer is None or "pid" not in answer:
-            self._sock.close()
-            if opened:
-                os.close(opened[0])
-            raise OSError(f"the fork server did not start {shlex.join(args[1:3])}: {(answer or {}).get('refused', answer)}")
-        if opened:
-            self.stdout = open(opened[0], errors="replace")
+        self.stdout = None if read_end is None else open(read_end, errors="replace")
         self.pid = int(answer["pid"])
 
     def _read(self, timeout: float | None) -> dict | None:
